@@ -1,0 +1,1010 @@
+/*
+ * ksm.c - the scanning half of mm/ksm.c over the arrays of struct ksm_ctx.
+ *
+ * Function names are the kernel's.  One call of ksm_scan_range() runs
+ * scan_get_next_rmap_item()'s page walk and cmp_and_merge_page() for a whole run
+ * of slots of one VMA, so Python is called once per VMA and batch, not per page.
+ * The model has no GUP pins, swap, THP or allocation failures (ksm_reserve()
+ * guarantees the nodes a batch can need), so write_protect_page() and friends
+ * succeed whenever the kernel's logic lets them.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "ksmcore.h"
+
+#define NIL KSM_NIL
+
+static inline uint8_t *page_address(const struct ksm_ctx *c, int64_t pfn)
+{
+    int64_t mask = ((int64_t)1 << c->chunk_shift) - 1;
+    return c->chunks[pfn >> c->chunk_shift] + ((size_t)(pfn & mask) << 12);
+}
+
+static inline int get_kpfn_nid(const struct ksm_ctx *c, int64_t kpfn)
+{
+    return c->merge_across_nodes ? 0 : c->frame_nid[kpfn];
+}
+
+/* ---------------------------------------------------------------- context */
+
+int ksm_ctx_init(struct ksm_ctx *c)
+{
+    for (int i = 0; i < KSM_MAX_NUMNODES; i++) {
+        c->root_stable_tree[i] = NIL;
+        c->root_unstable_tree[i] = NIL;
+        c->free_head[i] = NIL;
+        c->nr_free[i] = 0;
+    }
+    c->migrate_nodes = NIL;
+    c->stable = NULL;
+    c->stable_rb = NULL;
+    c->stable_cap = c->stable_used = 0;
+    c->stable_free = NIL;
+    c->unode = NULL;
+    c->uslot = NULL;
+    c->ucap = c->ucount = 0;
+    c->zero_checksum = 0; /* set by Python from calc_checksum of the zero page */
+    return ksm_reserve(c, 64, 64);
+}
+
+void ksm_ctx_release(struct ksm_ctx *c)
+{
+    free(c->stable);
+    free(c->stable_rb);
+    free(c->unode);
+    free(c->uslot);
+    c->stable = NULL;
+    c->stable_rb = NULL;
+    c->unode = NULL;
+    c->uslot = NULL;
+    c->stable_cap = c->ucap = 0;
+}
+
+int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
+{
+    /* stable nodes in use plus those on the free list count as available */
+    int64_t need = (int64_t)c->stable_used + nr_stable;
+    if (need > c->stable_cap) {
+        int64_t cap = c->stable_cap ? c->stable_cap : 64;
+        while (cap < need)
+            cap *= 2;
+        if (cap > INT32_MAX)
+            return -1;
+        struct ksm_stable_node *s = realloc(c->stable, (size_t)cap * sizeof(*s));
+        if (!s)
+            return -1;
+        c->stable = s;
+        struct ksm_rbnode *r = realloc(c->stable_rb, (size_t)cap * sizeof(*r));
+        if (!r)
+            return -1;
+        c->stable_rb = r;
+        c->stable_cap = (int32_t)cap;
+    }
+    need = (int64_t)c->ucount + nr_unstable;
+    if (need > c->ucap) {
+        int64_t cap = c->ucap ? c->ucap : 64;
+        while (cap < need)
+            cap *= 2;
+        if (cap > INT32_MAX)
+            return -1;
+        struct ksm_rbnode *u = realloc(c->unode, (size_t)cap * sizeof(*u));
+        if (!u)
+            return -1;
+        c->unode = u;
+        int32_t *s = realloc(c->uslot, (size_t)cap * sizeof(*s));
+        if (!s)
+            return -1;
+        c->uslot = s;
+        c->ucap = (int32_t)cap;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- frames */
+
+void ksm_add_frames(struct ksm_ctx *c, int64_t first, int64_t count, int nid)
+{
+    /* pushed in reverse so that allocation hands them out in ascending order */
+    for (int64_t pfn = first + count - 1; pfn >= first; pfn--) {
+        c->frame_nid[pfn] = (int16_t)nid;
+        c->frame_mapcount[pfn] = 0;
+        c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
+        c->frame_next_free[pfn] = c->free_head[nid];
+        c->free_head[nid] = (int32_t)pfn;
+        c->nr_free[nid]++;
+    }
+}
+
+int32_t ksm_frame_alloc(struct ksm_ctx *c, int nid)
+{
+    int32_t pfn = c->free_head[nid];
+    if (pfn == NIL)
+        return NIL;
+    c->free_head[nid] = c->frame_next_free[pfn];
+    c->nr_free[nid]--;
+    c->frame_mapcount[pfn] = 1;
+    c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
+    return pfn;
+}
+
+/* drop one mapping; the frame is freed with its last one, and a freed KSM
+ * frame no longer names its stable node, which is how the node goes stale */
+static void put_frame(struct ksm_ctx *c, int32_t pfn)
+{
+    if (--c->frame_mapcount[pfn] > 0)
+        return;
+    int nid = c->frame_nid[pfn];
+    c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
+    c->frame_next_free[pfn] = c->free_head[nid];
+    c->free_head[nid] = pfn;
+    c->nr_free[nid]++;
+}
+
+static inline int frame_is_ksm(const struct ksm_ctx *c, int32_t pfn)
+{
+    return c->frame_stable[pfn] != KSM_FRAME_NOT_KSM;
+}
+
+static void ksm_unmap_zero_page(struct ksm_ctx *c, int64_t slot)
+{
+    /* ksm_might_unmap_zero_page() */
+    c->ksm_zero_pages--;
+    c->mm_zero_pages[c->slot_mm[slot]]--;
+}
+
+/* A write to [lo, hi): the faults do_anonymous_page() and do_wp_page() take.
+ * Pages in [full_lo, full_hi) are overwritten whole, so need no zeroing or copy. */
+int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid,
+                        int64_t full_lo, int64_t full_hi, int dry_run)
+{
+    int64_t used = 0;
+    for (int64_t s = lo; s < hi; s++) {
+        int32_t p = c->pte[s];
+        int whole = s >= full_lo && s < full_hi;
+        if (p >= 0 && !frame_is_ksm(c, p) && c->frame_mapcount[p] == 1)
+            continue; /* exclusive anonymous page: written in place */
+        used++;
+        if (dry_run)
+            continue;
+        int32_t n = ksm_frame_alloc(c, nid);
+        if (p == KSM_PTE_NONE || p == KSM_PTE_ZERO) {
+            if (!whole)
+                memset(page_address(c, n), 0, KSM_PAGE_SIZE);
+            if (p == KSM_PTE_ZERO)
+                ksm_unmap_zero_page(c, s);
+        } else {
+            /* COW of a KSM page or of a page shared since fork */
+            if (!whole)
+                memcpy(page_address(c, n), page_address(c, p), KSM_PAGE_SIZE);
+            if (frame_is_ksm(c, p))
+                c->cow_ksm++;
+            put_frame(c, p);
+        }
+        c->pte[s] = n;
+    }
+    return used;
+}
+
+/* break_ksm() over [lo, hi): unshare every KSM page and KSM zero page */
+int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, int dry_run)
+{
+    int64_t used = 0;
+    for (int64_t s = lo; s < hi; s++) {
+        int32_t p = c->pte[s];
+        if (p == KSM_PTE_NONE || (p >= 0 && !frame_is_ksm(c, p)))
+            continue;
+        used++;
+        if (dry_run)
+            continue;
+        int32_t n = ksm_frame_alloc(c, nid);
+        if (p == KSM_PTE_ZERO) {
+            memset(page_address(c, n), 0, KSM_PAGE_SIZE);
+            ksm_unmap_zero_page(c, s);
+        } else {
+            memcpy(page_address(c, n), page_address(c, p), KSM_PAGE_SIZE);
+            put_frame(c, p);
+        }
+        c->pte[s] = n;
+    }
+    return used;
+}
+
+void ksm_zap_range(struct ksm_ctx *c, int64_t lo, int64_t hi)
+{
+    for (int64_t s = lo; s < hi; s++) {
+        int32_t p = c->pte[s];
+        if (p == KSM_PTE_ZERO)
+            ksm_unmap_zero_page(c, s);
+        else if (p >= 0)
+            put_frame(c, p);
+        c->pte[s] = KSM_PTE_NONE;
+        c->vflags[s] = 0;
+    }
+}
+
+void ksm_fork_range(struct ksm_ctx *c, int64_t src, int64_t dst, int64_t n, int32_t child_mm)
+{
+    for (int64_t i = 0; i < n; i++) {
+        int32_t p = c->pte[src + i];
+        c->pte[dst + i] = p;
+        c->vflags[dst + i] = c->vflags[src + i];
+        c->slot_mm[dst + i] = child_mm;
+        if (p == KSM_PTE_ZERO) {
+            /* the child's zero PTEs add to the global count (ksm_fork) */
+            c->ksm_zero_pages++;
+            c->mm_zero_pages[child_mm]++;
+        } else if (p >= 0) {
+            c->frame_mapcount[p]++;
+        }
+    }
+}
+
+void ksm_copy_in(struct ksm_ctx *c, int64_t slot, size_t offset, const uint8_t *src, size_t len)
+{
+    while (len) {
+        size_t n = KSM_PAGE_SIZE - offset;
+        if (n > len)
+            n = len;
+        memcpy(page_address(c, c->pte[slot]) + offset, src, n);
+        src += n;
+        len -= n;
+        offset = 0;
+        slot++;
+    }
+}
+
+void ksm_copy_out(const struct ksm_ctx *c, int64_t slot, size_t offset, uint8_t *dst, size_t len)
+{
+    while (len) {
+        size_t n = KSM_PAGE_SIZE - offset;
+        if (n > len)
+            n = len;
+        int32_t p = c->pte[slot];
+        if (p >= 0)
+            memcpy(dst, page_address(c, p) + offset, n);
+        else
+            memset(dst, 0, n); /* not present, or the zero page */
+        dst += n;
+        len -= n;
+        offset = 0;
+        slot++;
+    }
+}
+
+/* ---------------------------------------------------------------- stable nodes */
+
+static int32_t alloc_stable_node(struct ksm_ctx *c)
+{
+    int32_t i;
+    if (c->stable_free != NIL) {
+        i = c->stable_free;
+        c->stable_free = c->stable[i].next;
+    } else {
+        i = c->stable_used++; /* capacity guaranteed by ksm_reserve() */
+    }
+    struct ksm_stable_node *n = &c->stable[i];
+    n->kpfn = NIL;
+    n->chain_prune_time = 0;
+    n->hlist = NIL;
+    n->rmap_hlist_len = 0;
+    n->head = KSM_HEAD_TREE;
+    n->chain = NIL;
+    n->next = n->prev = NIL;
+    n->nid = 0;
+    c->stable_rb[i].left = c->stable_rb[i].right = c->stable_rb[i].parent = NIL;
+    c->stable_rb[i].color = 0;
+    return i;
+}
+
+static void free_stable_node(struct ksm_ctx *c, int32_t i)
+{
+    c->stable[i].head = KSM_HEAD_FREE;
+    c->stable[i].next = c->stable_free;
+    c->stable_free = i;
+}
+
+static inline int is_stable_node_chain(const struct ksm_ctx *c, int32_t i)
+{
+    return c->stable[i].rmap_hlist_len == KSM_STABLE_NODE_CHAIN;
+}
+
+static inline int is_stable_node_dup(const struct ksm_ctx *c, int32_t i)
+{
+    return c->stable[i].head == KSM_HEAD_DUP;
+}
+
+static inline int __is_page_sharing_candidate(const struct ksm_ctx *c, int32_t i, int offset)
+{
+    /* a node with no rmap_items is no candidate: its page will soon be freed */
+    int32_t len = c->stable[i].rmap_hlist_len;
+    return len && len + offset < c->max_page_sharing;
+}
+
+static inline int is_page_sharing_candidate(const struct ksm_ctx *c, int32_t i)
+{
+    return __is_page_sharing_candidate(c, i, 0);
+}
+
+/* migrate_nodes: list_add() puts a node at the front */
+static void migrate_list_add(struct ksm_ctx *c, int32_t i)
+{
+    struct ksm_stable_node *n = &c->stable[i];
+    n->head = KSM_HEAD_MIGRATE;
+    n->prev = NIL;
+    n->next = c->migrate_nodes;
+    if (c->migrate_nodes != NIL)
+        c->stable[c->migrate_nodes].prev = i;
+    c->migrate_nodes = i;
+}
+
+static void migrate_list_del(struct ksm_ctx *c, int32_t i)
+{
+    struct ksm_stable_node *n = &c->stable[i];
+    if (n->prev != NIL)
+        c->stable[n->prev].next = n->next;
+    else
+        c->migrate_nodes = n->next;
+    if (n->next != NIL)
+        c->stable[n->next].prev = n->prev;
+    n->next = n->prev = NIL;
+}
+
+static void stable_node_chain_add_dup(struct ksm_ctx *c, int32_t dup, int32_t chain)
+{
+    /* hlist_add_head(&dup->hlist_dup, &chain->hlist) */
+    struct ksm_stable_node *d = &c->stable[dup];
+    d->head = KSM_HEAD_DUP;
+    d->chain = chain;
+    d->prev = NIL;
+    d->next = c->stable[chain].hlist;
+    if (d->next != NIL)
+        c->stable[d->next].prev = dup;
+    c->stable[chain].hlist = dup;
+    c->stable_node_dups++;
+}
+
+static void chain_hlist_del(struct ksm_ctx *c, int32_t dup)
+{
+    struct ksm_stable_node *d = &c->stable[dup];
+    if (d->prev != NIL)
+        c->stable[d->prev].next = d->next;
+    else
+        c->stable[d->chain].hlist = d->next;
+    if (d->next != NIL)
+        c->stable[d->next].prev = d->prev;
+    d->next = d->prev = NIL;
+}
+
+static void __stable_node_dup_del(struct ksm_ctx *c, int32_t dup)
+{
+    chain_hlist_del(c, dup);
+    c->stable_node_dups--;
+}
+
+static void stable_node_dup_del(struct ksm_ctx *c, int32_t dup)
+{
+    if (is_stable_node_dup(c, dup))
+        __stable_node_dup_del(c, dup);
+    else
+        ksm_rb_erase(c->stable_rb, dup, &c->root_stable_tree[c->stable[dup].nid]);
+}
+
+static int32_t alloc_stable_node_chain(struct ksm_ctx *c, int32_t dup, int32_t *root)
+{
+    int32_t chain = alloc_stable_node(c);
+    struct ksm_stable_node *ch = &c->stable[chain];
+    ch->chain_prune_time = c->jiffies;
+    ch->rmap_hlist_len = KSM_STABLE_NODE_CHAIN;
+    ch->nid = c->stable[dup].nid;
+    c->stable_node_chains++;
+    /* the chain takes the old node's place in the tree, the node goes under it */
+    ksm_rb_replace_node(c->stable_rb, dup, chain, root);
+    stable_node_chain_add_dup(c, dup, chain);
+    return chain;
+}
+
+static void free_stable_node_chain(struct ksm_ctx *c, int32_t chain, int32_t *root)
+{
+    ksm_rb_erase(c->stable_rb, chain, root);
+    free_stable_node(c, chain);
+    c->stable_node_chains--;
+}
+
+static inline void rmap_item_clear_flags(struct ksm_ctx *c, int64_t s)
+{
+    /* rmap_item->address &= PAGE_MASK */
+    c->ri_flags[s] &= KSM_ITEM_EXISTS;
+}
+
+static void remove_node_from_stable_tree(struct ksm_ctx *c, int32_t node)
+{
+    struct ksm_stable_node *n = &c->stable[node];
+    for (int32_t s = n->hlist; s != NIL; s = c->ri_hnext[s]) {
+        if (c->ri_hnext[s] != NIL)
+            c->pages_sharing--;
+        else
+            c->pages_shared--;
+        c->mm_merging_pages[c->slot_mm[s]]--;
+        n->rmap_hlist_len--;
+        rmap_item_clear_flags(c, s);
+        c->ri_head[s] = NIL;
+    }
+    n->hlist = NIL;
+    if (n->head == KSM_HEAD_MIGRATE)
+        migrate_list_del(c, node);
+    else
+        stable_node_dup_del(c, node);
+    free_stable_node(c, node);
+}
+
+/* ksm_get_folio(): the node is valid while its frame still names it; a stale
+ * node is removed on the spot.  Returns the kpfn, or NIL. */
+static int64_t ksm_get_folio(struct ksm_ctx *c, int32_t node)
+{
+    int64_t kpfn = c->stable[node].kpfn;
+    if (c->frame_stable[kpfn] == node)
+        return kpfn;
+    remove_node_from_stable_tree(c, node);
+    return NIL;
+}
+
+/* ---------------------------------------------------------------- rmap_items */
+
+static void remove_rmap_item_from_tree(struct ksm_ctx *c, int64_t s)
+{
+    uint16_t f = c->ri_flags[s];
+    if (f & KSM_STABLE_FLAG) {
+        int32_t node = c->ri_head[s];
+        if (ksm_get_folio(c, node) == NIL)
+            return; /* the stale node went, and took this item's flags with it */
+        /* hlist_del() */
+        int32_t nx = c->ri_hnext[s], pv = c->ri_hprev[s];
+        if (pv != NIL)
+            c->ri_hnext[pv] = nx;
+        else
+            c->stable[node].hlist = nx;
+        if (nx != NIL)
+            c->ri_hprev[nx] = pv;
+        if (c->stable[node].hlist != NIL)
+            c->pages_sharing--;
+        else
+            c->pages_shared--;
+        c->mm_merging_pages[c->slot_mm[s]]--;
+        c->stable[node].rmap_hlist_len--;
+        c->ri_head[s] = NIL;
+        rmap_item_clear_flags(c, s);
+    } else if (f & KSM_UNSTABLE_FLAG) {
+        /* erase only if inserted by this scan: older trees were reset already */
+        uint8_t age = (uint8_t)(c->seqnr - (f & KSM_SEQNR_MASK));
+        if (!age)
+            ksm_rb_erase(c->unode, c->ri_tnode[s], &c->root_unstable_tree[c->ri_nid[s]]);
+        c->pages_unshared--;
+        rmap_item_clear_flags(c, s);
+    }
+}
+
+static void free_rmap_item(struct ksm_ctx *c, int64_t s)
+{
+    c->ri_flags[s] = 0;
+    c->rmap_items--;
+    c->mm_rmap_items[c->slot_mm[s]]--;
+}
+
+void ksm_remove_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi)
+{
+    /* remove_trailing_rmap_items() and get_next_rmap_item()'s removal of items
+     * whose page is gone: both in address order */
+    for (int64_t s = lo; s < hi; s++) {
+        if (c->ri_flags[s] & KSM_ITEM_EXISTS) {
+            remove_rmap_item_from_tree(c, s);
+            free_rmap_item(c, s);
+        }
+    }
+}
+
+static void stable_tree_append(struct ksm_ctx *c, int64_t s, int32_t node)
+{
+    struct ksm_stable_node *n = &c->stable[node];
+    int had_items = n->hlist != NIL;
+    n->rmap_hlist_len++;
+    c->ri_head[s] = node;
+    c->ri_flags[s] |= KSM_STABLE_FLAG;
+    /* hlist_add_head() */
+    c->ri_hprev[s] = NIL;
+    c->ri_hnext[s] = n->hlist;
+    if (n->hlist != NIL)
+        c->ri_hprev[n->hlist] = (int32_t)s;
+    n->hlist = (int32_t)s;
+    if (had_items)
+        c->pages_sharing++;
+    else
+        c->pages_shared++;
+    c->mm_merging_pages[c->slot_mm[s]]++;
+}
+
+/* ---------------------------------------------------------------- merging */
+
+static void replace_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpage)
+{
+    if (kpage == 0) {
+        /* the zero page: a special dirty PTE, counted in ksm_zero_pages */
+        c->pte[s] = KSM_PTE_ZERO;
+        c->ksm_zero_pages++;
+        c->mm_zero_pages[c->slot_mm[s]]++;
+    } else {
+        c->pte[s] = kpage;
+        c->frame_mapcount[kpage]++;
+    }
+    put_frame(c, page);
+}
+
+/* kpage NIL: make page itself a KSM page (with no stable node yet) */
+static int try_to_merge_one_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpage)
+{
+    if (page == kpage) /* a forked KSM page: nothing to do */
+        return 0;
+    /* write_protect_page() cannot fail in the model: no GUP pins, no swap */
+    if (kpage == NIL) {
+        c->frame_stable[page] = KSM_FRAME_KSM_NULL;
+        return 0;
+    }
+    if (memcmp_pages(page_address(c, page), page_address(c, kpage)) != 0)
+        return -1;
+    replace_page(c, s, page, kpage);
+    return 0;
+}
+
+static inline int find_mergeable_vma(const struct ksm_ctx *c, int64_t s)
+{
+    return c->vflags[s] & KSM_VMA_MERGEABLE;
+}
+
+static int try_to_merge_with_ksm_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpage)
+{
+    if (!find_mergeable_vma(c, s))
+        return -1;
+    int err = try_to_merge_one_page(c, s, page, kpage);
+    if (err)
+        return err;
+    /* the unstable nid shares storage with the stable anon_vma: leave the tree first */
+    remove_rmap_item_from_tree(c, s);
+    return 0;
+}
+
+static int try_to_merge_with_zero_page(struct ksm_ctx *c, int64_t s, int32_t page)
+{
+    if (c->use_zero_pages && c->ri_oldchecksum[s] == c->zero_checksum) {
+        if (!find_mergeable_vma(c, s))
+            return 0;
+        return try_to_merge_one_page(c, s, page, 0);
+    }
+    return -1;
+}
+
+static int32_t try_to_merge_two_pages(struct ksm_ctx *c, int64_t s, int32_t page,
+                                      int64_t t, int32_t tree_page)
+{
+    /* the scanned page becomes the KSM page; the tree item's PTE moves onto it */
+    int err = try_to_merge_with_ksm_page(c, s, page, NIL);
+    if (!err)
+        err = try_to_merge_with_ksm_page(c, t, tree_page, page);
+    /* step 2 cannot fail in the model (the pages were just compared equal and
+     * nothing pins them), so break_cow() of the scanned page is never needed */
+    return err ? NIL : page;
+}
+
+/* __stable_node_chain(): for a chain pick a dup (stable_node_dup()), which may
+ * prune stale dups and collapse the chain into its last dup (*node changes) */
+static int64_t stable_node_chain(struct ksm_ctx *c, int32_t *dup_out, int32_t *node,
+                                 int32_t *root, int prune)
+{
+    int32_t chain = *node;
+    if (!is_stable_node_chain(c, chain)) {
+        *dup_out = chain;
+        return ksm_get_folio(c, chain);
+    }
+
+    struct ksm_stable_node *ch = &c->stable[chain];
+    if (!prune || c->jiffies < ch->chain_prune_time + c->stable_node_chains_prune_millisecs)
+        prune = 0;
+    else
+        ch->chain_prune_time = c->jiffies;
+
+    int32_t found = NIL, found_len = 0;
+    int64_t tree_folio = NIL;
+    for (int32_t dup = ch->hlist, next; dup != NIL; dup = next) {
+        next = c->stable[dup].next;
+        int64_t f = ksm_get_folio(c, dup);
+        if (f == NIL)
+            continue;
+        if (found == NIL ||
+            (is_page_sharing_candidate(c, dup) &&
+             (!is_page_sharing_candidate(c, found) || c->stable[dup].rmap_hlist_len > found_len))) {
+            found = dup;
+            found_len = c->stable[dup].rmap_hlist_len;
+            tree_folio = f;
+            if (!prune && is_page_sharing_candidate(c, found))
+                break;
+        }
+    }
+
+    ch = &c->stable[chain];
+    if (found != NIL) {
+        if (ch->hlist == found && c->stable[found].next == NIL) {
+            /* one dup left: it replaces the chain in the tree */
+            chain_hlist_del(c, found);
+            ksm_rb_replace_node(c->stable_rb, chain, found, root);
+            c->stable[found].head = KSM_HEAD_TREE;
+            c->stable[found].chain = NIL;
+            free_stable_node(c, chain);
+            c->stable_node_chains--;
+            c->stable_node_dups--;
+            *node = found;
+        } else if (ch->hlist != found && __is_page_sharing_candidate(c, found, 1)) {
+            /* keep the best dup first for the next non-pruning lookup */
+            chain_hlist_del(c, found);
+            struct ksm_stable_node *d = &c->stable[found];
+            d->prev = NIL;
+            d->next = ch->hlist;
+            if (d->next != NIL)
+                c->stable[d->next].prev = found;
+            ch->hlist = found;
+        }
+    } else {
+        free_stable_node_chain(c, chain, root);
+    }
+    *dup_out = found;
+    return tree_folio;
+}
+
+/* Returns the frame to merge with, or NIL */
+static int64_t stable_tree_search(struct ksm_ctx *c, int32_t page)
+{
+    int32_t page_node = c->frame_stable[page] >= 0 ? c->frame_stable[page] : NIL;
+    if (page_node != NIL && c->stable[page_node].head != KSM_HEAD_MIGRATE)
+        return page; /* a forked KSM page: its own page is the answer */
+
+    int nid = get_kpfn_nid(c, page);
+    int32_t *root = &c->root_stable_tree[nid];
+    struct ksm_rbnode *rb = c->stable_rb;
+    int32_t parent, *link, node = NIL, dup = NIL;
+
+again:
+    parent = NIL;
+    link = root;
+    while (*link != NIL) {
+        node = *link;
+        int64_t tree_folio = stable_node_chain(c, &dup, &node, root, 1);
+        if (tree_folio == NIL)
+            goto again; /* a stale node went and the tree may have rebalanced */
+        int ret = memcmp_pages(page_address(c, page), page_address(c, tree_folio));
+        parent = *link;
+        if (ret < 0) {
+            link = &rb[parent].left;
+        } else if (ret > 0) {
+            link = &rb[parent].right;
+        } else {
+            if (page_node != NIL && c->frame_mapcount[page] > 1)
+                goto chain_append;
+            if (!is_page_sharing_candidate(c, dup))
+                return NIL; /* all dups full: let the unstable tree make a new one */
+            if (ksm_get_folio(c, dup) == NIL)
+                goto again;
+            if (get_kpfn_nid(c, c->stable[dup].kpfn) != c->stable[dup].nid)
+                goto replace;
+            return c->stable[dup].kpfn;
+        }
+    }
+
+    if (page_node == NIL)
+        return NIL;
+    /* a migrated KSM page with no equal content here: place it in this tree */
+    migrate_list_del(c, page_node);
+    c->stable[page_node].nid = nid;
+    c->stable[page_node].head = KSM_HEAD_TREE;
+    ksm_rb_link_node(rb, page_node, parent, link);
+    ksm_rb_insert_color(rb, page_node, root);
+out:
+    return is_page_sharing_candidate(c, page_node) ? page : NIL;
+
+replace: {
+    /* the matching dup's page migrated to another node: page_node (if any)
+     * takes its place, and the dup goes to migrate_nodes to be re-placed */
+    int64_t result;
+    if (dup == node) {
+        if (page_node != NIL) {
+            migrate_list_del(c, page_node);
+            c->stable[page_node].nid = nid;
+            c->stable[page_node].head = KSM_HEAD_TREE;
+            ksm_rb_replace_node(rb, dup, page_node, root);
+            result = is_page_sharing_candidate(c, page_node) ? page : NIL;
+        } else {
+            ksm_rb_erase(rb, dup, root);
+            result = NIL;
+        }
+    } else {
+        __stable_node_dup_del(c, dup);
+        if (page_node != NIL) {
+            migrate_list_del(c, page_node);
+            c->stable[page_node].nid = nid;
+            stable_node_chain_add_dup(c, page_node, node);
+            result = is_page_sharing_candidate(c, page_node) ? page : NIL;
+        } else {
+            result = NIL;
+        }
+    }
+    migrate_list_add(c, dup);
+    return result;
+}
+
+chain_append:
+    /* a migrated KSM page meets equal content: it becomes another dup */
+    if (dup == node)
+        node = alloc_stable_node_chain(c, dup, root);
+    migrate_list_del(c, page_node);
+    c->stable[page_node].nid = nid;
+    stable_node_chain_add_dup(c, page_node, node);
+    goto out;
+}
+
+static int32_t stable_tree_insert(struct ksm_ctx *c, int32_t kpfn)
+{
+    int nid = get_kpfn_nid(c, kpfn);
+    int32_t *root = &c->root_stable_tree[nid];
+    struct ksm_rbnode *rb = c->stable_rb;
+    int32_t parent, *link, node = NIL, dup;
+    int need_chain = 0;
+
+again:
+    parent = NIL;
+    link = root;
+    while (*link != NIL) {
+        node = *link;
+        int64_t tree_folio = stable_node_chain(c, &dup, &node, root, 0);
+        if (tree_folio == NIL)
+            goto again;
+        int ret = memcmp_pages(page_address(c, kpfn), page_address(c, tree_folio));
+        parent = *link;
+        if (ret < 0) {
+            link = &rb[parent].left;
+        } else if (ret > 0) {
+            link = &rb[parent].right;
+        } else {
+            need_chain = 1;
+            break;
+        }
+    }
+
+    int32_t new_dup = alloc_stable_node(c);
+    c->stable[new_dup].kpfn = kpfn;
+    c->stable[new_dup].nid = nid;
+    if (!need_chain) {
+        ksm_rb_link_node(rb, new_dup, parent, link);
+        ksm_rb_insert_color(rb, new_dup, root);
+    } else {
+        /* node is what the walk met (a chain, or a node a collapse left there) */
+        if (!is_stable_node_chain(c, node))
+            node = alloc_stable_node_chain(c, node, root);
+        stable_node_chain_add_dup(c, new_dup, node);
+    }
+    c->frame_stable[kpfn] = new_dup;
+    return new_dup;
+}
+
+static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t page,
+                                           int32_t *tree_page)
+{
+    int nid = get_kpfn_nid(c, page);
+    int32_t *root = &c->root_unstable_tree[nid];
+    struct ksm_rbnode *un = c->unode;
+    int32_t parent = NIL, *link = root;
+
+    while (*link != NIL) {
+        int32_t tn = *link;
+        int32_t t = c->uslot[tn];
+        /* get_mergeable_page(): still in a mergeable VMA, still present, not zero */
+        int32_t tp = c->pte[t];
+        if (!(c->vflags[t] & KSM_VMA_MERGEABLE) || tp < 0)
+            return NIL;
+        if (tp == page) /* COW-shared with the scanned page since fork */
+            return NIL;
+        int ret = memcmp_pages(page_address(c, page), page_address(c, tp));
+        parent = tn;
+        if (ret < 0) {
+            link = &un[parent].left;
+        } else if (ret > 0) {
+            link = &un[parent].right;
+        } else if (!c->merge_across_nodes && c->frame_nid[tp] != nid) {
+            /* equal, but the tree page moved to another node: good for the
+             * ordering, never a merge leaf (Hugh Dickins, 2013) */
+            return NIL;
+        } else {
+            *tree_page = tp;
+            return t;
+        }
+    }
+
+    int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
+    c->uslot[tn] = (int32_t)s;
+    c->ri_tnode[s] = tn;
+    ksm_rb_link_node(un, tn, parent, link);
+    ksm_rb_insert_color(un, tn, root);
+    c->ri_flags[s] = KSM_ITEM_EXISTS | KSM_UNSTABLE_FLAG | (uint16_t)(c->seqnr & KSM_SEQNR_MASK);
+    c->ri_nid[s] = (int16_t)nid;
+    c->pages_unshared++;
+    return NIL;
+}
+
+static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
+{
+    int32_t page = c->pte[s];
+    int32_t stable_node = c->frame_stable[page] >= 0 ? c->frame_stable[page] : NIL;
+    int bypass = 0; /* a KSM fork may go over max_page_sharing; only the kernel's WARN cares */
+
+    if (stable_node != NIL) {
+        struct ksm_stable_node *sn = &c->stable[stable_node];
+        if (sn->head != KSM_HEAD_MIGRATE && get_kpfn_nid(c, sn->kpfn) != sn->nid) {
+            stable_node_dup_del(c, stable_node);
+            migrate_list_add(c, stable_node);
+        }
+        if (c->stable[stable_node].head != KSM_HEAD_MIGRATE &&
+            (c->ri_flags[s] & KSM_STABLE_FLAG) && c->ri_head[s] == stable_node)
+            return; /* already accounted */
+        if (!is_page_sharing_candidate(c, stable_node))
+            bypass = 1;
+    } else {
+        remove_rmap_item_from_tree(c, s);
+        /* a page whose checksum changed since the last visit is volatile */
+        uint32_t checksum = calc_checksum(page_address(c, page));
+        if (c->ri_oldchecksum[s] != checksum) {
+            c->ri_oldchecksum[s] = checksum;
+            return;
+        }
+        if (!try_to_merge_with_zero_page(c, s, page))
+            return;
+    }
+    (void)bypass;
+
+    int64_t kfolio = stable_tree_search(c, page);
+    if (kfolio == page && stable_node != NIL && (c->ri_flags[s] & KSM_STABLE_FLAG) &&
+        c->ri_head[s] == stable_node)
+        return;
+
+    remove_rmap_item_from_tree(c, s);
+
+    if (kfolio != NIL) {
+        if (!try_to_merge_with_ksm_page(c, s, page, (int32_t)kfolio))
+            stable_tree_append(c, s, c->frame_stable[kfolio]);
+        return;
+    }
+
+    int32_t tree_page = NIL;
+    int32_t t = unstable_tree_search_insert(c, s, page, &tree_page);
+    if (t != NIL) {
+        int32_t kpfn = try_to_merge_two_pages(c, s, page, t, tree_page);
+        if (kpfn != NIL) {
+            int32_t node = stable_tree_insert(c, kpfn);
+            stable_tree_append(c, t, node);
+            stable_tree_append(c, s, node);
+        }
+    }
+}
+
+/* should_skip_rmap_item(): smart scan skips pages that keep failing to merge */
+static int should_skip_rmap_item(struct ksm_ctx *c, int64_t s, int32_t page)
+{
+    if (!c->smart_scan)
+        return 0;
+    if (frame_is_ksm(c, page))
+        return 0;
+    uint8_t age = c->ri_age[s];
+    if (age != 255)
+        c->ri_age[s]++;
+    if (age < 3)
+        return 0;
+    if (!c->ri_remaining_skips[s]) {
+        c->ri_remaining_skips[s] = age <= 3 ? 1 : age <= 5 ? 2 : age <= 8 ? 4 : 8;
+        return 0;
+    }
+    c->pages_skipped++;
+    c->ri_remaining_skips[s]--;
+    remove_rmap_item_from_tree(c, s);
+    return 1;
+}
+
+int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget, int64_t *next)
+{
+    int64_t processed = 0;
+    for (int64_t s = lo; s < hi; s++) {
+        int32_t page = c->pte[s];
+        uint16_t f = c->ri_flags[s];
+        if (page < 0) {
+            /* no page here (or the KSM zero page): the scan does not see it, and
+             * get_next_rmap_item() frees an item left from an earlier page */
+            if (f & KSM_ITEM_EXISTS) {
+                remove_rmap_item_from_tree(c, s);
+                free_rmap_item(c, s);
+            }
+            continue;
+        }
+        if (!(f & KSM_ITEM_EXISTS)) {
+            /* alloc_rmap_item(): zeroed, so the first visit only records a checksum */
+            c->ri_flags[s] = KSM_ITEM_EXISTS;
+            c->ri_oldchecksum[s] = 0;
+            c->ri_age[s] = 0;
+            c->ri_remaining_skips[s] = 0;
+            c->ri_head[s] = NIL;
+            c->rmap_items++;
+            c->mm_rmap_items[c->slot_mm[s]]++;
+        }
+        if (should_skip_rmap_item(c, s, page))
+            continue;
+        cmp_and_merge_page(c, s);
+        c->pages_scanned++;
+        if (++processed == budget) {
+            *next = s + 1;
+            return processed;
+        }
+    }
+    *next = hi;
+    return processed;
+}
+
+void ksm_start_round(struct ksm_ctx *c)
+{
+    if (!c->merge_across_nodes) {
+        /* stale nodes on migrate_nodes would pile up: prune them each round */
+        for (int32_t i = c->migrate_nodes, next; i != NIL; i = next) {
+            next = c->stable[i].next;
+            ksm_get_folio(c, i);
+        }
+    }
+    for (int nid = 0; nid < c->ksm_nr_node_ids; nid++)
+        c->root_unstable_tree[nid] = NIL;
+    c->ucount = 0; /* the unstable tree's nodes are all dropped with it */
+}
+
+/* remove_stable_node(): 0 when gone, -1 (EBUSY) when its page is still mapped */
+static int remove_stable_node(struct ksm_ctx *c, int32_t node)
+{
+    if (ksm_get_folio(c, node) == NIL)
+        return 0;
+    /* a KSM frame with mapcount 0 is freed at once in the model, so a valid
+     * node's page is always mapped */
+    return -1;
+}
+
+int ksm_remove_all_stable_nodes(struct ksm_ctx *c)
+{
+    int err = 0;
+    for (int nid = 0; nid < c->ksm_nr_node_ids; nid++) {
+        int32_t *root = &c->root_stable_tree[nid];
+        while (*root != NIL) {
+            int32_t node = *root, busy = 0;
+            if (!is_stable_node_chain(c, node)) {
+                busy = remove_stable_node(c, node);
+            } else {
+                for (int32_t dup = c->stable[node].hlist, next; dup != NIL; dup = next) {
+                    next = c->stable[dup].next;
+                    if (remove_stable_node(c, dup)) {
+                        busy = 1;
+                        break;
+                    }
+                }
+                if (!busy)
+                    free_stable_node_chain(c, node, root);
+            }
+            if (busy) {
+                err = -1;
+                break; /* on to the next nid */
+            }
+        }
+    }
+    for (int32_t i = c->migrate_nodes, next; i != NIL; i = next) {
+        next = c->stable[i].next;
+        if (remove_stable_node(c, i))
+            err = -1;
+    }
+    return err;
+}

@@ -1,0 +1,167 @@
+/*
+ * ksmcore.h - the C core of ksmcore: the scanning half of Linux mm/ksm.c.
+ *
+ * This header is the API and, between CFFI-BEGIN and CFFI-END, the cffi cdef.
+ * Python owns the large arrays (page-frame contents in chunks, frame metadata,
+ * page-table slots and the rmap_items that live beside them) and hands them to C
+ * through struct ksm_ctx; C owns the stable nodes and the red-black tree nodes.
+ *
+ * Page-table slots: every page of every VMA a process ever mapped has a slot
+ * (an index into the per-slot arrays).  Within one mm, slot order is address
+ * order, so the kernel's per-mm rmap_list sorted by address is the set of slots
+ * of that mm whose ri_flags has KSM_ITEM_EXISTS, walked in slot order.
+ */
+#ifndef KSMCORE_H
+#define KSMCORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* CFFI-BEGIN */
+#define KSM_PAGE_SIZE 4096
+#define KSM_MAX_NUMNODES 64
+#define KSM_NIL -1
+
+/* pte[] values besides a pfn (pfn 0 is the zero page and never a pte value) */
+#define KSM_PTE_NONE -1
+#define KSM_PTE_ZERO -2 /* the KSM-placed zero page: a dirty special zero PTE */
+
+/* frame_stable[] values besides a stable node index */
+#define KSM_FRAME_NOT_KSM -1
+#define KSM_FRAME_KSM_NULL -2 /* KSM folio whose stable node is NULL (merge under way) */
+
+/* vflags[] */
+#define KSM_VMA_MERGEABLE 1
+
+/* ri_flags[]: the kernel keeps these in the low bits of rmap_item->address */
+#define KSM_SEQNR_MASK 255
+#define KSM_UNSTABLE_FLAG 256
+#define KSM_STABLE_FLAG 512
+#define KSM_ITEM_EXISTS 1024
+
+/* where a stable node is (the kernel's stable_node->head) */
+#define KSM_HEAD_TREE 0
+#define KSM_HEAD_MIGRATE 1
+#define KSM_HEAD_DUP 2
+#define KSM_HEAD_FREE 3
+
+#define KSM_STABLE_NODE_CHAIN -1024
+
+struct ksm_rbnode {
+    int32_t left, right, parent;
+    int32_t color; /* 0 red, 1 black */
+};
+
+struct ksm_stable_node {
+    int64_t kpfn;              /* the KSM page (not for chains) */
+    uint64_t chain_prune_time; /* chains only, in jiffies (ms) */
+    int32_t hlist;             /* first rmap_item slot, or for a chain its first dup */
+    int32_t rmap_hlist_len;    /* KSM_STABLE_NODE_CHAIN for a chain */
+    int32_t head;              /* KSM_HEAD_* */
+    int32_t chain;             /* for a dup: its chain */
+    int32_t next, prev;        /* dup: chain hlist; migrate: migrate_nodes; free: free list */
+    int32_t nid;
+};
+
+struct ksm_ctx {
+    /* page frames: contents in chunks of (1 << chunk_shift) pages */
+    uint8_t **chunks;
+    int32_t chunk_shift;
+    int64_t nr_frames;        /* frames covered by the metadata arrays */
+    int16_t *frame_nid;
+    int32_t *frame_mapcount;
+    int32_t *frame_stable;    /* stable node index, or KSM_FRAME_* */
+    int32_t *frame_next_free; /* free lists, one per node */
+    int32_t free_head[64];
+    int64_t nr_free[64];
+
+    /* page-table slots and the rmap_items beside them */
+    int64_t nr_slots;
+    int32_t *pte;
+    uint8_t *vflags;
+    int32_t *slot_mm;
+    uint16_t *ri_flags;
+    uint32_t *ri_oldchecksum;
+    uint8_t *ri_age;
+    uint8_t *ri_remaining_skips;
+    int16_t *ri_nid;
+    int32_t *ri_head;  /* stable node, while STABLE */
+    int32_t *ri_hnext; /* stable node hlist links */
+    int32_t *ri_hprev;
+    int32_t *ri_tnode; /* unstable tree node, while UNSTABLE this round */
+
+    /* per mm counters (index = mm id) */
+    int64_t *mm_rmap_items;
+    int64_t *mm_merging_pages;
+    int64_t *mm_zero_pages;
+
+    /* stable nodes and the unstable tree's nodes (owned by C) */
+    struct ksm_stable_node *stable;
+    struct ksm_rbnode *stable_rb; /* stable_rb[i] links stable node i into its tree */
+    int32_t stable_cap, stable_used, stable_free;
+    struct ksm_rbnode *unode;
+    int32_t *uslot;
+    int32_t ucap, ucount;
+    int32_t root_stable_tree[64];
+    int32_t root_unstable_tree[64];
+    int32_t migrate_nodes; /* first stable node on the migrate_nodes list */
+
+    /* knobs */
+    int32_t max_page_sharing;
+    int32_t merge_across_nodes;
+    int32_t use_zero_pages;
+    int32_t smart_scan;
+    int32_t ksm_nr_node_ids;
+    uint64_t stable_node_chains_prune_millisecs;
+    uint64_t jiffies; /* the simulated clock, in ms */
+    uint64_t seqnr;   /* ksm_scan.seqnr = full_scans */
+    uint32_t zero_checksum;
+
+    /* counters */
+    int64_t pages_shared, pages_sharing, pages_unshared, rmap_items;
+    int64_t pages_scanned, pages_skipped, ksm_zero_pages;
+    int64_t stable_node_chains, stable_node_dups;
+    int64_t cow_ksm;
+};
+
+/* checksums and comparison */
+uint64_t ksm_xxh64(const void *data, size_t len, uint64_t seed);
+uint32_t calc_checksum(const uint8_t *page);
+void calc_checksums(const uint8_t *pages, size_t npages, uint32_t *out);
+int memcmp_pages(const uint8_t *a, const uint8_t *b);
+
+/* the red-black tree over index-linked nodes (lib/rbtree.c) */
+void ksm_rb_link_node(struct ksm_rbnode *nodes, int32_t node, int32_t parent, int32_t *link);
+void ksm_rb_insert_color(struct ksm_rbnode *nodes, int32_t node, int32_t *root);
+void ksm_rb_erase(struct ksm_rbnode *nodes, int32_t node, int32_t *root);
+void ksm_rb_replace_node(struct ksm_rbnode *nodes, int32_t victim, int32_t new_node, int32_t *root);
+int32_t ksm_rb_first(const struct ksm_rbnode *nodes, int32_t root);
+int32_t ksm_rb_next(const struct ksm_rbnode *nodes, int32_t node);
+
+/* the engine's context: C-owned parts */
+int ksm_ctx_init(struct ksm_ctx *c);
+void ksm_ctx_release(struct ksm_ctx *c);
+int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable);
+
+/* frames */
+void ksm_add_frames(struct ksm_ctx *c, int64_t first, int64_t count, int nid);
+int32_t ksm_frame_alloc(struct ksm_ctx *c, int nid);
+
+/* faults and mapping changes, over slot ranges [lo, hi) of one mm.
+ * Each returns how many new frames it needs, or did use; with dry_run it only counts. */
+int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid,
+                        int64_t full_lo, int64_t full_hi, int dry_run);
+int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, int dry_run);
+void ksm_zap_range(struct ksm_ctx *c, int64_t lo, int64_t hi);
+void ksm_fork_range(struct ksm_ctx *c, int64_t src, int64_t dst, int64_t n, int32_t child_mm);
+void ksm_copy_in(struct ksm_ctx *c, int64_t slot, size_t offset, const uint8_t *src, size_t len);
+void ksm_copy_out(const struct ksm_ctx *c, int64_t slot, size_t offset, uint8_t *dst, size_t len);
+
+/* ksmd */
+int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget, int64_t *next);
+void ksm_remove_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi);
+void ksm_start_round(struct ksm_ctx *c);
+int ksm_remove_all_stable_nodes(struct ksm_ctx *c);
+/* CFFI-END */
+
+#endif /* KSMCORE_H */

@@ -1,0 +1,37 @@
+"""The compiled core: ``ffi`` and ``lib`` of the cffi module ``ksmcore._ksmcore``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._ksmcore import ffi, lib  # type: ignore[attr-defined]
+
+__all__ = ["ffi", "lib", "ptr", "calc_checksums"]
+
+_CTYPES = {
+    np.dtype(np.uint8): "uint8_t *",
+    np.dtype(np.int16): "int16_t *",
+    np.dtype(np.uint16): "uint16_t *",
+    np.dtype(np.int32): "int32_t *",
+    np.dtype(np.uint32): "uint32_t *",
+    np.dtype(np.int64): "int64_t *",
+}
+
+
+def ptr(arr: np.ndarray) -> Any:
+    """A C pointer to a C-contiguous numpy array, without copying it."""
+    if not arr.flags.c_contiguous:
+        raise ValueError("array must be C-contiguous")
+    return ffi.cast(_CTYPES[arr.dtype], ffi.from_buffer(arr, require_writable=True))
+
+
+def calc_checksums(pages: np.ndarray) -> np.ndarray:
+    """calc_checksum() of every row of a (n, 4096) uint8 array, in one C call."""
+    pages = np.ascontiguousarray(pages, dtype=np.uint8)
+    if pages.ndim != 2 or pages.shape[1] != 4096:
+        raise ValueError("pages must have shape (n, 4096)")
+    out = np.empty(pages.shape[0], dtype=np.uint32)
+    lib.calc_checksums(ffi.from_buffer(pages), pages.shape[0], ptr(out))
+    return out

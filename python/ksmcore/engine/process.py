@@ -1,0 +1,261 @@
+"""A process of the engine's machine: its mm, VMAs and the faults that change its PTEs."""
+
+from __future__ import annotations
+
+import bisect
+import errno
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._native import ffi, lib
+from ..constants import MADV_MERGEABLE, MADV_UNMERGEABLE, MMAP_BASE, PAGE_SHIFT, PAGE_SIZE
+from ..errors import ksm_error
+from .vma import Region
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+
+def _page_range(addr: int, length: int) -> tuple[int, int]:
+    if addr % PAGE_SIZE:
+        raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
+    if length <= 0:
+        raise ksm_error(errno.EINVAL, f"length {length} must be positive")
+    return addr, addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+
+
+class Process:
+    """One process (mm) of a :class:`Machine`."""
+
+    def __init__(self, machine: Machine, pid: int) -> None:
+        self.machine = machine
+        self.pid = pid
+        self.mm_id = machine.mem.new_mm()
+        self.vmas: list[Region] = []  # live VMAs, by address
+        self.dead: list[Region] = []  # unmapped ranges that may still hold rmap_items
+        self.next_addr = MMAP_BASE
+        self.exited = False
+        self.ksm_registered = False  # MMF_VM_MERGEABLE
+        self.merge_any = False  # MMF_VM_MERGE_ANY
+
+    def __repr__(self) -> str:
+        return f"<ksmcore.Process pid={self.pid}{' exited' if self.exited else ''}>"
+
+    # ---- helpers
+
+    def _alive(self) -> None:
+        if self.exited:
+            raise ksm_error(errno.ESRCH, f"process {self.pid} has exited")
+
+    def _cover(self, start: int, end: int, err: int) -> list[tuple[Region, int, int]]:
+        """The VMA pieces that map [start, end), or OSError(err) if any page is unmapped."""
+        out = []
+        i = bisect.bisect_right([v.start for v in self.vmas], start) - 1
+        addr = start
+        while addr < end:
+            if i < 0 or i >= len(self.vmas) or not self.vmas[i].start <= addr < self.vmas[i].end:
+                raise ksm_error(err, f"{addr:#x} is not mapped in process {self.pid}")
+            v = self.vmas[i]
+            hi = min(end, v.end)
+            out.append((v, addr, hi))
+            addr = hi
+            i += 1
+        return out
+
+    def _split_at(self, addr: int) -> None:
+        for i, v in enumerate(self.vmas):
+            if v.start < addr < v.end:
+                self.vmas.insert(i + 1, v.split(addr))
+                return
+
+    def regions(self) -> list[Region]:
+        """Live and dead regions by address: the places where rmap_items can be."""
+        return sorted(self.vmas + self.dead, key=lambda r: r.start)
+
+    def _nid(self, v: Region) -> int:
+        return v.node if v.node is not None else 0
+
+    def _fault(self, v: Region, lo: int, hi: int, full_lo: int, full_hi: int) -> None:
+        m = self.machine
+        nid = self._nid(v)
+        need = lib.ksm_write_fault(m.ctx, lo, hi, nid, full_lo, full_hi, 1)
+        if need:
+            m.mem.ensure_free(nid, need)
+            lib.ksm_write_fault(m.ctx, lo, hi, nid, full_lo, full_hi, 0)
+
+    # ---- the API
+
+    def mmap(self, npages: int, node: int | None = None) -> int:
+        """Map ``npages`` of private anonymous memory; returns its address."""
+        self._alive()
+        if not isinstance(npages, int) or npages <= 0:
+            raise ksm_error(errno.EINVAL, f"npages must be a positive int, not {npages!r}")
+        if node is not None and not 0 <= node < self.machine.nodes:
+            raise ksm_error(errno.EINVAL, f"no NUMA node {node}")
+        addr = self.next_addr
+        base = self.machine.mem.alloc_slots(npages, self.mm_id)
+        self.vmas.append(Region(addr, addr + npages * PAGE_SIZE, base, node=node))
+        self.next_addr += (npages + 1) * PAGE_SIZE  # a guard page keeps VMAs apart
+        if self.merge_any:
+            self.vmas[-1].mergeable = True
+            self.machine.mem.slots["vflags"][base : base + npages] |= lib.KSM_VMA_MERGEABLE
+        return addr
+
+    def write(self, addr: int, data: Any) -> None:
+        """Write bytes at ``addr``; faults (and COW) every page touched."""
+        self._alive()
+        buf = memoryview(data).cast("B")
+        n = len(buf)
+        if n == 0:
+            return
+        pieces = self._cover(addr, addr + n, errno.EFAULT)
+        src = ffi.from_buffer("uint8_t[]", buf)
+        done = 0
+        for v, lo, hi in pieces:
+            first = v.slot(lo & ~(PAGE_SIZE - 1))
+            last = v.slot(hi - 1) + 1
+            # pages written whole need neither zeroing nor a COW copy
+            full_lo = v.slot((lo + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+            full_hi = v.slot(hi & ~(PAGE_SIZE - 1))
+            self._fault(v, first, last, full_lo, full_hi)
+            lib.ksm_copy_in(self.machine.ctx, first, lo % PAGE_SIZE, src + done, hi - lo)
+            done += hi - lo
+
+    def fill(self, addr: int, pages: np.ndarray) -> None:
+        """Write whole pages from a (n, 4096) uint8 array, page-aligned, in one pass."""
+        if not isinstance(pages, np.ndarray) or pages.dtype != np.uint8:
+            raise ValueError("pages must be a numpy uint8 array of shape (n, 4096)")
+        if pages.ndim != 2 or pages.shape[1] != PAGE_SIZE:
+            raise ValueError(f"pages must have shape (n, 4096), not {pages.shape}")
+        if addr % PAGE_SIZE:
+            raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
+        self.write(addr, np.ascontiguousarray(pages))
+
+    def read(self, addr: int, n: int) -> bytes:
+        self._alive()
+        if n < 0:
+            raise ksm_error(errno.EINVAL, "negative length")
+        if n == 0:
+            return b""
+        out = bytearray(n)
+        dst = ffi.from_buffer("uint8_t[]", out)
+        done = 0
+        for v, lo, hi in self._cover(addr, addr + n, errno.EFAULT):
+            first = v.slot(lo & ~(PAGE_SIZE - 1))
+            lib.ksm_copy_out(self.machine.ctx, first, lo % PAGE_SIZE, dst + done, hi - lo)
+            done += hi - lo
+        return bytes(out)
+
+    def pfn(self, addr: int) -> int | None:
+        """The frame backing the page at ``addr`` (0 for the zero page), or None."""
+        self._alive()
+        (v, _, _), = self._cover(addr & ~(PAGE_SIZE - 1), (addr & ~(PAGE_SIZE - 1)) + 1,
+                                  errno.EFAULT)
+        p = int(self.machine.mem.slots["pte"][v.slot(addr & ~(PAGE_SIZE - 1))])
+        if p == lib.KSM_PTE_NONE:
+            return None
+        return 0 if p == lib.KSM_PTE_ZERO else p
+
+    def maps(self) -> list[tuple[int, int, bool]]:
+        self._alive()
+        return [(v.start, v.end, v.mergeable) for v in self.vmas]
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        self._alive()
+        start, end = _page_range(addr, length)
+        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
+            raise ksm_error(errno.EINVAL, f"unknown advice {advice}")
+        self._cover(start, end, errno.ENOMEM)  # checked before anything changes
+        want = advice == MADV_MERGEABLE
+        m = self.machine
+        vflags = m.mem.slots["vflags"]
+        self._split_at(start)
+        self._split_at(end)
+        for v, lo, hi in self._cover(start, end, errno.ENOMEM):
+            if v.mergeable == want:
+                continue
+            s_lo, s_hi = v.slot(lo), v.slot(hi)
+            if want:
+                if not self.ksm_registered:
+                    m.ksm._ksm_enter(self)
+                v.mergeable = True
+                vflags[s_lo:s_hi] |= lib.KSM_VMA_MERGEABLE
+            else:
+                self._break_ksm(v, s_lo, s_hi)
+                v.mergeable = False
+                vflags[s_lo:s_hi] &= ~np.uint8(lib.KSM_VMA_MERGEABLE)
+
+    def _break_ksm(self, v: Region, lo: int, hi: int) -> None:
+        m = self.machine
+        nid = self._nid(v)
+        need = lib.ksm_break_ksm(m.ctx, lo, hi, nid, 1)
+        if need:
+            m.mem.ensure_free(nid, need)
+            lib.ksm_break_ksm(m.ctx, lo, hi, nid, 0)
+
+    def unmerge_all(self) -> None:
+        """unmerge_ksm_pages() over every VM_MERGEABLE VMA (run=2)."""
+        for v in self.vmas:
+            if v.mergeable:
+                self._break_ksm(v, v.slot_base, v.slot(v.end))
+
+    def munmap(self, addr: int, length: int) -> None:
+        self._alive()
+        start, end = _page_range(addr, length)
+        self._split_at(start)
+        self._split_at(end)
+        keep = []
+        items = self.machine.mem.slots["ri_flags"]
+        for v in self.vmas:
+            if start <= v.start and v.end <= end:
+                lo, hi = v.slot_base, v.slot(v.end)
+                lib.ksm_zap_range(self.machine.ctx, lo, hi)
+                if items[lo:hi].any():
+                    self.dead.append(Region(v.start, v.end, v.slot_base, live=False))
+            else:
+                keep.append(v)
+        self.vmas = keep
+
+    def fork(self) -> Process:
+        self._alive()
+        m = self.machine
+        child = m._new_process()
+        for v in self.vmas:
+            n = (v.end - v.start) >> PAGE_SHIFT
+            base = m.mem.alloc_slots(n, child.mm_id)
+            lib.ksm_fork_range(m.ctx, v.slot_base, base, n, child.mm_id)
+            child.vmas.append(Region(v.start, v.end, base, v.mergeable, True, v.node))
+        child.next_addr = self.next_addr
+        child.merge_any = self.merge_any
+        if self.ksm_registered:
+            m.ksm._ksm_enter(child)
+        return child
+
+    def exit(self) -> None:
+        self._alive()
+        m = self.machine
+        if self.ksm_registered:
+            m.ksm._ksm_exit(self)
+        for v in self.vmas:
+            lib.ksm_zap_range(m.ctx, v.slot_base, v.slot(v.end))
+            v.live = False
+            v.mergeable = False
+            self.dead.append(v)
+        self.vmas = []
+        self.exited = True
+
+    def ksm_stat(self) -> dict[str, int | bool]:
+        self._alive()
+        mm = self.machine.mem.mm
+        rmap_items = int(mm["mm_rmap_items"][self.mm_id])
+        zero = int(mm["mm_zero_pages"][self.mm_id])
+        merging = int(mm["mm_merging_pages"][self.mm_id])
+        return {
+            "ksm_rmap_items": rmap_items,
+            "ksm_zero_pages": zero,
+            "ksm_merging_pages": merging,
+            "ksm_process_profit": (merging + zero) * PAGE_SIZE - rmap_items * 64,
+            "ksm_merge_any": self.merge_any,
+            "ksm_mergeable": any(v.mergeable for v in self.vmas),
+        }
