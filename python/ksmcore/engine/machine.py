@@ -39,5 +39,11 @@ class Machine:
     def processes(self) -> list[Process]:
         return [p for p in self._all if not p.exited]
 
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the trees, counters or page tables disagree."""
+        from .invariants import check_invariants
+
+        check_invariants(self)
+
     def pfn_to_nid(self, pfn: int) -> int:
         return int(self.mem.frames["frame_nid"][pfn])

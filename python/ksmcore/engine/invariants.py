@@ -1,0 +1,165 @@
+"""check_invariants() for the engine: the trees, the counters and the page tables agree.
+
+Run after every step of the differential tests. Counters are lazy in the kernel, so
+the recounts count what the kernel's counters count (stale stable nodes included).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._native import lib
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+NIL = lib.KSM_NIL
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise AssertionError(what)
+
+
+def _rb_black_height(rb, node: int) -> int:
+    if node == NIL:
+        return 1
+    n = rb[node]
+    for child in (n.left, n.right):
+        if child != NIL:
+            _check(rb[child].parent == node, f"rb node {child}: wrong parent")
+            if n.color == 0:
+                _check(rb[child].color == 1, f"rb node {node}: red with a red child")
+    lh = _rb_black_height(rb, n.left)
+    _check(lh == _rb_black_height(rb, n.right), f"rb node {node}: unequal black heights")
+    return lh + (n.color == 1)
+
+
+def check_invariants(m: Machine) -> None:
+    c = m.ctx
+    mem = m.mem
+    n_slots = mem.nr_slots
+    sl = {k: v[:n_slots] for k, v in mem.slots.items()}
+    frames = mem.frames
+    stable = c.stable
+    valid = lambda i: frames["frame_stable"][stable[i].kpfn] == i  # noqa: E731
+
+    # the stable trees: kernel red-black shape and memcmp order of live contents
+    seen_in_tree: set[int] = set()
+    for nid in range(64):
+        root = c.root_stable_tree[nid]
+        if root == NIL:
+            continue
+        _check(nid < c.ksm_nr_node_ids, f"stable tree {nid} in use past ksm_nr_node_ids")
+        _check(c.stable_rb[root].color == 1, "stable root is red")
+        _rb_black_height(c.stable_rb, root)
+        prev: bytes | None = None
+        node = lib.ksm_rb_first(c.stable_rb, root)
+        while node != NIL:
+            seen_in_tree.add(node)
+            sn = stable[node]
+            _check(sn.head == lib.KSM_HEAD_TREE, f"tree node {node} has head {sn.head}")
+            _check(sn.nid == nid, f"stable node {node} is in tree {nid} but has nid {sn.nid}")
+            live = [d for d in _dups(c, node) if valid(d)] if _is_chain(c, node) else (
+                [node] if valid(node) else [])
+            if live:
+                content = bytes(mem.page(stable[live[0]].kpfn))
+                if prev is not None:
+                    _check(prev < content, f"stable tree {nid} out of memcmp order at {node}")
+                prev = content
+            node = lib.ksm_rb_next(c.stable_rb, node)
+
+    # every stable node in use: where it is, its rmap_items, the counters it makes
+    shared = sharing = chains = dups = 0
+    migrate = set()
+    i = c.migrate_nodes
+    while i != NIL:
+        _check(stable[i].head == lib.KSM_HEAD_MIGRATE, f"node {i} on migrate_nodes with bad head")
+        migrate.add(i)
+        i = stable[i].next
+    stable_items = 0
+    for node in range(c.stable_used):
+        sn = stable[node]
+        if sn.head == lib.KSM_HEAD_FREE:
+            continue
+        if _is_chain(c, node):
+            chains += 1
+            _check(node in seen_in_tree, f"chain {node} not in a tree")
+            for d in _dups(c, node):
+                _check(stable[d].head == lib.KSM_HEAD_DUP and stable[d].chain == node,
+                       f"dup {d} of chain {node} badly linked")
+            continue
+        if sn.head == lib.KSM_HEAD_DUP:
+            dups += 1
+        elif sn.head == lib.KSM_HEAD_TREE:
+            _check(node in seen_in_tree, f"stable node {node} says tree but is not in one")
+        else:
+            _check(node in migrate, f"stable node {node} says migrate but is not listed")
+        count = 0
+        s = sn.hlist
+        while s != NIL:
+            _check(sl["ri_flags"][s] & lib.KSM_STABLE_FLAG and sl["ri_head"][s] == node,
+                   f"slot {s} on node {node}'s hlist is not a stable item of it")
+            count += 1
+            s = sl["ri_hnext"][s]
+        _check(count == sn.rmap_hlist_len, f"node {node}: rmap_hlist_len {sn.rmap_hlist_len} != {count}")
+        stable_items += count
+        if count:
+            shared += 1
+            sharing += count - 1
+    flags = sl["ri_flags"].astype(np.int64)
+    exists = (flags & lib.KSM_ITEM_EXISTS) != 0
+    _check(stable_items == int(((flags & lib.KSM_STABLE_FLAG) != 0).sum()),
+           "stable rmap_items not all on stable nodes")
+    _check(not ((flags != 0) & ~exists).any(), "flags on a freed rmap_item")
+    for name, want in (
+        ("pages_shared", shared),
+        ("pages_sharing", sharing),
+        ("stable_node_chains", chains),
+        ("stable_node_dups", dups),
+        ("pages_unshared", int(((flags & lib.KSM_UNSTABLE_FLAG) != 0).sum())),
+        ("rmap_items", int(exists.sum())),
+        ("ksm_zero_pages", int((sl["pte"] == lib.KSM_PTE_ZERO).sum())),
+    ):
+        _check(getattr(c, name) == want, f"{name} is {getattr(c, name)}, a recount gives {want}")
+
+    # per mm counters
+    mm_ids = sl["slot_mm"]
+    nmm = mem.nr_mm
+    per_mm = {
+        "mm_rmap_items": np.bincount(mm_ids[exists], minlength=nmm),
+        "mm_merging_pages": np.bincount(mm_ids[(flags & lib.KSM_STABLE_FLAG) != 0], minlength=nmm),
+        "mm_zero_pages": np.bincount(mm_ids[sl["pte"] == lib.KSM_PTE_ZERO], minlength=nmm),
+    }
+    for name, want in per_mm.items():
+        got = mem.mm[name][:nmm]
+        _check(np.array_equal(got, want[:nmm]), f"{name} per mm {got} != recount {want[:nmm]}")
+
+    # page tables and frames: mapcounts, no mapping of a free frame, KSM marks
+    pte = sl["pte"]
+    mapped = pte[pte >= 0]
+    nframes = len(mem.chunks) << 12
+    counts = np.bincount(mapped, minlength=nframes)
+    _check(np.array_equal(counts, frames["frame_mapcount"][:nframes]), "frame mapcounts != PTE count")
+    _check(not (mapped == 0).any(), "a PTE maps pfn 0 as an ordinary page")
+    ksm_frames = np.nonzero(frames["frame_stable"][:nframes] >= 0)[0]
+    for f in ksm_frames:
+        node = int(frames["frame_stable"][f])
+        _check(stable[node].head != lib.KSM_HEAD_FREE and stable[node].kpfn == f,
+               f"frame {f} names stable node {node}, which does not name it")
+        _check(counts[f] > 0, f"KSM frame {f} is not mapped")
+
+
+def _is_chain(c, node: int) -> bool:
+    return c.stable[node].rmap_hlist_len == lib.KSM_STABLE_NODE_CHAIN
+
+
+def _dups(c, chain: int) -> list[int]:
+    out = []
+    d = c.stable[chain].hlist
+    while d != NIL:
+        out.append(d)
+        d = c.stable[d].next
+    return out
