@@ -1,0 +1,474 @@
+"""The kernel parity harness: run a :class:`~ksmcore.workloads.Workload` through this
+machine's real ksmd and read back what the models must reproduce.
+
+Needs root and a writable ``/sys/kernel/mm/ksm`` (see :func:`kernel_available`).
+:func:`run_kernel` saves every writable knob first and restores all of them on every
+path, including exceptions and KeyboardInterrupt.
+
+One run:
+
+1. ``run=2`` (unmerge everything, ``full_scans`` back to 0; written through ``run=0``
+   when ``run`` is already 2, because writing the current value does nothing), then
+   ``advisor_mode=none``, every workload knob (the workload's value or the kernel
+   default) and ``sleep_millisecs`` (see below).
+2. One forked child per workload process, one after another in workload order (the
+   order of the mm_slot list): ``mmap(MAP_PRIVATE|MAP_ANONYMOUS)``,
+   ``MADV_NOHUGEPAGE`` (checked in ``/proc/self/smaps``: ``THPeligible: 0``), fill,
+   ``MADV_MERGEABLE``, tell the parent, then wait on a pipe without touching the area.
+   Nothing else of a child is mergeable (the parent must not be under
+   ``PR_SET_MEMORY_MERGE``, which children would inherit; this is checked), and no
+   other process on the machine may be registered with KSM (checked too).
+3. ``run=1``, poll ``full_scans`` until it reaches the workload's ``full_scans``, write
+   ``run=0`` at once, read every sysfs file and each child's ``/proc/<pid>/ksm_stat``.
+
+Stopping exactly between rounds. ``ksm_do_scan`` ends its batch when a full scan ends
+(``full_scans`` is incremented last), and ksmd then sleeps ``sleep_millisecs`` before
+the next batch, which would start a new round. Writing ``run=0`` during that sleep
+leaves the state "after N full scans": ksmd wakes, sees run=0 and scans nothing. A
+timeout of ``msecs_to_jiffies(ms)`` jiffies lasts at least one jiffy less than that,
+so ``LONG_SLEEP_MS`` = 30 ms guarantees a window of 20 ms for any HZ >= 100 (28 ms at
+this machine's HZ=250). The harness proves it hit the window: it keeps the time just
+before the last read that still showed fewer than N full scans (the round ended after
+that read) and the time after its ``run=0`` write returned; if they are more than
+``SAFE_WINDOW_S`` (20 ms) apart, or ``full_scans`` is not exactly N afterwards, the
+attempt is discarded and the whole run is redone once; a second miss raises.
+
+Speed. Every batch, not only the last, is followed by the sleep, so a round costs
+``(npages // pages_to_scan + 1) * sleep``. Within a round the batch boundaries do not
+change what the kernel decides (only the wall clock moves, which matters for chain
+pruning alone), so when the workload has two or more full scans and at least
+``FAST_MIN_BATCHES`` batches a round, the harness starts with ``FAST_SLEEP_MS`` (8 ms,
+at least one jiffy) and writes ``LONG_SLEEP_MS`` as soon as it sees N-1 full scans
+(writing ``sleep_millisecs`` wakes ksmd early, which is harmless). It then checks that
+``full_scans`` is still N-1, i.e. the last round had not ended before the switch
+(otherwise the attempt is discarded, and the retry uses the long sleep throughout).
+Only the last round then runs with 30 ms sleeps. Keep workloads at most a few dozen
+batches a round: a 2,000-page workload at pages_to_scan 100 takes about 0.6 s.
+
+Chains: with ``stable_node_chains_prune_millisecs`` at its default 2000 ms a kernel run
+shorter than 2 s never prunes (prune time is in jiffies); use 0 for "always prune".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import mmap
+import os
+import re
+import select
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .constants import KNOB_DEFAULTS, KSM_STAT_FIELDS, PAGE_SIZE, SYSFS_FILES
+from .workloads import Result, Workload, make_result
+
+__all__ = [
+    "kernel_available",
+    "read_ksm_stat",
+    "read_sysfs",
+    "restore_knobs",
+    "run_kernel",
+    "save_knobs",
+    "time_kernel",
+]
+
+KSM_DIR = Path("/sys/kernel/mm/ksm")
+
+LONG_SLEEP_MS = 30  # sleep after the last round: the window for writing run=0
+FAST_SLEEP_MS = 8  # sleep during the earlier rounds (>= 1 jiffy up to HZ=250)
+FAST_MIN_BATCHES = 4  # use the fast phase only with at least this many batches a round
+SAFE_WINDOW_S = 0.020  # guaranteed part of the LONG_SLEEP_MS sleep, for HZ >= 100
+POLL_S = 0.0002  # busy-poll period for full_scans
+CHILD_READY_TIMEOUT_S = 30.0
+
+
+class _Missed(Exception):
+    """ksmd was not stopped exactly between two rounds; the attempt is discarded."""
+
+
+# --------------------------------------------------------------------------------
+# sysfs and procfs
+
+
+def _read(name: str) -> int | str:
+    text = (KSM_DIR / name).read_text().strip()
+    if name == "advisor_mode":  # "[none] scan-time"
+        m = re.search(r"\[(\S+)\]", text)
+        return m.group(1) if m else text
+    return int(text)
+
+
+def _read_int(name: str) -> int:
+    return int((KSM_DIR / name).read_text())
+
+
+def _write(name: str, value: int | str) -> None:
+    with open(KSM_DIR / name, "w") as f:
+        f.write(f"{value}\n")
+
+
+def read_sysfs() -> dict[str, int | str]:
+    """Every file of ``constants.SYSFS_FILES`` that exists, in sysfs order."""
+    return {n: _read(n) for n in SYSFS_FILES if (KSM_DIR / n).exists()}
+
+
+def save_knobs() -> dict[str, int | str]:
+    """The current value of every writable knob (``constants.KNOB_DEFAULTS``)."""
+    return {n: _read(n) for n in KNOB_DEFAULTS if (KSM_DIR / n).exists()}
+
+
+def restore_knobs(saved: dict[str, int | str]) -> None:
+    """Write ``saved`` back: run=2 first (so merge_across_nodes and max_page_sharing
+    are writable), advisor_mode=none (so pages_to_scan is), the other knobs, then the
+    saved advisor_mode and last the saved run. Tries every knob, then raises if any
+    write failed. (Switching the advisor to scan-time resets pages_to_scan to
+    advisor_min_pages_to_scan, so a saved scan-time pages_to_scan cannot be restored.)"""
+    errors: list[str] = []
+
+    def put(name: str, value: int | str) -> None:
+        try:
+            _write(name, value)
+        except OSError as e:
+            errors.append(f"{name}={value}: {e}")
+
+    if _read("run") != 2:
+        put("run", 2)
+    put("advisor_mode", "none")
+    first = ("merge_across_nodes", "max_page_sharing")
+    rest = [n for n in saved if n not in first and n not in ("run", "advisor_mode")]
+    for name in [n for n in first if n in saved] + rest:
+        put(name, saved[name])
+    if "advisor_mode" in saved:
+        put("advisor_mode", saved["advisor_mode"])
+    put("run", saved["run"])
+    if errors:
+        raise RuntimeError("could not restore ksm knobs: " + "; ".join(errors))
+
+
+def read_ksm_stat(pid: int | str) -> dict[str, int | bool]:
+    """``/proc/<pid>/ksm_stat`` as ints, with ``ksm_merge_any``/``ksm_mergeable`` as bools."""
+    out: dict[str, int | bool] = {}
+    for line in Path(f"/proc/{pid}/ksm_stat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        value = value.strip()
+        out[key.rstrip(":")] = value == "yes" if value in ("yes", "no") else int(value)
+    return out
+
+
+def _other_ksm_users() -> list[int]:
+    """Pids, other than ours, with a VM_MERGEABLE area or under PR_SET_MEMORY_MERGE."""
+    users = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            stat = read_ksm_stat(entry.name)
+        except (OSError, ValueError):
+            continue  # gone, or a kernel thread (empty file)
+        if stat.get("ksm_mergeable") or stat.get("ksm_merge_any"):
+            users.append(int(entry.name))
+    return users
+
+
+def kernel_available() -> tuple[bool, str]:
+    """Whether :func:`run_kernel` can run here, and why not."""
+    if not KSM_DIR.is_dir():
+        return False, "no /sys/kernel/mm/ksm (kernel without CONFIG_KSM)"
+    if os.geteuid() != 0:
+        return False, "needs root"
+    if not os.access(KSM_DIR / "run", os.W_OK):
+        return False, "/sys/kernel/mm/ksm/run is not writable"
+    if not Path("/proc/self/ksm_stat").exists():
+        return False, "no /proc/<pid>/ksm_stat"
+    users = _other_ksm_users()
+    if users:
+        return False, f"other processes use KSM and would change the counters: {users}"
+    return True, "ok"
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM off while cleaning up; they are delivered afterwards."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# --------------------------------------------------------------------------------
+# children
+
+
+def _fill_area(area: mmap.mmap, pages: np.ndarray) -> None:
+    np.frombuffer(area, dtype=np.uint8)[:] = pages.reshape(-1)
+
+
+def _check_no_thp(area: mmap.mmap) -> None:
+    start = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if m and int(m.group(1), 16) <= start < int(m.group(2), 16):
+            for field_line in lines[i + 1 :]:
+                if re.match(r"[0-9a-f]+-[0-9a-f]+ ", field_line):
+                    break
+                if field_line.startswith("THPeligible:") and field_line.split()[1] != "0":
+                    raise RuntimeError("the area is THP-eligible despite MADV_NOHUGEPAGE")
+            return
+    raise RuntimeError("the area is not in /proc/self/smaps")
+
+
+def _child(pages: np.ndarray, ready_w: int, go_r: int) -> None:
+    npages = pages.shape[0]
+    area = mmap.mmap(
+        -1,
+        npages * PAGE_SIZE,
+        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+    )
+    try:
+        area.madvise(mmap.MADV_NOHUGEPAGE)  # before the first fault
+    except OSError:
+        if Path("/sys/kernel/mm/transparent_hugepage").exists():
+            raise  # EINVAL is fine only without THP support
+    _check_no_thp(area)
+    _fill_area(area, pages)
+    area.madvise(mmap.MADV_MERGEABLE)
+    os.write(ready_w, b"ready")
+    os.close(ready_w)
+    os.read(go_r, 1)  # returns at EOF: the parent closed the pipe (or died)
+
+
+def _spawn(pages: np.ndarray, go_r: int, go_w: int, deadline: float) -> tuple[int, bytes]:
+    """Fork a child for ``pages``; return its pid and its report (b"ready" or an error)
+    once it has madvised its area."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the caller
+        code = 1
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            _child(pages, ready_w, go_r)
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - report anything to the parent
+            with contextlib.suppress(OSError):
+                os.write(ready_w, f"error: {e!r}".encode()[:4000])
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    try:
+        msg = b""
+        while True:
+            wait = max(
+                0.0, min(deadline, time.monotonic() + CHILD_READY_TIMEOUT_S) - time.monotonic()
+            )
+            if not select.select([ready_r], [], [], wait)[0]:
+                return pid, b"error: timed out waiting for the child to madvise"
+            chunk = os.read(ready_r, 4096)
+            if not chunk:
+                return pid, msg or b"error: the child died before madvise"
+            msg += chunk
+            if msg == b"ready":
+                return pid, msg
+    finally:
+        os.close(ready_r)
+
+
+def _reap(pids: list[int]) -> None:
+    """Wait for the children (they exit at EOF on the go pipe); SIGKILL stragglers."""
+    end = time.monotonic() + 2.0
+    left = list(pids)
+    while left:
+        for pid in list(left):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue
+            left.remove(pid)
+        if left and time.monotonic() > end:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            end = math.inf
+        if left:
+            time.sleep(0.001)
+
+
+# --------------------------------------------------------------------------------
+# the run
+
+
+def _fast_sleep_ms(w: Workload) -> int | None:
+    """FAST_SLEEP_MS for the rounds before the last, or None to sleep long throughout."""
+    batches_per_round = w.npages // w.effective_knobs()["pages_to_scan"] + 1
+    if w.full_scans >= 2 and batches_per_round >= FAST_MIN_BATCHES:
+        return FAST_SLEEP_MS
+    return None
+
+
+def _reset() -> None:
+    """run=2: unmerge everything, free all rmap_items, full_scans = 0."""
+    if _read("run") == 2:
+        _write("run", 0)  # writing 2 again would do nothing
+    _write("run", 2)
+    if _read_int("full_scans") != 0:
+        raise RuntimeError("run=2 did not reset full_scans")
+
+
+def _stop_after(full_scans: int, fast: bool, deadline: float) -> float:
+    """Poll until ``full_scans`` rounds have ended, write run=0 within the sleep that
+    follows the last one, and prove it (raise _Missed otherwise). Returns the time from
+    the last read that showed fewer full scans to the end of the run=0 write."""
+    switched = not fast
+    t_below = time.monotonic()  # the last round ended after this time
+    while True:
+        t = time.monotonic()
+        fs = _read_int("full_scans")
+        if fs >= full_scans:
+            _write("run", 0)
+            t_done = time.monotonic()
+            break
+        t_below = t
+        if not switched and fs == full_scans - 1:
+            _write("sleep_millisecs", LONG_SLEEP_MS)
+            t = time.monotonic()
+            if _read_int("full_scans") != full_scans - 1:
+                _write("run", 0)
+                raise _Missed("the last round ended before the long sleep was set")
+            t_below, switched = t, True
+        if t > deadline:
+            _write("run", 0)
+            raise TimeoutError(f"ksmd did not make {full_scans} full scans in time ({fs} so far)")
+        time.sleep(POLL_S)
+    if fs != full_scans or not switched:
+        raise _Missed(f"full_scans was {fs} (switched to long sleep: {switched})")
+    gap = t_done - t_below
+    if gap >= SAFE_WINDOW_S:
+        raise _Missed(f"run=0 was written {gap * 1000:.1f} ms after the last round could end")
+    fs = _read_int("full_scans")
+    if fs != full_scans:
+        raise _Missed(f"full_scans is {fs} after run=0")
+    return gap
+
+
+def _attempt(w: Workload, fast_ms: int | None, deadline: float, info: dict[str, Any]) -> Result:
+    _reset()
+    if read_ksm_stat("self").get("ksm_merge_any"):
+        raise RuntimeError("this process is under PR_SET_MEMORY_MERGE; its children would be too")
+    users = _other_ksm_users()
+    if users:
+        raise RuntimeError(f"other processes use KSM and would change the counters: {users}")
+    _write("advisor_mode", "none")
+    for name, value in w.effective_knobs().items():  # merge_across_nodes, max_page_sharing first
+        if (KSM_DIR / name).exists():
+            _write(name, value)
+    _write("sleep_millisecs", fast_ms if fast_ms is not None else LONG_SLEEP_MS)
+
+    pids: list[int] = []
+    go_r, go_w = os.pipe()
+    try:
+        for i, pages in enumerate(w.processes):
+            pid, msg = _spawn(pages, go_r, go_w, deadline)
+            pids.append(pid)
+            if msg != b"ready":
+                raise RuntimeError(f"{w.name}: child for process {i} failed: {msg.decode()}")
+        before = read_sysfs()
+        t0 = time.monotonic()
+        _write("run", 1)
+        gap = _stop_after(w.full_scans, fast_ms is not None, deadline)
+        elapsed = time.monotonic() - t0
+        after = read_sysfs()
+        stats = [read_ksm_stat(pid) for pid in pids]
+        result = make_result(before, after, stats, elapsed)
+        result.info = dict(info, fast_sleep_ms=fast_ms, stop_gap_ms=round(gap * 1000, 3))
+        return result
+    finally:
+        with _signals_deferred():
+            os.close(go_w)  # the children see EOF and exit
+            os.close(go_r)
+            _reap(pids)
+
+
+def run_kernel(workload: Workload, timeout: float = 60.0) -> Result:
+    """Run ``workload`` through the real ksmd; the knobs are restored on every path."""
+    ok, why = kernel_available()
+    if not ok:
+        raise RuntimeError(f"cannot run the kernel harness: {why}")
+    missing = set(KSM_STAT_FIELDS) - set(read_ksm_stat("self"))
+    if missing:
+        raise RuntimeError(f"/proc/<pid>/ksm_stat lacks {sorted(missing)}")
+    deadline = time.monotonic() + timeout
+    saved = save_knobs()
+    try:
+        first = _fast_sleep_ms(workload)
+        try:
+            return _attempt(workload, first, deadline, {"attempts": 1})
+        except _Missed as e:
+            miss = e
+        try:  # the retry sleeps long throughout
+            return _attempt(workload, None, deadline, {"attempts": 2, "missed": str(miss)})
+        except _Missed as e:
+            raise RuntimeError(
+                f"{workload.name}: could not stop ksmd between rounds ({miss}; then {e})"
+            ) from e
+    finally:
+        with _signals_deferred():
+            restore_knobs(saved)
+
+
+def time_kernel(workload: Workload, timeout: float = 300.0) -> tuple[float, Result]:
+    """Time the real ksmd on ``workload`` as ksm_tests -P does: from ``run=1`` until
+    ``full_scans`` reaches the workload's count, with ``sleep_millisecs=0``.
+
+    Returns the seconds and the counters read right after ``run=0``. Without a sleep
+    ksmd may already have begun the next round when it is stopped, so the cumulative
+    counters (pages_scanned) can run ahead; what merged is final for converged
+    workloads. The knobs are restored on every path.
+    """
+    ok, why = kernel_available()
+    if not ok:
+        raise RuntimeError(f"cannot run the kernel harness: {why}")
+    deadline = time.monotonic() + timeout
+    saved = save_knobs()
+    pids: list[int] = []
+    try:
+        _reset()
+        _write("advisor_mode", "none")
+        for name, value in workload.effective_knobs().items():
+            if (KSM_DIR / name).exists():
+                _write(name, value)
+        _write("sleep_millisecs", 0)
+        go_r, go_w = os.pipe()
+        try:
+            for i, pages in enumerate(workload.processes):
+                pid, msg = _spawn(pages, go_r, go_w, deadline)
+                pids.append(pid)
+                if msg != b"ready":
+                    raise RuntimeError(f"{workload.name}: child {i} failed: {msg.decode()}")
+            before = read_sysfs()
+            t0 = time.perf_counter()
+            _write("run", 1)
+            while _read_int("full_scans") < workload.full_scans:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{workload.name}: ksmd too slow")
+            elapsed = time.perf_counter() - t0
+            _write("run", 0)
+            after = read_sysfs()
+            stats = [read_ksm_stat(pid) for pid in pids]
+            return elapsed, make_result(before, after, stats, elapsed)
+        finally:
+            with _signals_deferred():
+                os.close(go_w)
+                os.close(go_r)
+                _reap(pids)
+    finally:
+        with _signals_deferred():
+            restore_knobs(saved)

@@ -1,0 +1,297 @@
+"""Workloads shared by the model tests and the kernel parity harness.
+
+A :class:`Workload` is what one parity check runs: the contents of one mergeable
+anonymous mapping per process, the ksm knobs, and how many full scans to wait for.
+:func:`run_model` runs it through a model ``Machine`` (``ksmcore.Machine`` or
+``ksmcore.reference.Machine``); :func:`ksmcore.kernel.run_kernel` runs it through the
+real ksmd. Both return a :class:`Result` of the same shape, so ``==`` compares them.
+
+:func:`parity_workloads` is the library of generated workloads (seeded, deterministic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .constants import COUNTERS, KNOB_DEFAULTS, KSM_STAT_FIELDS, MADV_MERGEABLE, PAGE_SIZE
+
+# The knobs a workload may set; the harness sets the others (sleep_millisecs, run,
+# advisor_*) itself. Every one of these is written on every run, to the workload's
+# value or to its default, so results never depend on what ran before.
+WORKLOAD_KNOBS = (
+    "merge_across_nodes",
+    "max_page_sharing",
+    "pages_to_scan",
+    "smart_scan",
+    "use_zero_pages",
+    "stable_node_chains_prune_millisecs",
+)
+
+# Counters that are cumulative since boot on the kernel: a Result holds their growth.
+CUMULATIVE = ("pages_scanned", "pages_skipped")
+
+
+@dataclass
+class Workload:
+    """One process per entry of ``processes``: the rows of the array are the pages of
+    that process's single MADV_MERGEABLE private anonymous mapping."""
+
+    name: str
+    processes: list[np.ndarray]
+    knobs: dict[str, int] = field(default_factory=dict)
+    full_scans: int = 2
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.processes:
+            raise ValueError(f"{self.name}: a workload needs at least one process")
+        for i, arr in enumerate(self.processes):
+            if (
+                arr.dtype != np.uint8
+                or arr.ndim != 2
+                or arr.shape[0] < 1
+                or arr.shape[1] != PAGE_SIZE
+                or not arr.flags.c_contiguous
+            ):
+                raise ValueError(
+                    f"{self.name}: process {i} must be a C-contiguous uint8 array of shape "
+                    f"(npages >= 1, {PAGE_SIZE}), not {arr.dtype} {arr.shape}"
+                )
+        unknown = set(self.knobs) - set(WORKLOAD_KNOBS)
+        if unknown:
+            raise ValueError(f"{self.name}: knobs {sorted(unknown)} are not workload knobs")
+        if self.full_scans < 1:
+            raise ValueError(f"{self.name}: full_scans must be >= 1")
+
+    @property
+    def npages(self) -> int:
+        return sum(arr.shape[0] for arr in self.processes)
+
+    def effective_knobs(self) -> dict[str, int]:
+        """Every workload knob: the workload's value, else the kernel default."""
+        return {k: int(self.knobs.get(k, KNOB_DEFAULTS[k])) for k in WORKLOAD_KNOBS}
+
+
+@dataclass
+class Result:
+    """What a run observed: ``counters`` holds every name of ``constants.COUNTERS``
+    (pages_scanned and pages_skipped as their growth during the run); ``ksm_stat``
+    holds the ``KSM_STAT_FIELDS`` of each process, in workload order. ``sysfs`` (every
+    file at the end), ``elapsed`` (seconds from run=1 to the end of the last scan) and
+    ``info`` (how the run went) are informative and not compared."""
+
+    counters: dict[str, int]
+    ksm_stat: list[dict[str, int | bool]]
+    sysfs: dict[str, int | str] = field(default_factory=dict, compare=False)
+    elapsed: float = field(default=0.0, compare=False)
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def make_result(
+    before: dict[str, Any],
+    after: dict[str, Any],
+    ksm_stats: list[dict[str, Any]],
+    elapsed: float = 0.0,
+) -> Result:
+    """Build a Result from the sysfs values before run=1 and after the last full scan."""
+    counters = {
+        name: int(after[name]) - (int(before[name]) if name in CUMULATIVE else 0)
+        for name in COUNTERS
+    }
+    stat = [{k: s[k] for k in KSM_STAT_FIELDS} for s in ksm_stats]
+    return Result(counters=counters, ksm_stat=stat, sysfs=dict(after), elapsed=elapsed)
+
+
+def run_model(machine_cls: Any, workload: Workload) -> Result:
+    """Run ``workload`` through a model machine, in the order the kernel harness uses:
+    the processes madvise one after another, then the knobs are set, then run=1 and
+    ``full_scans`` full scans. Usage: ``run_model(ksmcore.reference.Machine, w)``."""
+    m = machine_cls()
+    procs = []
+    for arr in workload.processes:
+        p = m.spawn()
+        n = arr.shape[0]
+        addr = p.mmap(n)
+        p.fill(addr, arr)
+        p.madvise(addr, n * PAGE_SIZE, MADV_MERGEABLE)
+        procs.append(p)
+    knobs = workload.effective_knobs()
+    # merge_across_nodes and max_page_sharing first: the kernel takes them only while
+    # no KSM page exists (true here: nothing has been scanned yet).
+    for name, value in knobs.items():
+        setattr(m.ksm, name, value)
+    before = m.ksm.stats()
+    m.ksm.run = 1
+    m.ksm.scan(full_scans=workload.full_scans)
+    return make_result(before, m.ksm.stats(), [p.ksm_stat() for p in procs])
+
+
+# ---------------------------------------------------------------------------------
+# The workload library
+
+
+def _fill(n: int, byte: int) -> np.ndarray:
+    return np.full((n, PAGE_SIZE), byte, dtype=np.uint8)
+
+
+def _random(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, PAGE_SIZE), dtype=np.uint8)
+
+
+def _copies(contents: np.ndarray, counts: list[int], rng: np.random.Generator | None) -> np.ndarray:
+    """``counts[i]`` copies of ``contents[i]``, shuffled if ``rng`` is given."""
+    picks = np.repeat(np.arange(len(counts)), counts)
+    if rng is not None:
+        rng.shuffle(picks)
+    return np.ascontiguousarray(contents[picks])
+
+
+def _mix(rng: np.random.Generator, ndistinct: int, nunique: int, max_copies: int) -> np.ndarray:
+    """Duplicates (``ndistinct`` contents, 2..max_copies copies each) and ``nunique``
+    unique random pages, shuffled."""
+    counts = [int(c) for c in rng.integers(2, max_copies + 1, size=ndistinct)]
+    dups = _copies(_random(rng, ndistinct), counts, None)
+    pages = np.concatenate([dups, _random(rng, nunique)])
+    rng.shuffle(pages)
+    return np.ascontiguousarray(pages)
+
+
+def _shared(rng: np.random.Generator, nproc: int, ncommon: int, nown: int) -> list[np.ndarray]:
+    """``nproc`` processes that each hold the same ``ncommon`` contents (in their own
+    order) plus ``nown`` pages of their own."""
+    common = _random(rng, ncommon)
+    procs = []
+    for _ in range(nproc):
+        pages = np.concatenate([common[rng.permutation(ncommon)], _random(rng, nown)])
+        rng.shuffle(pages)
+        procs.append(np.ascontiguousarray(pages))
+    return procs
+
+
+def _near_identical() -> np.ndarray:
+    # 40 pages of '*' whose last byte is 0..39 (all different), then 24 more whose
+    # last byte is 0..7 again (3 more copies of each of the first 8).
+    pages = _fill(64, ord("*"))
+    pages[:40, -1] = np.arange(40)
+    pages[40:, -1] = np.arange(24) % 8
+    return pages
+
+
+def parity_workloads() -> list[Workload]:
+    """The generated workloads (deterministic; each at most 2,000 pages)."""
+    star = ord("*")
+    w: list[Workload] = []
+
+    def add(name: str, procs: list[np.ndarray], full_scans: int, desc: str, **knobs: int) -> None:
+        w.append(Workload(name, procs, dict(knobs), full_scans, desc))
+
+    def rng(seed: int) -> np.random.Generator:
+        return np.random.default_rng(seed)
+
+    add("dup10", [_fill(10, star)], 2, "10 pages of '*'")
+    add("kselftest_M_p10", [_fill(10, star)], 2, "ksm_tests -M -p 10", pages_to_scan=10)
+    add(
+        "kselftest_Z_p10_z0",
+        [_fill(10, 0)],
+        2,
+        "ksm_tests -Z -p 10 -z 0",
+        pages_to_scan=10,
+        use_zero_pages=0,
+    )
+    add(
+        "kselftest_Z_p10_z1",
+        [_fill(10, 0)],
+        2,
+        "ksm_tests -Z -p 10 -z 1",
+        pages_to_scan=10,
+        use_zero_pages=1,
+    )
+    add("dup50_1scan", [_fill(50, star)], 1, "50 pages of '*', one full scan only")
+    add("unique200", [_random(rng(1), 200)], 3, "200 unique random pages")
+    add("zero100_z0", [_fill(100, 0)], 3, "100 zero pages", use_zero_pages=0)
+    add("zero100_z1", [_fill(100, 0)], 3, "100 zero pages", use_zero_pages=1)
+    add("near_identical64", [_near_identical()], 3, "'*' pages differing in the last byte")
+    add("mix_dups_uniques", [_mix(rng(2), 12, 100, 20)], 3, "12 duplicated contents + 100 unique")
+    zmix = np.concatenate([_fill(40, 0), _mix(rng(3), 6, 30, 8)])
+    rng(4).shuffle(zmix)
+    add("mix_zero_z1", [zmix], 4, "40 zero pages among dups and uniques", use_zero_pages=1)
+    add("share2", _shared(rng(5), 2, 60, 40), 3, "2 processes, 60 common contents each")
+    add("share3", _shared(rng(6), 3, 50, 20), 3, "3 processes, 50 common contents each")
+    add("share5", _shared(rng(7), 5, 30, 10), 3, "5 processes, 30 common contents each")
+    add(
+        "pts7",
+        [_mix(rng(8), 5, 20, 6)],
+        3,
+        "pages_to_scan 7, batches end mid-round",
+        pages_to_scan=7,
+    )
+    add(
+        "pts33",
+        [_mix(rng(9), 10, 60, 10), _mix(rng(10), 8, 50, 10)],
+        3,
+        "2 processes, pages_to_scan 33",
+        pages_to_scan=33,
+    )
+    smart = _mix(rng(11), 5, 100, 12)
+    add("smart0", [smart], 10, "unique pages seen 10 times, smart_scan off", smart_scan=0)
+    add("smart1", [smart.copy()], 10, "unique pages seen 10 times, smart_scan on", smart_scan=1)
+    add(
+        "mps2",
+        [_copies(_random(rng(12), 12), list(range(1, 13)), rng(13))],
+        3,
+        "1..12 copies of 12 contents",
+        max_page_sharing=2,
+    )
+    add(
+        "mps3_prune0",
+        [_copies(_random(rng(14), 20), list(range(1, 21)), rng(15))],
+        4,
+        "1..20 copies, chains pruned on every search",
+        max_page_sharing=3,
+        stable_node_chains_prune_millisecs=0,
+    )
+    add(
+        "mps16",
+        [_copies(_random(rng(16), 40), list(range(1, 41)), rng(17))],
+        3,
+        "1..40 copies of 40 contents",
+        max_page_sharing=16,
+    )
+    around = [15, 16, 17, 31, 32, 33, 47, 48, 49]
+    contents = _random(rng(18), len(around))
+    add(
+        "mps16_multiples",
+        [
+            _copies(contents, [c // 2 for c in around], rng(19)),
+            _copies(contents, [c - c // 2 for c in around], rng(20)),
+        ],
+        3,
+        "2 processes, copies around multiples of 16",
+        max_page_sharing=16,
+    )
+    add(
+        "mps4_5proc",
+        [_fill(9, star) for _ in range(5)],
+        3,
+        "5 processes x 9 pages of '*'",
+        max_page_sharing=4,
+    )
+    ltp = [_fill(128, ord("c")), _fill(128, ord("a")), _fill(128, ord("a"))]
+    add(
+        "ltp_ksm01_phase1",
+        ltp,
+        3,
+        "LTP ksm01 phase 1 (c/a/a), 128 pages each",
+        max_page_sharing=384,
+        pages_to_scan=384,
+    )
+    add(
+        "large_2proc",
+        [_mix(rng(21), 30, 450, 25), _mix(rng(22), 30, 450, 25)],
+        3,
+        "2 processes, mixed, about 1,800 pages",
+    )
+    return w
