@@ -295,3 +295,19 @@ def parity_workloads() -> list[Workload]:
         "2 processes, mixed, about 1,800 pages",
     )
     return w
+
+
+def w1_workload(npages: int = 262_144, copies: int = 64, seed: int = 1) -> Workload:
+    """W1 of the benchmarks: one process, ``npages // copies`` distinct random pages with
+    ``copies`` copies each in random order, two full scans from cold, with
+    pages_to_scan=100000 and smart_scan=0 (the kernel runs it with sleep_millisecs=0)."""
+    rng = np.random.default_rng(seed)
+    distinct = rng.integers(0, 256, size=(npages // copies, PAGE_SIZE), dtype=np.uint8)
+    order = rng.permutation(np.repeat(np.arange(len(distinct)), copies))
+    return Workload(
+        "W1",
+        [np.ascontiguousarray(distinct[order])],
+        knobs={"pages_to_scan": 100_000, "smart_scan": 0},
+        full_scans=2,
+        description=f"{npages} pages, {len(distinct)} distinct x {copies} copies",
+    )
