@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 import ksmcore
 import ksmcore.reference
+import pytest
 from ksmcore.kernel import kernel_available, time_kernel
 from ksmcore.workloads import Workload, w1_workload
 
@@ -74,7 +73,7 @@ def test_w1_kernel(benchmark: Any, record: Any) -> None:
         results.append(time_kernel(W1))
 
     benchmark.pedantic(run, rounds=2, iterations=1)
-    for seconds, result in results:
+    for _, result in results:
         assert {k: result.counters[k] for k in MERGE_COUNTERS} == expected(W1)
     times = sorted(s for s, _ in results)
     record("W1", "kernel", times[len(times) // 2], W1.npages)

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-from conftest import machine_class
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from observe import snapshot
-
 import ksmcore
+import numpy as np
+import pytest
+from conftest import machine_class
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 from ksmcore.constants import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
 from ksmcore.errors import KsmdNotRunning
+from observe import snapshot
 
 # few distinct contents, so that duplicates are common; 0 makes zero pages
 FILLS = (0, 1, 2, 0xCF)
@@ -55,6 +61,19 @@ class Differential(RuleBasedStateMachine):
 
     # ---- rules
 
+    @initialize(npages=st.integers(1, 6), merge=st.booleans(),
+                fills=st.lists(st.sampled_from(FILLS), min_size=6, max_size=6))
+    def start(self, npages: int, merge: bool, fills: list[int]) -> None:
+        # ksmd running, two processes with a mapping each: most programs then merge
+        self.both(lambda side, m: setattr(m.ksm, "run", 1))
+        for _ in range(2):
+            self.spawn()
+            i = len(self.procs[0]) - 1
+            self.mmap(i, npages)
+            self.fill(len(self.vmas) - 1, 0, fills)
+            if merge:
+                self.madvise(len(self.vmas) - 1, 0, npages, True)
+
     @rule()
     def spawn(self) -> None:
         for side, m in enumerate(self.machines):
@@ -74,6 +93,7 @@ class Differential(RuleBasedStateMachine):
     def fill(self, k: int, first: int, fills: list[int]) -> None:
         i, addr, npages = self.pick_vma(k)
         first %= npages
+        fills = fills[: npages - first]  # past the end is tested by write()
         pages = np.array([np.full(PAGE_SIZE, f, np.uint8) for f in fills])
         self.both(lambda side, m: self.procs[side][i].fill(addr + first * PAGE_SIZE, pages))
 
@@ -117,6 +137,11 @@ class Differential(RuleBasedStateMachine):
     def do_scan(self, n: int) -> None:
         self.both(lambda side, m: m.ksm.do_scan(n))
 
+    @rule()
+    def do_scan_to_round_end(self) -> None:
+        # a batch larger than every mm: it ends where the full scan ends
+        self.both(lambda side, m: m.ksm.do_scan(1 << 20))
+
     @rule(run=st.sampled_from([0, 1, 1, 1, 2]))
     def set_run(self, run: int) -> None:
         self.both(lambda side, m: setattr(m.ksm, "run", run))
@@ -135,17 +160,26 @@ class Differential(RuleBasedStateMachine):
 
     # ---- after every step
 
-    @invariant()
-    def same_state(self) -> None:
+    def check(self) -> dict[str, Any]:
+        """Both invariant checkers pass and the observable states are equal."""
         for m in self.machines:
             m.check_invariants()
         engine, reference = (snapshot(m, self.procs[s]) for s, m in enumerate(self.machines))
         assert engine == reference
+        return engine["stats"]
+
+    @invariant()
+    def same_state(self) -> None:
+        stats = self.check()
+        for name in ("pages_sharing", "pages_unshared", "stable_node_chains", "ksm_zero_pages",
+                     "pages_skipped"):
+            if stats[name]:
+                event(f"reached {name} > 0")
 
 
 Differential.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=60,
+    max_examples=100,
+    stateful_step_count=80,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
@@ -154,3 +188,77 @@ TestDifferential = Differential.TestCase
 
 def test_engine_is_the_default_machine() -> None:
     assert ksmcore.Machine is machine_class("engine")
+
+
+# ---- long seeded programs: the same rules, weighted towards merging, 250 steps each
+
+WEIGHTS = {
+    "fill": 6, "write": 4, "do_scan": 5, "do_scan_to_round_end": 6, "madvise": 3,
+    "munmap": 1, "fork": 2, "exit": 1, "mmap": 2, "spawn": 1, "set_run": 1,
+    "set_bool_knob": 1, "set_max_page_sharing": 1,
+}
+
+
+def run_program(seed: int, steps: int = 250) -> set[str]:
+    """Run one seeded random program through both machines; returns what it reached."""
+    rng = np.random.default_rng(seed)
+    d = Differential()
+    d.start(int(rng.integers(1, 7)), True, [int(x) for x in rng.choice(FILLS, 6)])
+    reached: set[str] = set()
+    names = list(WEIGHTS)
+    p = np.array([WEIGHTS[n] for n in names], dtype=float)
+    k = lambda: int(rng.integers(0, 1 << 16))  # noqa: E731
+    for _ in range(steps):
+        op = names[rng.choice(len(names), p=p / p.sum())]
+        if op in ("fill", "write", "madvise", "munmap") and not d.vmas:
+            continue
+        if op in ("mmap", "fork", "exit") and not d.live():
+            continue
+        if op == "fill":
+            d.fill(k(), int(rng.integers(0, 6)),
+                   [int(x) for x in rng.choice(FILLS, int(rng.integers(1, 7)))])
+        elif op == "write":
+            d.write(k(), int(rng.integers(0, 6 * PAGE_SIZE)),
+                    bytes(rng.choice([0, 1, 0xCF], int(rng.integers(1, 9))).astype(np.uint8)))
+        elif op == "do_scan":
+            d.do_scan(int(rng.integers(1, 41)))
+        elif op == "do_scan_to_round_end":
+            d.do_scan_to_round_end()
+        elif op == "madvise":
+            d.madvise(k(), int(rng.integers(0, 7)), int(rng.integers(1, 7)),
+                      bool(rng.random() < 0.8))
+        elif op == "munmap":
+            d.munmap(k(), int(rng.integers(0, 7)), int(rng.integers(1, 7)))
+        elif op == "fork":
+            d.fork(k())
+        elif op == "exit":
+            d.exit(k())
+        elif op == "mmap":
+            d.mmap(k(), int(rng.integers(1, 7)))
+        elif op == "spawn":
+            d.spawn()
+        elif op == "set_run":
+            d.set_run(int(rng.choice([0, 1, 1, 1, 1, 2])))
+        elif op == "set_bool_knob":
+            d.set_bool_knob(str(rng.choice(["use_zero_pages", "smart_scan"])),
+                            bool(rng.random() < 0.5))
+        elif op == "set_max_page_sharing":
+            d.set_max_page_sharing(int(rng.choice([2, 3, 256])))
+        stats = d.check()
+        reached |= {n for n in ("pages_sharing", "pages_unshared", "stable_node_chains",
+                                "ksm_zero_pages", "pages_skipped") if stats[n]}
+    return reached
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_seeded_program(seed: int) -> None:
+    run_program(seed)
+
+
+def test_seeded_programs_reach_every_path() -> None:
+    """The seeded programs are only worth something if they reach the interesting states."""
+    reached: set[str] = set()
+    for seed in range(100, 112):
+        reached |= run_program(seed, steps=150)
+    assert reached >= {"pages_sharing", "pages_unshared", "stable_node_chains",
+                       "ksm_zero_pages", "pages_skipped"}

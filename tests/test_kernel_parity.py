@@ -11,7 +11,6 @@ import functools
 
 import pytest
 from conftest import IMPLEMENTATIONS, machine_class
-
 from ksmcore.kernel import kernel_available, run_kernel
 from ksmcore.workloads import Result, Workload, parity_workloads, run_model
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from ksmcore.constants import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
 
 

@@ -104,7 +104,8 @@ def check_invariants(m: Machine) -> None:
                    f"slot {s} on node {node}'s hlist is not a stable item of it")
             count += 1
             s = sl["ri_hnext"][s]
-        _check(count == sn.rmap_hlist_len, f"node {node}: rmap_hlist_len {sn.rmap_hlist_len} != {count}")
+        _check(count == sn.rmap_hlist_len,
+               f"node {node}: rmap_hlist_len {sn.rmap_hlist_len} != {count}")
         stable_items += count
         if count:
             shared += 1
@@ -142,7 +143,8 @@ def check_invariants(m: Machine) -> None:
     mapped = pte[pte >= 0]
     nframes = len(mem.chunks) << 12
     counts = np.bincount(mapped, minlength=nframes)
-    _check(np.array_equal(counts, frames["frame_mapcount"][:nframes]), "frame mapcounts != PTE count")
+    _check(np.array_equal(counts, frames["frame_mapcount"][:nframes]),
+           "frame mapcounts != PTE count")
     _check(not (mapped == 0).any(), "a PTE maps pfn 0 as an ordinary page")
     ksm_frames = np.nonzero(frames["frame_stable"][:nframes] >= 0)[0]
     for f in ksm_frames:
