@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 import ksmcore
 import ksmcore.reference
-import pytest
 from ksmcore.kernel import kernel_available, time_kernel
 from ksmcore.workloads import Workload, w1_workload
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import ksmcore
 import numpy as np
 import pytest
-from conftest import machine_class
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -22,8 +20,12 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+
+import ksmcore
 from ksmcore.constants import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
 from ksmcore.errors import KsmdNotRunning
+
+from conftest import machine_class
 from observe import snapshot
 
 # few distinct contents, so that duplicates are common; 0 makes zero pages

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ksmcore import kernel
 from ksmcore.constants import COUNTERS, KNOB_DEFAULTS, KSM_STAT_FIELDS, MADV_MERGEABLE, PAGE_SIZE
 from ksmcore.workloads import Workload, parity_workloads, run_model

@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 
 import pytest
-from conftest import IMPLEMENTATIONS, machine_class
+
 from ksmcore.kernel import kernel_available, run_kernel
 from ksmcore.workloads import Result, Workload, parity_workloads, run_model
+
+from conftest import IMPLEMENTATIONS, machine_class
 
 AVAILABLE, WHY = kernel_available()
 WORKLOADS = {w.name: w for w in parity_workloads()}

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from ksmcore.constants import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
 
 

@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+
 from ksmcore.constants import (
     FIRST_PID,
     MADV_MERGEABLE,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from ksmcore.reference.rbtree import (
     RB_BLACK,
     RB_RED,

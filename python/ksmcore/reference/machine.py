@@ -1,0 +1,326 @@
+"""The public API of the reference: ``Machine``, ``Process`` and ``m.ksm``.
+
+Every call validates the whole request before it changes anything (docs/MODEL.md).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import numpy as np
+
+from ..constants import (
+    COUNTERS,
+    FIRST_PID,
+    KNOB_DEFAULTS,
+    MADV_MERGEABLE,
+    MADV_UNMERGEABLE,
+    MMAP_BASE,
+    PAGE_SIZE,
+    SIZEOF_RMAP_ITEM,
+    SYSFS_FILES,
+    ZERO_PFN,
+)
+from ..errors import KsmdNotRunning, ksm_error
+from ..knobs import format_sysfs, knob_text
+from .invariants import check_invariants
+from .ksm import Ksm
+from .mm import PAGE_MASK, Mm, PhysMem, Vma
+
+
+class Process:
+    """A process with a private address space (its ``mm``)."""
+
+    def __init__(self, machine: Machine, pid: int, mm: Mm) -> None:
+        self._machine = machine
+        self.pid = pid
+        self.mm = mm
+        self.exited = False
+
+    def __repr__(self) -> str:
+        state = "exited" if self.exited else "live"
+        return f"<reference.Process pid={self.pid} {state}>"
+
+    # ---- helpers ------------------------------------------------------------------
+
+    def _live(self) -> Mm:
+        if self.exited:
+            raise ksm_error(errno.ESRCH, f"process {self.pid} has exited")
+        return self.mm
+
+    def _check_range(self, mm: Mm, addr: int, length: int) -> None:
+        """addr/length of a read or write: any offset, must lie in VMAs."""
+        if not isinstance(addr, int) or not isinstance(length, int):
+            raise TypeError("addresses and lengths are ints")
+        if length <= 0:
+            raise ksm_error(errno.EINVAL, "zero length")
+        if addr < 0 or not mm.range_mapped(addr, addr + length):
+            raise ksm_error(errno.EFAULT, f"{addr:#x}+{length:#x} is not mapped")
+
+    @staticmethod
+    def _page_range(addr: int, length: int) -> tuple[int, int]:
+        """Aligned addr and length rounded up to whole pages; EINVAL if unaligned/zero."""
+        if not isinstance(addr, int) or not isinstance(length, int):
+            raise TypeError("addresses and lengths are ints")
+        if addr < 0 or addr & (PAGE_SIZE - 1):
+            raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
+        if length <= 0:
+            raise ksm_error(errno.EINVAL, "zero length")
+        return addr, addr + ((length + PAGE_SIZE - 1) & PAGE_MASK)
+
+    # ---- address space ------------------------------------------------------------
+
+    def mmap(self, npages: int, node: int | None = None) -> int:
+        """A private anonymous VMA of npages pages; faults in it allocate on node."""
+        mm = self._live()
+        if not isinstance(npages, int) or isinstance(npages, bool):
+            raise TypeError("npages is an int")
+        if npages <= 0:
+            raise ksm_error(errno.EINVAL, "mmap of zero pages")
+        nid = 0 if node is None else node
+        if not isinstance(nid, int) or not 0 <= nid < self._machine.nodes:
+            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
+        addr = mm.next_addr
+        mm.next_addr += (npages + 1) * PAGE_SIZE  # one guard page: VMAs never touch
+        mm.vmas.append(Vma(addr, addr + npages * PAGE_SIZE, False, nid))
+        return addr
+
+    def munmap(self, addr: int, length: int) -> None:
+        mm = self._live()
+        start, end = self._page_range(addr, length)
+        mm.zap_range(start, end)
+        for vma in mm.isolate(start, end):
+            mm.vmas.remove(vma)
+
+    def write(self, addr: int, data: Any) -> None:
+        """Write bytes at any offset: a write fault per page, in address order."""
+        mm = self._live()
+        buf = memoryview(data).cast("B")
+        self._check_range(mm, addr, len(buf))
+        pos = 0
+        while pos < len(buf):
+            a = addr + pos
+            page = a & PAGE_MASK
+            off = a - page
+            n = min(PAGE_SIZE - off, len(buf) - pos)
+            vma = mm.vma_lookup(page)
+            assert vma is not None
+            frame = mm.write_fault(page, vma)
+            frame.data[off:off + n] = buf[pos:pos + n]
+            pos += n
+
+    def fill(self, addr: int, pages: np.ndarray) -> None:
+        """Write n whole pages, given as a C-contiguous uint8 array of shape (n, 4096)."""
+        mm = self._live()
+        if not isinstance(pages, np.ndarray):
+            raise ValueError("fill takes a numpy array")
+        if (pages.dtype != np.uint8 or pages.ndim != 2 or pages.shape[1] != PAGE_SIZE
+                or not pages.flags["C_CONTIGUOUS"]):
+            raise ValueError("fill takes a C-contiguous uint8 array of shape (n, 4096)")
+        start, end = self._page_range(addr, pages.shape[0] * PAGE_SIZE)
+        if not mm.range_mapped(start, end):
+            raise ksm_error(errno.EFAULT, f"{start:#x}-{end:#x} is not mapped")
+        vma = None
+        for i in range(pages.shape[0]):
+            page = start + i * PAGE_SIZE
+            if vma is None or page >= vma.end:
+                vma = mm.vma_lookup(page)
+                assert vma is not None
+            frame = mm.write_fault(page, vma)
+            frame.data[:] = pages[i].data
+
+    def read(self, addr: int, n: int) -> bytes:
+        """Read n bytes; non-present pages (and KSM zero pages) read as zeros."""
+        mm = self._live()
+        self._check_range(mm, addr, n)
+        out = bytearray(n)
+        pos = 0
+        while pos < n:
+            a = addr + pos
+            page = a & PAGE_MASK
+            off = a - page
+            k = min(PAGE_SIZE - off, n - pos)
+            frame = mm.frame_at(page)
+            if frame is not None:
+                out[pos:pos + k] = frame.data[off:off + k]
+            pos += k
+        return bytes(out)
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        mm = self._live()
+        start, end = self._page_range(addr, length)
+        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
+            raise ksm_error(errno.EINVAL, f"unsupported advice {advice!r}")
+        if not mm.range_mapped(start, end):
+            raise ksm_error(errno.ENOMEM, f"{start:#x}-{end:#x} is not all mapped")
+        ksm = self._machine._ksm
+        mergeable = advice == MADV_MERGEABLE
+        for vma in mm.vmas_in(start, end):
+            if vma.mergeable == mergeable:
+                continue  # ksm_madvise returns 0 and the flags do not change: no split
+            lo, hi = max(start, vma.start), min(end, vma.end)
+            if mergeable:
+                if not mm.mmf_vm_mergeable:
+                    ksm.ksm_enter(mm)
+            else:
+                ksm.unmerge_ksm_pages(mm, vma, lo, hi)
+            if vma.start < lo:
+                mm.split_vma(vma, lo)
+                vma = mm.vmas[mm.find_vma_index(lo)]
+            if hi < vma.end:
+                mm.split_vma(vma, hi)
+            vma.mergeable = mergeable
+
+    def fork(self) -> Process:
+        """A child sharing every page (COW) and KSM zero PTE; registered with KSM if
+        the parent is. The child starts with no rmap_items."""
+        mm = self._live()
+        machine = self._machine
+        child_mm = Mm(machine._mem, mm.next_addr)
+        child_mm.vmas = [vma.copy() for vma in mm.vmas]
+        child_mm.pte = dict(mm.pte)
+        child_mm.pte_addrs = list(mm.pte_addrs)
+        zero = 0
+        for pfn in mm.pte.values():
+            if pfn == ZERO_PFN:
+                zero += 1
+            else:
+                machine._mem.frames[pfn].mapcount += 1
+        child_mm.ksm_zero_pages = zero
+        machine._mem.ksm_zero_pages += zero
+        child_mm.mmf_vm_merge_any = mm.mmf_vm_merge_any
+        child = machine._new_process(child_mm)
+        machine._ksm.ksm_fork(child_mm, mm)
+        return child
+
+    def exit(self) -> None:
+        """ksm_exit, then drop every mapping; the process is gone for the API."""
+        mm = self._live()
+        self._machine._ksm.ksm_exit(mm)
+        mm.zap_range(0, 1 << 64)
+        mm.vmas.clear()
+        mm.exiting = True
+        self.exited = True
+        self._machine.processes.remove(self)
+
+    # ---- inspection ---------------------------------------------------------------
+
+    def pfn(self, addr: int) -> int | None:
+        """The frame mapping the page holding addr (ZERO_PFN for a KSM zero PTE),
+        None if nothing is mapped there. EFAULT outside every VMA."""
+        mm = self._live()
+        if not isinstance(addr, int):
+            raise TypeError("addresses are ints")
+        if addr < 0 or mm.vma_lookup(addr) is None:
+            raise ksm_error(errno.EFAULT, f"{addr:#x} is not mapped")
+        return mm.pte.get(addr & PAGE_MASK)
+
+    def maps(self) -> list[tuple[int, int, bool]]:
+        mm = self._live()
+        return [(vma.start, vma.end, vma.mergeable) for vma in mm.vmas]
+
+    def ksm_stat(self) -> dict[str, int | bool]:
+        mm = self._live()
+        profit = ((mm.ksm_merging_pages + mm.ksm_zero_pages) * PAGE_SIZE
+                  - mm.ksm_rmap_items * SIZEOF_RMAP_ITEM)
+        return {
+            "ksm_rmap_items": mm.ksm_rmap_items,
+            "ksm_zero_pages": mm.ksm_zero_pages,
+            "ksm_merging_pages": mm.ksm_merging_pages,
+            "ksm_process_profit": profit,
+            "ksm_merge_any": mm.mmf_vm_merge_any,
+            "ksm_mergeable": any(vma.mergeable for vma in mm.vmas),
+        }
+
+
+class KsmSysfs:
+    """``m.ksm``: every sysfs file of /sys/kernel/mm/ksm/ as an attribute, plus ksmd."""
+
+    __slots__ = ("_ksm",)
+
+    def __init__(self, ksm: Ksm) -> None:
+        object.__setattr__(self, "_ksm", ksm)
+
+    def __getattr__(self, name: str) -> int | str:
+        if name in KNOB_DEFAULTS or name in COUNTERS:
+            return self._ksm.value(name)
+        raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        self._ksm.store(name, knob_text(value))
+
+    def __dir__(self) -> list[str]:
+        return [*SYSFS_FILES, "sysfs_write", "sysfs_read", "do_scan", "scan", "stats"]
+
+    def sysfs_write(self, name: str, text: str) -> None:
+        self._ksm.store(name, text)
+
+    def sysfs_read(self, name: str) -> str:
+        return format_sysfs(name, self._ksm.value(name))
+
+    def do_scan(self, n: int) -> int:
+        """One ksm_do_scan(n) if ksmd would run; the number of pages it processed."""
+        ksm = self._ksm
+        if not ksm.ksmd_should_run():
+            return 0
+        return ksm.ksm_do_scan(n)
+
+    def scan(self, full_scans: int = 1) -> None:
+        """Run ksmd batches of pages_to_scan until full_scans more full scans ended."""
+        ksm = self._ksm
+        target = ksm.ksm_scan.seqnr + full_scans
+        while ksm.ksm_scan.seqnr < target:
+            if ksm.ksm_run != 1:
+                raise KsmdNotRunning(f"run is {ksm.ksm_run}, not 1")
+            if ksm.mm_list_empty():
+                raise KsmdNotRunning("no mm is registered with KSM")
+            pages = int(ksm.knobs["pages_to_scan"])
+            if pages == 0:
+                raise KsmdNotRunning("pages_to_scan is 0")
+            ksm.ksm_do_scan(pages)
+
+    def stats(self) -> dict[str, int | str]:
+        return {name: self._ksm.value(name) for name in SYSFS_FILES}
+
+
+class Machine:
+    """A machine: NUMA nodes of frames, processes, and KSM."""
+
+    def __init__(self, nodes: int = 1) -> None:
+        if not isinstance(nodes, int) or nodes < 1:
+            raise ValueError("a machine has at least one NUMA node")
+        self.nodes = nodes
+        self._mem = PhysMem(nodes)
+        self._ksm = Ksm(self._mem)
+        self.ksm = KsmSysfs(self._ksm)
+        self.processes: list[Process] = []
+        self._all_mms: list[Mm] = []
+        self._next_pid = FIRST_PID
+
+    @property
+    def clock_ms(self) -> int:
+        """The simulated jiffies clock in ms (HZ=1000); 0 unless advanced."""
+        return self._ksm.jiffies
+
+    @clock_ms.setter
+    def clock_ms(self, value: int) -> None:
+        if value < self._ksm.jiffies:
+            raise ValueError("the clock never goes back")
+        self._ksm.jiffies = value
+
+    def _new_process(self, mm: Mm) -> Process:
+        p = Process(self, self._next_pid, mm)
+        self._next_pid += 1
+        self.processes.append(p)
+        self._all_mms.append(mm)
+        return p
+
+    def spawn(self) -> Process:
+        return self._new_process(Mm(self._mem, MMAP_BASE))
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the model's state is inconsistent."""
+        self._all_mms = [mm for mm in self._all_mms
+                         if not mm.exiting or mm.ksm_slot is not None]
+        check_invariants(self._ksm, self._mem, self._all_mms)

@@ -1,0 +1,270 @@
+"""The parts of the mm that KSM leans on: frames, VMAs, page tables and faults.
+
+This follows docs/MODEL.md. A page-table entry is either the pfn of a frame or
+``ZERO_PFN`` (0), which in this model always means a *KSM-placed* zero page (a
+read fault never maps the zero page, so the only zero PTEs are KSM's).
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING
+
+from ..constants import PAGE_SIZE, ZERO_PFN
+
+if TYPE_CHECKING:
+    from .ksm_structs import MmSlot, StableNode
+
+PAGE_MASK = ~(PAGE_SIZE - 1)
+_ZERO_BYTES = bytes(PAGE_SIZE)
+
+
+class Frame:
+    """A page frame (``struct page``/small folio).
+
+    ``ksm`` is folio_test_ksm(); ``stable_node`` is the node its mapping points to,
+    which may be None on a KSM frame (folio_set_stable_node(folio, NULL) while a
+    merge is in progress, or after a failed second half of try_to_merge_two_pages).
+    ``nid`` is fixed per pfn, like pfn_to_nid(), and survives freeing.
+    """
+
+    __slots__ = ("pfn", "nid", "data", "mapcount", "allocated", "ksm", "stable_node")
+
+    def __init__(self, pfn: int, nid: int) -> None:
+        self.pfn = pfn
+        self.nid = nid
+        self.data: bytearray = bytearray(PAGE_SIZE) if pfn == ZERO_PFN else bytearray()
+        self.mapcount = 0
+        self.allocated = pfn == ZERO_PFN
+        self.ksm = False
+        self.stable_node: StableNode | None = None
+
+    def folio_stable_node(self) -> StableNode | None:
+        """``folio_stable_node``: the KSM node, or None if not KSM (or KSM with no node)."""
+        return self.stable_node if self.ksm else None
+
+
+class PhysMem:
+    """All frames, with one LIFO free list per NUMA node, and the global
+    ``ksm_zero_pages`` atomic (the zap and COW paths of the mm update it)."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = nodes
+        self.frames: list[Frame] = [Frame(ZERO_PFN, 0)]
+        self.free_lists: list[list[int]] = [[] for _ in range(nodes)]
+        self.ksm_zero_pages = 0
+
+    @property
+    def zero_frame(self) -> Frame:
+        return self.frames[ZERO_PFN]
+
+    def alloc(self, nid: int) -> Frame:
+        """A zeroed frame on node nid (mapcount 0: the caller maps it)."""
+        free = self.free_lists[nid]
+        if free:
+            frame = self.frames[free.pop()]
+        else:
+            frame = Frame(len(self.frames), nid)
+            self.frames.append(frame)
+        frame.data = bytearray(PAGE_SIZE)
+        frame.allocated = True
+        frame.mapcount = 0
+        frame.ksm = False
+        frame.stable_node = None
+        return frame
+
+    def free(self, frame: Frame) -> None:
+        """Free a frame whose last mapping went: its KSM mark goes with it, so its
+        stable node (if any) becomes stale."""
+        assert frame.pfn != ZERO_PFN and frame.allocated and frame.mapcount == 0
+        frame.allocated = False
+        frame.ksm = False
+        frame.stable_node = None
+        frame.data = bytearray()
+        self.free_lists[frame.nid].append(frame.pfn)
+
+    def put_mapping(self, frame: Frame) -> None:
+        """Drop one PTE's mapping of frame, freeing it when none remain."""
+        frame.mapcount -= 1
+        if frame.mapcount == 0:
+            self.free(frame)
+
+
+class Vma:
+    """A private anonymous VMA. ``nid`` is the node its faults allocate on."""
+
+    __slots__ = ("start", "end", "mergeable", "nid")
+
+    def __init__(self, start: int, end: int, mergeable: bool, nid: int) -> None:
+        self.start = start
+        self.end = end
+        self.mergeable = mergeable
+        self.nid = nid
+
+    def copy(self, start: int | None = None, end: int | None = None) -> Vma:
+        return Vma(self.start if start is None else start,
+                   self.end if end is None else end, self.mergeable, self.nid)
+
+
+class Mm:
+    """``struct mm_struct``: VMAs, the page table and the per-mm KSM counters.
+
+    ``pte`` maps a page address to a pfn (ZERO_PFN = KSM zero PTE); ``pte_addrs`` is
+    the same key set kept sorted, so ksmd can jump over holes (as 6.18's
+    walk_page_range_vma does) without probing every address.
+    """
+
+    def __init__(self, mem: PhysMem, next_addr: int) -> None:
+        self.mem = mem
+        self.vmas: list[Vma] = []  # sorted by start, never overlapping
+        self.pte: dict[int, int] = {}
+        self.pte_addrs: list[int] = []
+        self.next_addr = next_addr
+        self.exiting = False  # mm_users == 0 (ksm_test_exit)
+        # KSM state of the mm
+        self.mmf_vm_mergeable = False
+        self.mmf_vm_merge_any = False
+        self.ksm_slot: MmSlot | None = None  # mm_slots_hash lookup
+        self.ksm_rmap_items = 0
+        self.ksm_merging_pages = 0
+        self.ksm_zero_pages = 0
+
+    # ---- VMAs -------------------------------------------------------------------
+
+    def find_vma_index(self, addr: int) -> int:
+        """Index of the first VMA whose end is above addr (vma_iter_init / find_vma)."""
+        lo, hi = 0, len(self.vmas)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.vmas[mid].end <= addr:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def vma_lookup(self, addr: int) -> Vma | None:
+        i = self.find_vma_index(addr)
+        if i < len(self.vmas) and self.vmas[i].start <= addr:
+            return self.vmas[i]
+        return None
+
+    def range_mapped(self, start: int, end: int) -> bool:
+        """True if every byte of [start, end) lies in some VMA."""
+        addr = start
+        i = self.find_vma_index(addr)
+        while addr < end:
+            if i >= len(self.vmas) or self.vmas[i].start > addr:
+                return False
+            addr = self.vmas[i].end
+            i += 1
+        return True
+
+    def vmas_in(self, start: int, end: int) -> list[Vma]:
+        """The VMAs overlapping [start, end), in address order."""
+        out = []
+        i = self.find_vma_index(start)
+        while i < len(self.vmas) and self.vmas[i].start < end:
+            out.append(self.vmas[i])
+            i += 1
+        return out
+
+    def split_vma(self, vma: Vma, addr: int) -> None:
+        """Split vma at addr (start < addr < end) into two VMAs sharing its flags."""
+        assert vma.start < addr < vma.end
+        i = self.vmas.index(vma)
+        tail = vma.copy(start=addr)
+        vma.end = addr
+        self.vmas.insert(i + 1, tail)
+
+    def isolate(self, start: int, end: int) -> list[Vma]:
+        """Split VMAs at start and end; return the VMAs now exactly covering the
+        mapped parts of [start, end)."""
+        for vma in self.vmas_in(start, end):
+            if vma.start < start < vma.end:
+                self.split_vma(vma, start)
+        for vma in self.vmas_in(start, end):
+            if vma.start < end < vma.end:
+                self.split_vma(vma, end)
+        return self.vmas_in(start, end)
+
+    # ---- page table -------------------------------------------------------------
+
+    def present_in(self, start: int, end: int) -> list[int]:
+        """Addresses in [start, end) with a PTE (frames and KSM zero PTEs), sorted."""
+        lo = bisect.bisect_left(self.pte_addrs, start)
+        hi = bisect.bisect_left(self.pte_addrs, end)
+        return self.pte_addrs[lo:hi]
+
+    def set_pte(self, addr: int, pfn: int) -> None:
+        if addr not in self.pte:
+            bisect.insort(self.pte_addrs, addr)
+        self.pte[addr] = pfn
+
+    def zap_pte(self, addr: int) -> None:
+        """Drop the mapping at addr (ksm_might_unmap_zero_page for a KSM zero PTE)."""
+        pfn = self.pte.pop(addr)
+        i = bisect.bisect_left(self.pte_addrs, addr)
+        del self.pte_addrs[i]
+        self._unmap_pfn(pfn)
+
+    def _unmap_pfn(self, pfn: int) -> None:
+        if pfn == ZERO_PFN:
+            self.ksm_zero_pages -= 1
+            self.mem.ksm_zero_pages -= 1
+        else:
+            self.mem.put_mapping(self.mem.frames[pfn])
+
+    def zap_range(self, start: int, end: int) -> None:
+        lo = bisect.bisect_left(self.pte_addrs, start)
+        hi = bisect.bisect_left(self.pte_addrs, end)
+        for addr in self.pte_addrs[lo:hi]:
+            self._unmap_pfn(self.pte.pop(addr))
+        del self.pte_addrs[lo:hi]
+
+    def frame_at(self, addr: int) -> Frame | None:
+        """The frame mapped at addr, or None (not present, or a KSM zero PTE)."""
+        pfn = self.pte.get(addr)
+        if pfn is None or pfn == ZERO_PFN:
+            return None
+        return self.mem.frames[pfn]
+
+    # ---- faults -----------------------------------------------------------------
+
+    def _replace_with_new_frame(self, addr: int, vma: Vma, copy_from: Frame | None) -> Frame:
+        """wp_page_copy: map a new frame (a copy, or zeroed) at addr instead of what was there."""
+        new = self.mem.alloc(vma.nid)
+        if copy_from is not None:
+            new.data[:] = copy_from.data
+        new.mapcount = 1
+        old = self.pte[addr]
+        self.pte[addr] = new.pfn
+        self._unmap_pfn(old)
+        return new
+
+    def write_fault(self, addr: int, vma: Vma) -> Frame:
+        """Make the page at addr privately writable (MODEL.md's write fault); return it."""
+        pfn = self.pte.get(addr)
+        if pfn is None:
+            frame = self.mem.alloc(vma.nid)
+            frame.mapcount = 1
+            self.set_pte(addr, frame.pfn)
+            return frame
+        if pfn == ZERO_PFN:
+            return self._replace_with_new_frame(addr, vma, None)
+        frame = self.mem.frames[pfn]
+        if frame.ksm or frame.mapcount > 1:
+            # KSM frames are never reused in place; COW-shared ones are copied.
+            return self._replace_with_new_frame(addr, vma, frame)
+        return frame
+
+    def break_ksm(self, vma: Vma, addr: int) -> None:
+        """``break_ksm``: an unshare fault on a KSM frame or KSM zero PTE at addr."""
+        pfn = self.pte.get(addr)
+        if pfn is None:
+            return
+        if pfn == ZERO_PFN:
+            self._replace_with_new_frame(addr, vma, None)
+            return
+        frame = self.mem.frames[pfn]
+        if frame.ksm:
+            self._replace_with_new_frame(addr, vma, frame)
