@@ -21,6 +21,15 @@ static inline uint8_t *page_address(const struct ksm_ctx *c, int64_t pfn)
     return c->chunks[pfn >> c->chunk_shift] + ((size_t)(pfn & mask) << 12);
 }
 
+/* the first 8 bytes as a big-endian number: comparing two of these is memcmp order */
+static inline uint64_t page_prefix(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
 static inline int get_kpfn_nid(const struct ksm_ctx *c, int64_t kpfn)
 {
     return c->merge_across_nodes ? 0 : c->frame_nid[kpfn];
@@ -110,6 +119,7 @@ void ksm_add_frames(struct ksm_ctx *c, int64_t first, int64_t count, int nid)
         c->frame_nid[pfn] = (int16_t)nid;
         c->frame_mapcount[pfn] = 0;
         c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
+        c->frame_csum_valid[pfn] = 0;
         c->frame_next_free[pfn] = c->free_head[nid];
         c->free_head[nid] = (int32_t)pfn;
         c->nr_free[nid]++;
@@ -125,6 +135,7 @@ int32_t ksm_frame_alloc(struct ksm_ctx *c, int nid)
     c->nr_free[nid]--;
     c->frame_mapcount[pfn] = 1;
     c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
+    c->frame_csum_valid[pfn] = 0;
     return pfn;
 }
 
@@ -246,7 +257,9 @@ void ksm_copy_in(struct ksm_ctx *c, int64_t slot, size_t offset, const uint8_t *
         size_t n = KSM_PAGE_SIZE - offset;
         if (n > len)
             n = len;
-        memcpy(page_address(c, c->pte[slot]) + offset, src, n);
+        int32_t p = c->pte[slot];
+        memcpy(page_address(c, p) + offset, src, n);
+        c->frame_csum_valid[p] = 0;
         src += n;
         len -= n;
         offset = 0;
@@ -285,6 +298,7 @@ static int32_t alloc_stable_node(struct ksm_ctx *c)
     }
     struct ksm_stable_node *n = &c->stable[i];
     n->kpfn = NIL;
+    n->prefix = 0;
     n->chain_prune_time = 0;
     n->hlist = NIL;
     n->rmap_hlist_len = 0;
@@ -397,6 +411,7 @@ static int32_t alloc_stable_node_chain(struct ksm_ctx *c, int32_t dup, int32_t *
     ch->chain_prune_time = c->jiffies;
     ch->rmap_hlist_len = KSM_STABLE_NODE_CHAIN;
     ch->nid = c->stable[dup].nid;
+    ch->prefix = c->stable[dup].prefix;
     c->stable_node_chains++;
     /* the chain takes the old node's place in the tree, the node goes under it */
     ksm_rb_replace_node(c->stable_rb, dup, chain, root);
@@ -539,8 +554,11 @@ static void replace_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpa
     put_frame(c, page);
 }
 
-/* kpage NIL: make page itself a KSM page (with no stable node yet) */
-static int try_to_merge_one_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpage)
+/* kpage NIL: make page itself a KSM page (with no stable node yet).
+ * compared: the caller's tree walk has just found page and kpage equal, and nothing can
+ * run in between in the model, so the kernel's pages_identical() would find them equal. */
+static int try_to_merge_one_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpage,
+                                 int compared)
 {
     if (page == kpage) /* a forked KSM page: nothing to do */
         return 0;
@@ -549,7 +567,7 @@ static int try_to_merge_one_page(struct ksm_ctx *c, int64_t s, int32_t page, int
         c->frame_stable[page] = KSM_FRAME_KSM_NULL;
         return 0;
     }
-    if (memcmp_pages(page_address(c, page), page_address(c, kpage)) != 0)
+    if (!compared && memcmp_pages(page_address(c, page), page_address(c, kpage)) != 0)
         return -1;
     replace_page(c, s, page, kpage);
     return 0;
@@ -564,7 +582,7 @@ static int try_to_merge_with_ksm_page(struct ksm_ctx *c, int64_t s, int32_t page
 {
     if (!find_mergeable_vma(c, s))
         return -1;
-    int err = try_to_merge_one_page(c, s, page, kpage);
+    int err = try_to_merge_one_page(c, s, page, kpage, 1);
     if (err)
         return err;
     /* the unstable nid shares storage with the stable anon_vma: leave the tree first */
@@ -577,7 +595,7 @@ static int try_to_merge_with_zero_page(struct ksm_ctx *c, int64_t s, int32_t pag
     if (c->use_zero_pages && c->ri_oldchecksum[s] == c->zero_checksum) {
         if (!find_mergeable_vma(c, s))
             return 0;
-        return try_to_merge_one_page(c, s, page, 0);
+        return try_to_merge_one_page(c, s, page, 0, 0);
     }
     return -1;
 }
@@ -658,6 +676,16 @@ static int64_t stable_node_chain(struct ksm_ctx *c, int32_t *dup_out, int32_t *n
     return tree_folio;
 }
 
+/* memcmp_pages(page, the node's page), deciding on the cached prefix when it can */
+static inline int cmp_stable_node(struct ksm_ctx *c, const uint8_t *page, uint64_t pfx,
+                                  int32_t node, int64_t tree_folio)
+{
+    uint64_t np = c->stable[node].prefix;
+    if (pfx != np)
+        return pfx < np ? -1 : 1;
+    return memcmp_pages(page, page_address(c, tree_folio));
+}
+
 /* Returns the frame to merge with, or NIL */
 static int64_t stable_tree_search(struct ksm_ctx *c, int32_t page)
 {
@@ -669,6 +697,8 @@ static int64_t stable_tree_search(struct ksm_ctx *c, int32_t page)
     int32_t *root = &c->root_stable_tree[nid];
     struct ksm_rbnode *rb = c->stable_rb;
     int32_t parent, *link, node = NIL, dup = NIL;
+    const uint8_t *addr = page_address(c, page);
+    uint64_t pfx = page_prefix(addr);
 
 again:
     parent = NIL;
@@ -678,7 +708,7 @@ again:
         int64_t tree_folio = stable_node_chain(c, &dup, &node, root, 1);
         if (tree_folio == NIL)
             goto again; /* a stale node went and the tree may have rebalanced */
-        int ret = memcmp_pages(page_address(c, page), page_address(c, tree_folio));
+        int ret = cmp_stable_node(c, addr, pfx, node, tree_folio);
         parent = *link;
         if (ret < 0) {
             link = &rb[parent].left;
@@ -755,6 +785,8 @@ static int32_t stable_tree_insert(struct ksm_ctx *c, int32_t kpfn)
     struct ksm_rbnode *rb = c->stable_rb;
     int32_t parent, *link, node = NIL, dup;
     int need_chain = 0;
+    const uint8_t *addr = page_address(c, kpfn);
+    uint64_t pfx = page_prefix(addr);
 
 again:
     parent = NIL;
@@ -764,7 +796,7 @@ again:
         int64_t tree_folio = stable_node_chain(c, &dup, &node, root, 0);
         if (tree_folio == NIL)
             goto again;
-        int ret = memcmp_pages(page_address(c, kpfn), page_address(c, tree_folio));
+        int ret = cmp_stable_node(c, addr, pfx, node, tree_folio);
         parent = *link;
         if (ret < 0) {
             link = &rb[parent].left;
@@ -778,6 +810,7 @@ again:
 
     int32_t new_dup = alloc_stable_node(c);
     c->stable[new_dup].kpfn = kpfn;
+    c->stable[new_dup].prefix = pfx;
     c->stable[new_dup].nid = nid;
     if (!need_chain) {
         ksm_rb_link_node(rb, new_dup, parent, link);
@@ -856,7 +889,14 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
     } else {
         remove_rmap_item_from_tree(c, s);
         /* a page whose checksum changed since the last visit is volatile */
-        uint32_t checksum = calc_checksum(page_address(c, page));
+        uint32_t checksum;
+        if (c->frame_csum_valid[page]) {
+            checksum = c->frame_csum[page]; /* unwritten since last computed */
+        } else {
+            checksum = calc_checksum(page_address(c, page));
+            c->frame_csum[page] = checksum;
+            c->frame_csum_valid[page] = 1;
+        }
         if (c->ri_oldchecksum[s] != checksum) {
             c->ri_oldchecksum[s] = checksum;
             return;
@@ -960,7 +1000,10 @@ void ksm_start_round(struct ksm_ctx *c)
             ksm_get_folio(c, i);
         }
     }
-    for (int nid = 0; nid < c->ksm_nr_node_ids; nid++)
+    /* Every root, not only the ksm_nr_node_ids in use: the kernel leaves the others
+     * alone, and after merge_across_nodes goes 0 -> 1 -> 0 within a round it would walk
+     * a stale tree of freed rmap_items. Resetting all of them is that walk made safe. */
+    for (int nid = 0; nid < KSM_MAX_NUMNODES; nid++)
         c->root_unstable_tree[nid] = NIL;
     c->ucount = 0; /* the unstable tree's nodes are all dropped with it */
 }

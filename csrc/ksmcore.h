@@ -54,6 +54,8 @@ struct ksm_rbnode {
 
 struct ksm_stable_node {
     int64_t kpfn;              /* the KSM page (not for chains) */
+    uint64_t prefix;           /* first 8 bytes of the content, big-endian: KSM pages are
+                                * write-protected, so this orders like memcmp, never stale */
     uint64_t chain_prune_time; /* chains only, in jiffies (ms) */
     int32_t hlist;             /* first rmap_item slot, or for a chain its first dup */
     int32_t rmap_hlist_len;    /* KSM_STABLE_NODE_CHAIN for a chain */
@@ -72,6 +74,8 @@ struct ksm_ctx {
     int32_t *frame_mapcount;
     int32_t *frame_stable;    /* stable node index, or KSM_FRAME_* */
     int32_t *frame_next_free; /* free lists, one per node */
+    uint32_t *frame_csum;     /* calc_checksum() of the frame, while frame_csum_valid */
+    uint8_t *frame_csum_valid; /* cleared by every write: a cache, never a decision */
     int32_t free_head[64];
     int64_t nr_free[64];
 

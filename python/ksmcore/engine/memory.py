@@ -37,6 +37,8 @@ _FRAME_FIELDS = (
     ("frame_mapcount", np.int32),
     ("frame_stable", np.int32),
     ("frame_next_free", np.int32),
+    ("frame_csum", np.uint32),
+    ("frame_csum_valid", np.uint8),
 )
 _MM_FIELDS = ("mm_rmap_items", "mm_merging_pages", "mm_zero_pages")
 

@@ -130,6 +130,9 @@ class Process:
             raise ValueError(f"pages must have shape (n, 4096), not {pages.shape}")
         if addr % PAGE_SIZE:
             raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
+        if not len(pages):
+            self._alive()
+            return
         self.write(addr, np.ascontiguousarray(pages))
 
     def read(self, addr: int, n: int) -> bytes:

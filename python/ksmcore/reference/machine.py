@@ -53,8 +53,6 @@ class Process:
         """addr/length of a read or write: any offset, must lie in VMAs."""
         if not isinstance(addr, int) or not isinstance(length, int):
             raise TypeError("addresses and lengths are ints")
-        if length <= 0:
-            raise ksm_error(errno.EINVAL, "zero length")
         if addr < 0 or not mm.range_mapped(addr, addr + length):
             raise ksm_error(errno.EFAULT, f"{addr:#x}+{length:#x} is not mapped")
 
@@ -97,6 +95,8 @@ class Process:
         """Write bytes at any offset: a write fault per page, in address order."""
         mm = self._live()
         buf = memoryview(data).cast("B")
+        if len(buf) == 0:
+            return  # nothing to write: no fault, no check
         self._check_range(mm, addr, len(buf))
         pos = 0
         while pos < len(buf):
@@ -111,15 +111,21 @@ class Process:
             pos += n
 
     def fill(self, addr: int, pages: np.ndarray) -> None:
-        """Write n whole pages, given as a C-contiguous uint8 array of shape (n, 4096)."""
+        """Write n whole pages from a page-aligned addr, given as a uint8 array (n, 4096)."""
+        if not isinstance(pages, np.ndarray) or pages.dtype != np.uint8:
+            raise ValueError("fill takes a numpy uint8 array of shape (n, 4096)")
+        if pages.ndim != 2 or pages.shape[1] != PAGE_SIZE:
+            raise ValueError(f"fill takes an array of shape (n, 4096), not {pages.shape}")
+        if not isinstance(addr, int):
+            raise TypeError("addresses are ints")
+        if addr % PAGE_SIZE:
+            raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
         mm = self._live()
-        if not isinstance(pages, np.ndarray):
-            raise ValueError("fill takes a numpy array")
-        if (pages.dtype != np.uint8 or pages.ndim != 2 or pages.shape[1] != PAGE_SIZE
-                or not pages.flags["C_CONTIGUOUS"]):
-            raise ValueError("fill takes a C-contiguous uint8 array of shape (n, 4096)")
-        start, end = self._page_range(addr, pages.shape[0] * PAGE_SIZE)
-        if not mm.range_mapped(start, end):
+        if pages.shape[0] == 0:
+            return  # like an empty write
+        pages = np.ascontiguousarray(pages)
+        start, end = addr, addr + pages.shape[0] * PAGE_SIZE
+        if addr < 0 or not mm.range_mapped(start, end):
             raise ksm_error(errno.EFAULT, f"{start:#x}-{end:#x} is not mapped")
         vma = None
         for i in range(pages.shape[0]):
@@ -133,6 +139,12 @@ class Process:
     def read(self, addr: int, n: int) -> bytes:
         """Read n bytes; non-present pages (and KSM zero pages) read as zeros."""
         mm = self._live()
+        if not isinstance(n, int):
+            raise TypeError("lengths are ints")
+        if n < 0:
+            raise ksm_error(errno.EINVAL, "negative length")
+        if n == 0:
+            return b""
         self._check_range(mm, addr, n)
         out = bytearray(n)
         pos = 0
@@ -248,6 +260,8 @@ class KsmSysfs:
         raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
 
     def __setattr__(self, name: str, value: object) -> None:
+        if name not in KNOB_DEFAULTS and name not in COUNTERS:
+            raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
         self._ksm.store(name, knob_text(value))
 
     def __dir__(self) -> list[str]:
@@ -270,15 +284,19 @@ class KsmSysfs:
         """Run ksmd batches of pages_to_scan until full_scans more full scans ended."""
         ksm = self._ksm
         target = ksm.ksm_scan.seqnr + full_scans
+        self._check_ksmd()
         while ksm.ksm_scan.seqnr < target:
-            if ksm.ksm_run != 1:
-                raise KsmdNotRunning(f"run is {ksm.ksm_run}, not 1")
-            if ksm.mm_list_empty():
-                raise KsmdNotRunning("no mm is registered with KSM")
-            pages = int(ksm.knobs["pages_to_scan"])
-            if pages == 0:
-                raise KsmdNotRunning("pages_to_scan is 0")
-            ksm.ksm_do_scan(pages)
+            self._check_ksmd()  # a batch may have dropped the last mm_slot
+            ksm.ksm_do_scan(int(ksm.knobs["pages_to_scan"]))
+
+    def _check_ksmd(self) -> None:
+        ksm = self._ksm
+        if ksm.ksm_run != 1:
+            raise KsmdNotRunning(f"run is {ksm.ksm_run}, not 1")
+        if ksm.mm_list_empty():
+            raise KsmdNotRunning("no mm is registered with KSM")
+        if int(ksm.knobs["pages_to_scan"]) == 0:
+            raise KsmdNotRunning("pages_to_scan is 0")
 
     def stats(self) -> dict[str, int | str]:
         return {name: self._ksm.value(name) for name in SYSFS_FILES}
