@@ -120,6 +120,7 @@ void ksm_add_frames(struct ksm_ctx *c, int64_t first, int64_t count, int nid)
         c->frame_mapcount[pfn] = 0;
         c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
         c->frame_csum_valid[pfn] = 0;
+        c->frame_flags[pfn] = 0;
         c->frame_next_free[pfn] = c->free_head[nid];
         c->free_head[nid] = (int32_t)pfn;
         c->nr_free[nid]++;
@@ -139,6 +140,21 @@ int32_t ksm_frame_alloc(struct ksm_ctx *c, int nid)
     return pfn;
 }
 
+/* Frames [first_frame, first_frame + n) hold a memory image: map them at slots
+ * [slot, slot + n), once each. They are read until written, and never reused. */
+void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t n, int nid)
+{
+    for (int64_t i = 0; i < n; i++) {
+        int64_t pfn = first_frame + i;
+        c->frame_nid[pfn] = (int16_t)nid;
+        c->frame_mapcount[pfn] = 1;
+        c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
+        c->frame_csum_valid[pfn] = 0;
+        c->frame_flags[pfn] = KSM_FRAME_IMAGE;
+        c->pte[slot + i] = (int32_t)pfn;
+    }
+}
+
 /* drop one mapping; the frame is freed with its last one, and a freed KSM
  * frame no longer names its stable node, which is how the node goes stale */
 static void put_frame(struct ksm_ctx *c, int32_t pfn)
@@ -147,6 +163,8 @@ static void put_frame(struct ksm_ctx *c, int32_t pfn)
         return;
     int nid = c->frame_nid[pfn];
     c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
+    if (c->frame_flags[pfn] & KSM_FRAME_IMAGE)
+        return; /* the image's memory is not ours to hand out */
     c->frame_next_free[pfn] = c->free_head[nid];
     c->free_head[nid] = pfn;
     c->nr_free[nid]++;
@@ -173,7 +191,8 @@ int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid,
     for (int64_t s = lo; s < hi; s++) {
         int32_t p = c->pte[s];
         int whole = s >= full_lo && s < full_hi;
-        if (p >= 0 && !frame_is_ksm(c, p) && c->frame_mapcount[p] == 1)
+        if (p >= 0 && !frame_is_ksm(c, p) && c->frame_mapcount[p] == 1 &&
+            !(c->frame_flags[p] & KSM_FRAME_IMAGE))
             continue; /* exclusive anonymous page: written in place */
         used++;
         if (dry_run)

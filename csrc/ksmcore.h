@@ -30,6 +30,9 @@
 #define KSM_FRAME_NOT_KSM -1
 #define KSM_FRAME_KSM_NULL -2 /* KSM folio whose stable node is NULL (merge under way) */
 
+/* frame_flags[] */
+#define KSM_FRAME_IMAGE 1 /* backed by a read-only memory image: copied on write, never freed */
+
 /* vflags[] */
 #define KSM_VMA_MERGEABLE 1
 
@@ -74,6 +77,7 @@ struct ksm_ctx {
     int32_t *frame_mapcount;
     int32_t *frame_stable;    /* stable node index, or KSM_FRAME_* */
     int32_t *frame_next_free; /* free lists, one per node */
+    uint8_t *frame_flags;     /* KSM_FRAME_IMAGE */
     uint32_t *frame_csum;     /* calc_checksum() of the frame, while frame_csum_valid */
     uint8_t *frame_csum_valid; /* cleared by every write: a cache, never a decision */
     int32_t free_head[64];
@@ -150,6 +154,7 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable);
 /* frames */
 void ksm_add_frames(struct ksm_ctx *c, int64_t first, int64_t count, int nid);
 int32_t ksm_frame_alloc(struct ksm_ctx *c, int nid);
+void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t n, int nid);
 
 /* faults and mapping changes, over slot ranges [lo, hi) of one mm.
  * Each returns how many new frames it needs, or did use; with dry_run it only counts. */

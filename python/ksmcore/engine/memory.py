@@ -37,6 +37,7 @@ _FRAME_FIELDS = (
     ("frame_mapcount", np.int32),
     ("frame_stable", np.int32),
     ("frame_next_free", np.int32),
+    ("frame_flags", np.uint8),
     ("frame_csum", np.uint32),
     ("frame_csum_valid", np.uint8),
 )
@@ -87,8 +88,30 @@ class Memory:
     # ---- frames
 
     def _add_chunk(self, nid: int, reserve_zero: bool = False) -> None:
+        self._append_chunk(np.empty((CHUNK_PAGES, 4096), dtype=np.uint8))
+        first = (len(self.chunks) - 1) * CHUNK_PAGES
+        if reserve_zero:
+            self.chunks[0][0] = 0
+            self.frames["frame_nid"][0] = 0
+            self.frames["frame_stable"][0] = lib.KSM_FRAME_NOT_KSM
+            lib.ksm_add_frames(self.ctx, first + 1, CHUNK_PAGES - 1, nid)
+        else:
+            lib.ksm_add_frames(self.ctx, first, CHUNK_PAGES, nid)
+
+    def add_image(self, image: np.ndarray) -> int:
+        """Frames that read a (n, 4096) uint8 image in place; returns the first pfn.
+
+        The image is never written: the C core copies an image frame on write and
+        never puts one on a free list.
+        """
+        base = ffi.cast("uint8_t *", ffi.from_buffer(image, require_writable=False))
+        first = len(self.chunks) * CHUNK_PAGES
+        for k in range(0, len(image), CHUNK_PAGES):
+            self._append_chunk(image[k : k + CHUNK_PAGES], base + k * 4096)
+        return first
+
+    def _append_chunk(self, chunk: np.ndarray, address: Any = None) -> None:
         index = len(self.chunks)
-        chunk = np.empty((CHUNK_PAGES, 4096), dtype=np.uint8)
         self.chunks.append(chunk)
         if len(self.chunks) > len(self._chunk_ptrs):
             ptrs = ffi.new("uint8_t *[]", 2 * len(self._chunk_ptrs))
@@ -96,23 +119,19 @@ class Memory:
                 ptrs[i] = self._chunk_ptrs[i]
             self._chunk_ptrs = ptrs
             self.ctx.chunks = ptrs
-        self._chunk_ptrs[index] = ffi.cast("uint8_t *", ffi.from_buffer(chunk))
+        if address is None:
+            address = ffi.cast("uint8_t *", ffi.from_buffer(chunk))
+        self._chunk_ptrs[index] = address
         need = len(self.chunks) * CHUNK_PAGES
         if need > len(self.frames["frame_nid"]):
             cap = max(need, 2 * len(self.frames["frame_nid"]))
             for name, arr in self.frames.items():
-                grown = np.zeros(cap, dtype=arr.dtype)
+                # frames not (yet) in use: not KSM, on no free list
+                grown = np.full(cap, -1 if name in ("frame_stable", "frame_next_free") else 0,
+                                dtype=arr.dtype)
                 grown[: len(arr)] = arr
                 self.frames[name] = grown
         self._refresh()
-        first = index * CHUNK_PAGES
-        if reserve_zero:
-            chunk[0] = 0
-            self.frames["frame_nid"][0] = 0
-            self.frames["frame_stable"][0] = lib.KSM_FRAME_NOT_KSM
-            lib.ksm_add_frames(self.ctx, first + 1, CHUNK_PAGES - 1, nid)
-        else:
-            lib.ksm_add_frames(self.ctx, first, CHUNK_PAGES, nid)
 
     def ensure_free(self, nid: int, count: int) -> None:
         """Make sure node ``nid`` has ``count`` free frames (memory grows, never fails)."""

@@ -11,6 +11,7 @@ import numpy as np
 from .._native import ffi, lib
 from ..constants import MADV_MERGEABLE, MADV_UNMERGEABLE, MMAP_BASE, PAGE_SHIFT, PAGE_SIZE
 from ..errors import ksm_error
+from ..images import open_image
 from .vma import Region
 
 if TYPE_CHECKING:
@@ -100,6 +101,22 @@ class Process:
         if self.merge_any:
             self.vmas[-1].mergeable = True
             self.machine.mem.slots["vflags"][base : base + npages] |= lib.KSM_VMA_MERGEABLE
+        return addr
+
+    def mmap_image(self, source: Any, node: int | None = None) -> int:
+        """Map a memory image (a path, or a uint8 numpy array such as np.memmap) as
+        private anonymous memory, without copying it: frames read the image until a
+        write copies them, and the image itself is never modified."""
+        self._alive()
+        if node is not None and not 0 <= node < self.machine.nodes:
+            raise ksm_error(errno.EINVAL, f"no NUMA node {node}")
+        image = open_image(source)
+        n = len(image)
+        m = self.machine
+        addr = self.mmap(n, node=node)
+        v = self.vmas[-1]
+        first = m.mem.add_image(image)
+        lib.ksm_map_image(m.ctx, v.slot_base, first, n, self._nid(v))
         return addr
 
     def write(self, addr: int, data: Any) -> None:

@@ -23,6 +23,7 @@ from ..constants import (
     ZERO_PFN,
 )
 from ..errors import KsmdNotRunning, ksm_error
+from ..images import open_image
 from ..knobs import format_sysfs, knob_text
 from .invariants import check_invariants
 from .ksm import Ksm
@@ -82,6 +83,18 @@ class Process:
         addr = mm.next_addr
         mm.next_addr += (npages + 1) * PAGE_SIZE  # one guard page: VMAs never touch
         mm.vmas.append(Vma(addr, addr + npages * PAGE_SIZE, False, nid))
+        return addr
+
+    def mmap_image(self, source: Any, node: int | None = None) -> int:
+        """Map a memory image (a path or a uint8 numpy array) as private anonymous memory.
+        The reference copies it into its frames; the engine reads it in place. Either way
+        each page is present with the image's contents, and the image is never written."""
+        self._live()
+        if node is not None and (not isinstance(node, int) or not 0 <= node < self._machine.nodes):
+            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
+        image = open_image(source)
+        addr = self.mmap(len(image), node=node)
+        self.fill(addr, np.asarray(image))
         return addr
 
     def munmap(self, addr: int, length: int) -> None:
