@@ -184,7 +184,8 @@ static void ksm_unmap_zero_page(struct ksm_ctx *c, int64_t slot)
 
 /* A write to [lo, hi): the faults do_anonymous_page() and do_wp_page() take.
  * Pages in [full_lo, full_hi) are overwritten whole, so need no zeroing or copy. */
-int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid,
+/* nids, when given, is the node for each page (an interleave policy), else nid */
+int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, const int16_t *nids,
                         int64_t full_lo, int64_t full_hi, int dry_run)
 {
     int64_t used = 0;
@@ -197,7 +198,7 @@ int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid,
         used++;
         if (dry_run)
             continue;
-        int32_t n = ksm_frame_alloc(c, nid);
+        int32_t n = ksm_frame_alloc(c, nids ? nids[s - lo] : nid);
         if (p == KSM_PTE_NONE || p == KSM_PTE_ZERO) {
             if (!whole)
                 memset(page_address(c, n), 0, KSM_PAGE_SIZE);
@@ -217,7 +218,8 @@ int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid,
 }
 
 /* break_ksm() over [lo, hi): unshare every KSM page and KSM zero page */
-int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, int dry_run)
+int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, const int16_t *nids,
+                      int dry_run)
 {
     int64_t used = 0;
     for (int64_t s = lo; s < hi; s++) {
@@ -227,7 +229,7 @@ int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, int dr
         used++;
         if (dry_run)
             continue;
-        int32_t n = ksm_frame_alloc(c, nid);
+        int32_t n = ksm_frame_alloc(c, nids ? nids[s - lo] : nid);
         if (p == KSM_PTE_ZERO) {
             memset(page_address(c, n), 0, KSM_PAGE_SIZE);
             ksm_unmap_zero_page(c, s);
@@ -238,6 +240,40 @@ int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, int dr
         c->pte[s] = n;
     }
     return used;
+}
+
+/* The migration core (migrate_pages): contents move to the new frame and every PTE
+ * follows. For a KSM page, folio_migrate_ksm(): the stable node's kpfn follows too,
+ * its nid does not, so it may now sit in the wrong node's tree. */
+void ksm_migrate_frames(struct ksm_ctx *c, const int32_t *old, const int32_t *new_frames,
+                        int64_t n, int32_t *remap)
+{
+    for (int64_t i = 0; i < n; i++) {
+        int32_t o = old[i], w = new_frames[i];
+        memcpy(page_address(c, w), page_address(c, o), KSM_PAGE_SIZE);
+        c->frame_mapcount[w] = c->frame_mapcount[o];
+        c->frame_csum[w] = c->frame_csum[o];
+        c->frame_csum_valid[w] = c->frame_csum_valid[o];
+        int32_t node = c->frame_stable[o];
+        c->frame_stable[w] = node;
+        if (node >= 0) {
+            c->stable[node].kpfn = w;
+            c->stable[node].migrated = 1;
+        }
+        remap[o] = w;
+    }
+    for (int64_t s = 0; s < c->nr_slots; s++) {
+        int32_t p = c->pte[s];
+        if (p > 0 && remap[p] >= 0)
+            c->pte[s] = remap[p];
+    }
+    for (int64_t i = 0; i < n; i++) {
+        int32_t o = old[i];
+        remap[o] = -1;
+        c->frame_stable[o] = KSM_FRAME_NOT_KSM; /* the old folio's mapping is cleared */
+        c->frame_mapcount[o] = 1;
+        put_frame(c, o);
+    }
 }
 
 void ksm_zap_range(struct ksm_ctx *c, int64_t lo, int64_t hi)
@@ -325,6 +361,7 @@ static int32_t alloc_stable_node(struct ksm_ctx *c)
     n->chain = NIL;
     n->next = n->prev = NIL;
     n->nid = 0;
+    n->migrated = 0;
     c->stable_rb[i].left = c->stable_rb[i].right = c->stable_rb[i].parent = NIL;
     c->stable_rb[i].color = 0;
     return i;
@@ -751,6 +788,7 @@ again:
     /* a migrated KSM page with no equal content here: place it in this tree */
     migrate_list_del(c, page_node);
     c->stable[page_node].nid = nid;
+    c->stable[page_node].migrated = 0;
     c->stable[page_node].head = KSM_HEAD_TREE;
     ksm_rb_link_node(rb, page_node, parent, link);
     ksm_rb_insert_color(rb, page_node, root);
@@ -765,6 +803,7 @@ replace: {
         if (page_node != NIL) {
             migrate_list_del(c, page_node);
             c->stable[page_node].nid = nid;
+            c->stable[page_node].migrated = 0;
             c->stable[page_node].head = KSM_HEAD_TREE;
             ksm_rb_replace_node(rb, dup, page_node, root);
             result = is_page_sharing_candidate(c, page_node) ? page : NIL;
@@ -777,6 +816,7 @@ replace: {
         if (page_node != NIL) {
             migrate_list_del(c, page_node);
             c->stable[page_node].nid = nid;
+            c->stable[page_node].migrated = 0;
             stable_node_chain_add_dup(c, page_node, node);
             result = is_page_sharing_candidate(c, page_node) ? page : NIL;
         } else {
@@ -793,6 +833,7 @@ chain_append:
         node = alloc_stable_node_chain(c, dup, root);
     migrate_list_del(c, page_node);
     c->stable[page_node].nid = nid;
+    c->stable[page_node].migrated = 0;
     stable_node_chain_add_dup(c, page_node, node);
     goto out;
 }

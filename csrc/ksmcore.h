@@ -66,6 +66,8 @@ struct ksm_stable_node {
     int32_t chain;             /* for a dup: its chain */
     int32_t next, prev;        /* dup: chain hlist; migrate: migrate_nodes; free: free list */
     int32_t nid;
+    int32_t migrated;          /* for the invariant checker only: the page moved since
+                                * ksmd last placed the node (nid may be stale) */
 };
 
 struct ksm_ctx {
@@ -158,9 +160,14 @@ void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t
 
 /* faults and mapping changes, over slot ranges [lo, hi) of one mm.
  * Each returns how many new frames it needs, or did use; with dry_run it only counts. */
-int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid,
+int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, const int16_t *nids,
                         int64_t full_lo, int64_t full_hi, int dry_run);
-int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, int dry_run);
+int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, const int16_t *nids,
+                      int dry_run);
+/* migration: frame old[i] moves to the (allocated) frame new[i]; remap is scratch of
+ * nr_frames entries, all -1, left so */
+void ksm_migrate_frames(struct ksm_ctx *c, const int32_t *old, const int32_t *new_frames,
+                        int64_t n, int32_t *remap);
 void ksm_zap_range(struct ksm_ctx *c, int64_t lo, int64_t hi);
 void ksm_fork_range(struct ksm_ctx *c, int64_t src, int64_t dst, int64_t n, int32_t child_mm);
 void ksm_copy_in(struct ksm_ctx *c, int64_t slot, size_t offset, const uint8_t *src, size_t len);

@@ -103,3 +103,11 @@ KSM_STAT_FIELDS = (
 )
 
 FIRST_PID = 1000
+
+# set_mempolicy(2) modes and move_pages(2) flags (include/uapi/linux/mempolicy.h)
+MPOL_DEFAULT = 0
+MPOL_PREFERRED = 1
+MPOL_BIND = 2
+MPOL_INTERLEAVE = 3
+MPOL_MF_MOVE = 1 << 1
+MPOL_MF_MOVE_ALL = 1 << 2

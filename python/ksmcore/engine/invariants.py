@@ -97,6 +97,11 @@ def check_invariants(m: Machine) -> None:
             _check(node in seen_in_tree, f"stable node {node} says tree but is not in one")
         else:
             _check(node in migrate, f"stable node {node} says migrate but is not listed")
+        if (not c.merge_across_nodes and sn.head != lib.KSM_HEAD_MIGRATE and valid(node)
+                and not sn.migrated):
+            # only a migration ksmd has not met yet leaves a page in another node's tree
+            _check(frames["frame_nid"][sn.kpfn] == sn.nid,
+                   f"KSM page {sn.kpfn} on node {frames['frame_nid'][sn.kpfn]} is in tree {sn.nid}")
         count = 0
         s = sn.hlist
         while s != NIL:

@@ -143,6 +143,59 @@ class Ksm:
         }
         return {name: (k[name] if name in k else counters[name]) for name in SYSFS_FILES}
 
+    # ---- introspection
+
+    def stable_nodes(self) -> list[dict[str, Any]]:
+        """Every stable node naming a live KSM page: trees by nid in order, then
+        migrate_nodes; dups carry the kpfns of their chain's live dups."""
+        c = self._m.ctx
+        st = c.stable
+        fs = self._m.mem.frames["frame_stable"]
+
+        def live(i: int) -> bool:
+            return bool(fs[st[i].kpfn] == i)
+
+        def entry(i: int, where: str) -> dict[str, Any]:
+            return {"kpfn": int(st[i].kpfn), "nid": int(st[i].nid), "where": where,
+                    "rmap_hlist_len": int(st[i].rmap_hlist_len)}
+
+        out: list[dict[str, Any]] = []
+        for nid in range(self._m.nodes):
+            node = lib.ksm_rb_first(c.stable_rb, c.root_stable_tree[nid])
+            while node != lib.KSM_NIL:
+                if st[node].rmap_hlist_len == lib.KSM_STABLE_NODE_CHAIN:
+                    dups = []
+                    d = st[node].hlist
+                    while d != lib.KSM_NIL:
+                        if live(d):
+                            dups.append(d)
+                        d = st[d].next
+                    kpfns = [int(st[d].kpfn) for d in dups]
+                    out += [dict(entry(d, "dup"), chain=kpfns) for d in dups]
+                elif live(node):
+                    out.append(entry(node, "tree"))
+                node = lib.ksm_rb_next(c.stable_rb, node)
+        node = c.migrate_nodes
+        while node != lib.KSM_NIL:
+            if live(node):
+                out.append(entry(node, "migrate"))
+            node = st[node].next
+        return out
+
+    def node_stats(self) -> dict[int, dict[str, int]]:
+        """pages_shared and pages_sharing by the node the KSM page is on (numastat)."""
+        c = self._m.ctx
+        nid_of = self._m.mem.frames["frame_nid"]
+        out = {n: {"pages_shared": 0, "pages_sharing": 0} for n in range(self._m.nodes)}
+        for i in range(c.stable_used):
+            sn = c.stable[i]
+            if sn.head == lib.KSM_HEAD_FREE or sn.rmap_hlist_len <= 0:
+                continue  # free, a chain head, or no rmap_items: not counted
+            n = out[int(nid_of[sn.kpfn])]
+            n["pages_shared"] += 1
+            n["pages_sharing"] += sn.rmap_hlist_len - 1
+        return out
+
     # ---- the mm_slot list (__ksm_enter, __ksm_exit)
 
     def _index(self, slot: _MmSlot) -> int:

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import bisect
 import errno
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._native import ffi, lib
-from ..constants import MADV_MERGEABLE, MADV_UNMERGEABLE, MMAP_BASE, PAGE_SHIFT, PAGE_SIZE
+from ..constants import (
+    MADV_MERGEABLE,
+    MADV_UNMERGEABLE,
+    MMAP_BASE,
+    MPOL_DEFAULT,
+    MPOL_INTERLEAVE,
+    MPOL_MF_MOVE,
+    MPOL_MF_MOVE_ALL,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
 from ..errors import ksm_error
 from ..images import open_image
+from ..numa import check_policy, policy_node
 from .vma import Region
 
 if TYPE_CHECKING:
@@ -29,9 +41,11 @@ def _page_range(addr: int, length: int) -> tuple[int, int]:
 class Process:
     """One process (mm) of a :class:`Machine`."""
 
-    def __init__(self, machine: Machine, pid: int) -> None:
+    def __init__(self, machine: Machine, pid: int, node: int = 0) -> None:
         self.machine = machine
         self.pid = pid
+        self.node = node  # the home node, where MPOL_DEFAULT allocates
+        self.mempolicy: tuple[int, tuple[int, ...]] = (MPOL_DEFAULT, ())
         self.mm_id = machine.mem.new_mm()
         self.vmas: list[Region] = []  # live VMAs, by address
         self.dead: list[Region] = []  # unmapped ranges that may still hold rmap_items
@@ -74,16 +88,37 @@ class Process:
         """Live and dead regions by address: the places where rmap_items can be."""
         return sorted(self.vmas + self.dead, key=lambda r: r.start)
 
-    def _nid(self, v: Region) -> int:
-        return v.node if v.node is not None else 0
+    def _nid(self, v: Region, addr: int | None = None) -> int:
+        """The node a fault at addr in v allocates on: the VMA's binding, else the policy."""
+        if v.node is not None:
+            return v.node
+        mode, nodes = self.mempolicy
+        m = self.machine
+        return policy_node(mode, nodes, self.node, m.distances, v.start if addr is None else addr)
+
+    def _nids(self, v: Region, lo: int, hi: int) -> tuple[int, Any, set[int]]:
+        """The node for slots [lo, hi): one nid, or (interleave) an int16 array of them."""
+        if v.node is None and self.mempolicy[0] == MPOL_INTERLEAVE:
+            nodes = self.mempolicy[1]
+            vpn = (v.start >> PAGE_SHIFT) + np.arange(lo - v.slot_base, hi - v.slot_base)
+            arr = np.asarray(nodes, dtype=np.int16)[vpn % len(nodes)]
+            return 0, arr, set(nodes)
+        nid = self._nid(v)
+        return nid, None, {nid}
 
     def _fault(self, v: Region, lo: int, hi: int, full_lo: int, full_hi: int) -> None:
+        self._allocating(lib.ksm_write_fault, v, lo, hi, full_lo, full_hi)
+
+    def _allocating(self, fn: Any, v: Region, lo: int, hi: int, *args: int) -> None:
+        """Run a C fault over [lo, hi) that allocates: count, provide frames, then do it."""
         m = self.machine
-        nid = self._nid(v)
-        need = lib.ksm_write_fault(m.ctx, lo, hi, nid, full_lo, full_hi, 1)
+        nid, arr, nodes = self._nids(v, lo, hi)
+        nids = ffi.NULL if arr is None else ffi.cast("int16_t *", ffi.from_buffer(arr))
+        need = fn(m.ctx, lo, hi, nid, nids, *args, 1)
         if need:
-            m.mem.ensure_free(nid, need)
-            lib.ksm_write_fault(m.ctx, lo, hi, nid, full_lo, full_hi, 0)
+            for n in nodes:
+                m.mem.ensure_free(n, need)
+            fn(m.ctx, lo, hi, nid, nids, *args, 0)
 
     # ---- the API
 
@@ -207,12 +242,7 @@ class Process:
                 vflags[s_lo:s_hi] &= ~np.uint8(lib.KSM_VMA_MERGEABLE)
 
     def _break_ksm(self, v: Region, lo: int, hi: int) -> None:
-        m = self.machine
-        nid = self._nid(v)
-        need = lib.ksm_break_ksm(m.ctx, lo, hi, nid, 1)
-        if need:
-            m.mem.ensure_free(nid, need)
-            lib.ksm_break_ksm(m.ctx, lo, hi, nid, 0)
+        self._allocating(lib.ksm_break_ksm, v, lo, hi)
 
     def unmerge_all(self) -> None:
         """unmerge_ksm_pages() over every VM_MERGEABLE VMA (run=2)."""
@@ -240,7 +270,7 @@ class Process:
     def fork(self) -> Process:
         self._alive()
         m = self.machine
-        child = m._new_process()
+        child = m._new_process(self.node)
         for v in self.vmas:
             n = (v.end - v.start) >> PAGE_SHIFT
             base = m.mem.alloc_slots(n, child.mm_id)
@@ -248,6 +278,7 @@ class Process:
             child.vmas.append(Region(v.start, v.end, base, v.mergeable, True, v.node))
         child.next_addr = self.next_addr
         child.merge_any = self.merge_any
+        child.mempolicy = self.mempolicy
         if self.ksm_registered:
             m.ksm._ksm_enter(child)
         return child
@@ -264,6 +295,53 @@ class Process:
             self.dead.append(v)
         self.vmas = []
         self.exited = True
+
+    # ---- NUMA
+
+    def set_mempolicy(self, mode: int, nodes: Sequence[int] = ()) -> None:
+        """set_mempolicy(2): where later faults outside node-bound VMAs allocate."""
+        self._alive()
+        self.mempolicy = (mode, check_policy(self.machine.nodes, mode, nodes))
+
+    def get_mempolicy(self) -> tuple[int, tuple[int, ...]]:
+        self._alive()
+        return self.mempolicy
+
+    def move_pages(self, addr: int, npages: int, node: int,
+                   flags: int = MPOL_MF_MOVE) -> list[int]:
+        """move_pages(2) of npages pages from addr to node: the per-page status."""
+        self._alive()
+        m = self.machine
+        if flags & ~(MPOL_MF_MOVE | MPOL_MF_MOVE_ALL) or not flags:
+            raise ksm_error(errno.EINVAL, f"bad move_pages flags {flags:#x}")
+        if not 0 <= node < m.nodes:
+            raise ksm_error(errno.EINVAL, f"no NUMA node {node}")
+        if addr % PAGE_SIZE or npages < 0:
+            raise ksm_error(errno.EINVAL, "move_pages takes a page-aligned address")
+        pte = m.mem.slots["pte"]
+        frames = m.mem.frames
+        status: list[int] = []
+        moving: dict[int, list[int]] = {}  # old pfn -> indices in status
+        for i in range(npages):
+            a = addr + i * PAGE_SIZE
+            v = next((v for v in self.vmas if v.start <= a < v.end), None)
+            if v is None:
+                status.append(-errno.EFAULT)
+                continue
+            p = int(pte[v.slot(a)])
+            if p == lib.KSM_PTE_NONE:
+                status.append(-errno.ENOENT)
+            elif p == lib.KSM_PTE_ZERO:
+                status.append(-errno.EFAULT)
+            elif frames["frame_nid"][p] == node:
+                status.append(node)
+            elif frames["frame_mapcount"][p] > 1 and not flags & MPOL_MF_MOVE_ALL:
+                status.append(-errno.EACCES)
+            else:
+                moving.setdefault(p, []).append(i)
+                status.append(node)
+        m._migrate(list(moving), node)
+        return status
 
     def ksm_stat(self) -> dict[str, int | bool]:
         self._alive()

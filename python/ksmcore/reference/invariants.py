@@ -62,6 +62,13 @@ def _check_stable_trees(ksm: Ksm, mem: PhysMem) -> list[StableNode]:
         nodes.append(node)
     if len({id(n) for n in nodes}) != len(nodes):
         _fail("a stable node is in two places")
+    if not ksm.ksm_merge_across_nodes:
+        for node in nodes:
+            frame = _live_frame(mem, node)
+            # only a migration ksmd has not met yet leaves a page in another node's tree
+            if (node.head != HEAD_MIGRATE and frame is not None and not node.migrated
+                    and frame.nid != node.nid):
+                _fail(f"KSM page {node.kpfn} on node {frame.nid} is in tree {node.nid}")
     return nodes
 
 

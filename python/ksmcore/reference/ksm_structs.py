@@ -31,7 +31,7 @@ class StableNode(RbNode):
 
     __slots__ = (
         "head", "hlist_first", "dups", "chain", "kpfn", "chain_prune_time",
-        "rmap_hlist_len", "nid",
+        "rmap_hlist_len", "nid", "migrated",
     )
 
     def __init__(self) -> None:
@@ -44,6 +44,8 @@ class StableNode(RbNode):
         self.chain_prune_time = 0
         self.rmap_hlist_len = 0
         self.nid = 0
+        # for check_invariants only: the page migrated since ksmd last placed the node
+        self.migrated = False
 
     def is_chain(self) -> bool:
         """is_stable_node_chain()."""

@@ -6,6 +6,7 @@ Every call validates the whole request before it changes anything (docs/MODEL.md
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ from ..constants import (
     MADV_MERGEABLE,
     MADV_UNMERGEABLE,
     MMAP_BASE,
+    MPOL_MF_MOVE,
+    MPOL_MF_MOVE_ALL,
     PAGE_SIZE,
     SIZEOF_RMAP_ITEM,
     SYSFS_FILES,
@@ -25,6 +28,7 @@ from ..constants import (
 from ..errors import KsmdNotRunning, ksm_error
 from ..images import open_image
 from ..knobs import format_sysfs, knob_text
+from ..numa import check_distances, check_policy
 from .invariants import check_invariants
 from .ksm import Ksm
 from .mm import PAGE_MASK, Mm, PhysMem, Vma
@@ -77,12 +81,11 @@ class Process:
             raise TypeError("npages is an int")
         if npages <= 0:
             raise ksm_error(errno.EINVAL, "mmap of zero pages")
-        nid = 0 if node is None else node
-        if not isinstance(nid, int) or not 0 <= nid < self._machine.nodes:
+        if node is not None and (not isinstance(node, int) or not 0 <= node < self._machine.nodes):
             raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
         addr = mm.next_addr
         mm.next_addr += (npages + 1) * PAGE_SIZE  # one guard page: VMAs never touch
-        mm.vmas.append(Vma(addr, addr + npages * PAGE_SIZE, False, nid))
+        mm.vmas.append(Vma(addr, addr + npages * PAGE_SIZE, False, node))
         return addr
 
     def mmap_image(self, source: Any, node: int | None = None) -> int:
@@ -94,7 +97,11 @@ class Process:
             raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
         image = open_image(source)
         addr = self.mmap(len(image), node=node)
-        self.fill(addr, np.asarray(image))
+        vma = self.mm.vmas[-1]
+        nid = self.mm.fault_nid(vma, addr)  # the whole image lies on one node
+        for i in range(len(image)):
+            frame = self.mm.write_fault(addr + i * PAGE_SIZE, vma, nid)
+            frame.data[:] = image[i].data
         return addr
 
     def munmap(self, addr: int, length: int) -> None:
@@ -215,6 +222,8 @@ class Process:
         child_mm.ksm_zero_pages = zero
         machine._mem.ksm_zero_pages += zero
         child_mm.mmf_vm_merge_any = mm.mmf_vm_merge_any
+        child_mm.node = mm.node
+        child_mm.mempolicy = mm.mempolicy
         child = machine._new_process(child_mm)
         machine._ksm.ksm_fork(child_mm, mm)
         return child
@@ -244,6 +253,56 @@ class Process:
     def maps(self) -> list[tuple[int, int, bool]]:
         mm = self._live()
         return [(vma.start, vma.end, vma.mergeable) for vma in mm.vmas]
+
+    # ---- NUMA -------------------------------------------------------------------
+
+    @property
+    def node(self) -> int:
+        """The home node: where the process runs, and where MPOL_DEFAULT allocates."""
+        return self.mm.node
+
+    def set_mempolicy(self, mode: int, nodes: Sequence[int] = ()) -> None:
+        mm = self._live()
+        mm.mempolicy = (mode, check_policy(self._machine.nodes, mode, nodes))
+
+    def get_mempolicy(self) -> tuple[int, tuple[int, ...]]:
+        return self._live().mempolicy
+
+    def move_pages(self, addr: int, npages: int, node: int,
+                   flags: int = MPOL_MF_MOVE) -> list[int]:
+        """move_pages(2): move npages pages from addr to node; the per-page status."""
+        mm = self._live()
+        machine = self._machine
+        if flags & ~(MPOL_MF_MOVE | MPOL_MF_MOVE_ALL) or not flags:
+            raise ksm_error(errno.EINVAL, f"bad move_pages flags {flags:#x}")
+        if not isinstance(node, int) or not 0 <= node < machine.nodes:
+            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
+        if addr % PAGE_SIZE or npages < 0:
+            raise ksm_error(errno.EINVAL, "move_pages takes a page-aligned address")
+        status: list[int] = []
+        to_move: list[int] = []
+        for i in range(npages):
+            a = addr + i * PAGE_SIZE
+            pfn = mm.pte.get(a)
+            if mm.vma_lookup(a) is None:
+                status.append(-errno.EFAULT)
+            elif pfn is None:
+                status.append(-errno.ENOENT)
+            elif pfn == ZERO_PFN:
+                status.append(-errno.EFAULT)  # the zero page does not move
+            else:
+                frame = machine._mem.frames[pfn]
+                if frame.nid == node:
+                    status.append(node)
+                elif frame.mapcount > 1 and not flags & MPOL_MF_MOVE_ALL:
+                    status.append(-errno.EACCES)  # mapped by others: needs MOVE_ALL
+                else:
+                    if pfn not in to_move:
+                        to_move.append(pfn)
+                    status.append(node)
+        for pfn in to_move:
+            machine._migrate(pfn, node)
+        return status
 
     def ksm_stat(self) -> dict[str, int | bool]:
         mm = self._live()
@@ -314,15 +373,57 @@ class KsmSysfs:
     def stats(self) -> dict[str, int | str]:
         return {name: self._ksm.value(name) for name in SYSFS_FILES}
 
+    def stable_nodes(self) -> list[dict[str, Any]]:
+        """Every stable node naming a live KSM page: the trees by nid, in order (a
+        chain's live dups in hlist order), then migrate_nodes in list order."""
+        ksm = self._ksm
+        frames = ksm.mem.frames
+
+        def live(node: Any) -> bool:
+            frame = frames[node.kpfn]
+            return frame.allocated and frame.ksm and frame.stable_node is node
+
+        def entry(node: Any, where: str) -> dict[str, Any]:
+            return {"kpfn": node.kpfn, "nid": node.nid, "where": where,
+                    "rmap_hlist_len": node.rmap_hlist_len}
+
+        out: list[dict[str, Any]] = []
+        for nid in range(ksm.mem.nodes):
+            for node in ksm.root_stable_tree[nid]:
+                if node.is_chain():
+                    dups = [d for d in node.dups if live(d)]
+                    kpfns = [d.kpfn for d in dups]
+                    out += [dict(entry(d, "dup"), chain=kpfns) for d in dups]
+                elif live(node):
+                    out.append(entry(node, "tree"))
+        out += [entry(n, "migrate") for n in ksm.migrate_nodes if live(n)]
+        return out
+
+    def node_stats(self) -> dict[int, dict[str, int]]:
+        """pages_shared and pages_sharing by the node each KSM page is on, counting
+        every stable node with rmap_items as the global counters do (numastat)."""
+        ksm = self._ksm
+        out = {n: {"pages_shared": 0, "pages_sharing": 0} for n in range(ksm.mem.nodes)}
+        nodes = [d for nid in range(ksm.mem.nodes) for n in ksm.root_stable_tree[nid]
+                 for d in (n.dups if n.is_chain() else [n])] + list(ksm.migrate_nodes)
+        for node in nodes:
+            if node.rmap_hlist_len == 0:
+                continue
+            stats = out[ksm.mem.frames[node.kpfn].nid]
+            stats["pages_shared"] += 1
+            stats["pages_sharing"] += node.rmap_hlist_len - 1
+        return out
+
 
 class Machine:
     """A machine: NUMA nodes of frames, processes, and KSM."""
 
-    def __init__(self, nodes: int = 1) -> None:
-        if not isinstance(nodes, int) or nodes < 1:
-            raise ValueError("a machine has at least one NUMA node")
+    def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None) -> None:
+        if not isinstance(nodes, int) or not 1 <= nodes <= 64:
+            raise ksm_error(errno.EINVAL, f"nodes must be 1..64, not {nodes!r}")
         self.nodes = nodes
-        self._mem = PhysMem(nodes)
+        self.distances = check_distances(nodes, distances)
+        self._mem = PhysMem(nodes, self.distances)
         self._ksm = Ksm(self._mem)
         self.ksm = KsmSysfs(self._ksm)
         self.processes: list[Process] = []
@@ -347,8 +448,49 @@ class Machine:
         self._all_mms.append(mm)
         return p
 
-    def spawn(self) -> Process:
-        return self._new_process(Mm(self._mem, MMAP_BASE))
+    def spawn(self, node: int = 0) -> Process:
+        """A new process with an empty address space, running on ``node``."""
+        if not isinstance(node, int) or not 0 <= node < self.nodes:
+            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
+        mm = Mm(self._mem, MMAP_BASE)
+        mm.node = node
+        return self._new_process(mm)
+
+    def pfn_to_nid(self, pfn: int) -> int:
+        if not isinstance(pfn, int) or not 0 <= pfn < len(self._mem.frames):
+            raise ksm_error(errno.EINVAL, f"no page frame {pfn!r}")
+        return self._mem.frames[pfn].nid
+
+    def migrate_page(self, pfn: int, node: int) -> int:
+        """Move frame pfn to a new frame on node, as the migration core does (NUMA
+        balancing, compaction): every mapping follows; returns the new pfn."""
+        frames = self._mem.frames
+        if (not isinstance(pfn, int) or not 0 < pfn < len(frames)
+                or not frames[pfn].allocated or frames[pfn].mapcount == 0):
+            raise ksm_error(errno.EINVAL, f"page frame {pfn!r} is not in use")
+        if not isinstance(node, int) or not 0 <= node < self.nodes:
+            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
+        return self._migrate(pfn, node)
+
+    def _migrate(self, pfn: int, node: int) -> int:
+        mem = self._mem
+        old = mem.frames[pfn]
+        new = mem.alloc(node)
+        new.data[:] = old.data
+        new.mapcount = old.mapcount
+        for p in self.processes:  # remove_migration_ptes: every mapping follows
+            for addr, mapped in p.mm.pte.items():
+                if mapped == pfn:
+                    p.mm.pte[addr] = new.pfn
+        # folio_migrate_ksm(): the stable node follows the page; its nid does not
+        new.ksm, new.stable_node = old.ksm, old.stable_node
+        if new.stable_node is not None:
+            new.stable_node.kpfn = new.pfn
+            new.stable_node.migrated = True
+        old.ksm, old.stable_node = False, None
+        old.mapcount = 0
+        mem.free(old)
+        return new.pfn
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the model's state is inconsistent."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING
 
-from ..constants import PAGE_SIZE, ZERO_PFN
+from ..constants import MPOL_DEFAULT, PAGE_SIZE, ZERO_PFN
+from ..numa import policy_node
 
 if TYPE_CHECKING:
     from .ksm_structs import MmSlot, StableNode
@@ -48,8 +49,9 @@ class PhysMem:
     """All frames, with one LIFO free list per NUMA node, and the global
     ``ksm_zero_pages`` atomic (the zap and COW paths of the mm update it)."""
 
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, distances: list[list[int]]) -> None:
         self.nodes = nodes
+        self.distances = distances
         self.frames: list[Frame] = [Frame(ZERO_PFN, 0)]
         self.free_lists: list[list[int]] = [[] for _ in range(nodes)]
         self.ksm_zero_pages = 0
@@ -91,11 +93,12 @@ class PhysMem:
 
 
 class Vma:
-    """A private anonymous VMA. ``nid`` is the node its faults allocate on."""
+    """A private anonymous VMA. ``nid``: the node it is bound to (mmap(node=k)), or None
+    when the process's memory policy decides."""
 
     __slots__ = ("start", "end", "mergeable", "nid")
 
-    def __init__(self, start: int, end: int, mergeable: bool, nid: int) -> None:
+    def __init__(self, start: int, end: int, mergeable: bool, nid: int | None) -> None:
         self.start = start
         self.end = end
         self.mergeable = mergeable
@@ -120,6 +123,8 @@ class Mm:
         self.pte: dict[int, int] = {}
         self.pte_addrs: list[int] = []
         self.next_addr = next_addr
+        self.node = 0  # the home node of the process (where MPOL_DEFAULT allocates)
+        self.mempolicy: tuple[int, tuple[int, ...]] = (MPOL_DEFAULT, ())
         self.exiting = False  # mm_users == 0 (ksm_test_exit)
         # KSM state of the mm
         self.mmf_vm_mergeable = False
@@ -230,9 +235,16 @@ class Mm:
 
     # ---- faults -----------------------------------------------------------------
 
+    def fault_nid(self, vma: Vma, addr: int) -> int:
+        """The node a fault at addr allocates on: the VMA's binding, else the policy."""
+        if vma.nid is not None:
+            return vma.nid
+        mode, nodes = self.mempolicy
+        return policy_node(mode, nodes, self.node, self.mem.distances, addr)
+
     def _replace_with_new_frame(self, addr: int, vma: Vma, copy_from: Frame | None) -> Frame:
         """wp_page_copy: map a new frame (a copy, or zeroed) at addr instead of what was there."""
-        new = self.mem.alloc(vma.nid)
+        new = self.mem.alloc(self.fault_nid(vma, addr))
         if copy_from is not None:
             new.data[:] = copy_from.data
         new.mapcount = 1
@@ -241,11 +253,12 @@ class Mm:
         self._unmap_pfn(old)
         return new
 
-    def write_fault(self, addr: int, vma: Vma) -> Frame:
-        """Make the page at addr privately writable (MODEL.md's write fault); return it."""
+    def write_fault(self, addr: int, vma: Vma, nid: int | None = None) -> Frame:
+        """Make the page at addr privately writable (MODEL.md's write fault); return it.
+        ``nid`` overrides where a new page goes (mmap_image puts a whole image on one node)."""
         pfn = self.pte.get(addr)
         if pfn is None:
-            frame = self.mem.alloc(vma.nid)
+            frame = self.mem.alloc(self.fault_nid(vma, addr) if nid is None else nid)
             frame.mapcount = 1
             self.set_pte(addr, frame.pfn)
             return frame

@@ -232,6 +232,7 @@ class StableTreeOps(KsmState):
             return None
         self.migrate_list_del(page_node)
         page_node.nid = nid
+        page_node.migrated = False
         page_node.head = HEAD_TREE
         rb_link_node(page_node, parent, left, root)
         rb_insert_color(page_node, root)
@@ -249,6 +250,7 @@ class StableTreeOps(KsmState):
             if page_node is not None:
                 self.migrate_list_del(page_node)
                 page_node.nid = nid
+                page_node.migrated = False
                 page_node.head = HEAD_TREE
                 rb_replace_node(stable_node_dup, page_node, root)
                 folio = page if self.is_page_sharing_candidate(page_node) else None
@@ -261,6 +263,7 @@ class StableTreeOps(KsmState):
             if page_node is not None:
                 self.migrate_list_del(page_node)
                 page_node.nid = nid
+                page_node.migrated = False
                 self.stable_node_chain_add_dup(page_node, stable_node)
                 folio = page if self.is_page_sharing_candidate(page_node) else None
             else:
@@ -280,6 +283,7 @@ class StableTreeOps(KsmState):
         assert stable_node_dup.is_dup() and page_node.head == HEAD_MIGRATE
         self.migrate_list_del(page_node)
         page_node.nid = nid
+        page_node.migrated = False
         self.stable_node_chain_add_dup(page_node, stable_node)
         return page if self.is_page_sharing_candidate(page_node) else None
 
