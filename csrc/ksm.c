@@ -46,6 +46,7 @@ int ksm_ctx_init(struct ksm_ctx *c)
         c->nr_free[i] = 0;
     }
     c->migrate_nodes = NIL;
+    c->pending_break_cow = NIL;
     c->stable = NULL;
     c->stable_rb = NULL;
     c->stable_cap = c->stable_used = 0;
@@ -618,7 +619,11 @@ static int try_to_merge_one_page(struct ksm_ctx *c, int64_t s, int32_t page, int
 {
     if (page == kpage) /* a forked KSM page: nothing to do */
         return 0;
-    /* write_protect_page() cannot fail in the model: no GUP pins, no swap */
+    /* write_protect_page() fails on a KSM folio: page_address_in_vma() finds no
+     * anon_vma for it ("KSM folios don't reach here because of the !anon_vma
+     * check"). Otherwise it cannot fail in the model: no GUP pins, no swap. */
+    if (frame_is_ksm(c, page))
+        return -1;
     if (kpage == NIL) {
         c->frame_stable[page] = KSM_FRAME_KSM_NULL;
         return 0;
@@ -661,10 +666,14 @@ static int32_t try_to_merge_two_pages(struct ksm_ctx *c, int64_t s, int32_t page
 {
     /* the scanned page becomes the KSM page; the tree item's PTE moves onto it */
     int err = try_to_merge_with_ksm_page(c, s, page, NIL);
-    if (!err)
+    if (!err) {
         err = try_to_merge_with_ksm_page(c, t, tree_page, page);
-    /* step 2 cannot fail in the model (the pages were just compared equal and
-     * nothing pins them), so break_cow() of the scanned page is never needed */
+        /* a KSM tree page cannot be write-protected: then the scanned page, now a
+         * KSM page with one mapping, is unshared (break_cow) - by Python, which
+         * knows where the owner's policy allocates; ksm_scan_range stops here */
+        if (err)
+            c->pending_break_cow = s;
+    }
     return err ? NIL : page;
 }
 
@@ -1042,7 +1051,7 @@ int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget
             continue;
         cmp_and_merge_page(c, s);
         c->pages_scanned++;
-        if (++processed == budget) {
+        if (++processed == budget || c->pending_break_cow != NIL) {
             *next = s + 1;
             return processed;
         }

@@ -125,6 +125,7 @@ struct ksm_ctx {
     uint64_t stable_node_chains_prune_millisecs;
     uint64_t jiffies; /* the simulated clock, in ms */
     uint64_t seqnr;   /* ksm_scan.seqnr = full_scans */
+    int64_t pending_break_cow; /* a slot whose merge half failed: Python unshares it */
     uint32_t zero_checksum;
 
     /* counters */

@@ -288,12 +288,18 @@ class Ksm:
                         if self._address < r.start:
                             self._address = r.start
                         hi = r.slot(r.end)
-                        processed += lib.ksm_scan_range(
-                            c, r.slot(self._address), hi, budget - processed, nxt
-                        )
-                        self._address = r.start + ((nxt[0] - r.slot_base) << PAGE_SHIFT)
-                        if processed == budget:
-                            return processed
+                        while self._address < r.end:
+                            processed += lib.ksm_scan_range(
+                                c, r.slot(self._address), hi, budget - processed, nxt
+                            )
+                            self._address = r.start + ((nxt[0] - r.slot_base) << PAGE_SHIFT)
+                            if c.pending_break_cow != lib.KSM_NIL:
+                                # break_cow(): unshare the page of a half-done merge
+                                s = c.pending_break_cow
+                                c.pending_break_cow = lib.KSM_NIL
+                                mm._break_ksm(r, s, s + 1)
+                            if processed == budget:
+                                return processed
                     else:
                         # items of pages no longer in a mergeable VMA go as the scan passes
                         lo = max(self._address, r.start)

@@ -1,0 +1,228 @@
+"""The estimate as data (the ``--json`` object) and as a readable report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..constants import KSM_STAT_FIELDS, PAGE_SIZE, SIZEOF_RMAP_ITEM
+from .simulate import (
+    Knobs,
+    Run,
+    cpu_fraction,
+    ksmd_times,
+    milestone_times,
+    pages_per_second,
+)
+from .sources import Source
+
+MIB = 2**20
+
+
+def mib(pages: int) -> float:
+    return pages * PAGE_SIZE / MIB
+
+
+def _nodes(m: Any, sources: Sequence[Source], stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per node: the sources placed there and their ksm_stat totals; pages_shared and
+    pages_sharing per node when the machine can tell them (``m.ksm.node_stats()``)."""
+    per_node = getattr(m.ksm, "node_stats", None)
+    shared = per_node() if callable(per_node) else {}
+    out = []
+    for nid in range(m.nodes):
+        mine = [i for i, s in enumerate(sources) if (s.node or 0) == nid]
+        entry: dict[str, Any] = {
+            "node": nid,
+            "sources": [sources[i].name for i in mine],
+            "pages": sum(sources[i].npages for i in mine),
+            "ksm_merging_pages": sum(int(stats[i]["ksm_merging_pages"]) for i in mine),
+            "ksm_zero_pages": sum(int(stats[i]["ksm_zero_pages"]) for i in mine),
+        }
+        if nid in shared:
+            entry["pages_shared"] = int(shared[nid]["pages_shared"])
+            entry["pages_sharing"] = int(shared[nid]["pages_sharing"])
+        out.append(entry)
+    return out
+
+
+def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, knobs: Knobs,
+          cost_per_page_s: float) -> dict[str, Any]:
+    """The --json object: every sysfs file, per-process ksm_stat, per-node figures and
+    the simulated time."""
+    ksm = m.ksm.stats()
+    stats = [{k: p.ksm_stat()[k] for k in KSM_STAT_FIELDS} for p in procs]
+    times = ksmd_times(run.processed, knobs.sleep_millisecs, cost_per_page_s)
+    total = sum(s.npages for s in sources)
+    saved = int(ksm["pages_sharing"]) + int(ksm["ksm_zero_pages"])
+    t_conv = (
+        float(times[run.scan_ends[run.converged_at - 1]])
+        if run.converged and run.converged_at
+        else (0.0 if run.converged else None)
+    )
+    scans = []
+    for i, s in enumerate(run.scans):
+        scans.append({
+            "full_scan": i + 1,
+            "time_s": float(times[run.scan_ends[i]]),
+            **{k: int(s[k]) for k in ("pages_shared", "pages_sharing", "pages_unshared",
+                                      "pages_volatile", "ksm_zero_pages", "general_profit")},
+        })
+    return {
+        "ksm": dict(ksm),
+        "processes": [
+            {
+                "source": src.name,
+                "kind": src.kind,
+                "pid": src.pid,
+                "node": src.node or 0,
+                "pages": src.npages,
+                "ksm_stat": st,
+                "notes": list(src.notes),
+            }
+            for src, st in zip(sources, stats, strict=True)
+        ],
+        "nodes": _nodes(m, sources, stats),
+        "time_to_converge_s": t_conv,
+        "converged": run.converged,
+        "converged_at_full_scan": run.converged_at,
+        "pages": total,
+        "saved": {
+            "pages": saved,
+            "bytes": saved * PAGE_SIZE,
+            "mib": round(mib(saved), 3),
+            "fraction": saved / total if total else 0.0,
+        },
+        "savings_time_s": milestone_times(run.saved, times, saved),
+        "full_scans": scans,
+        "time_model": {
+            "pages_to_scan": knobs.pages_to_scan,
+            "sleep_millisecs": knobs.sleep_millisecs,
+            "cost_per_page_us": cost_per_page_s * 1e6,
+            "pages_per_second": pages_per_second(knobs.pages_to_scan, knobs.sleep_millisecs,
+                                                 cost_per_page_s),
+            "cpu_fraction": cpu_fraction(knobs.pages_to_scan, knobs.sleep_millisecs,
+                                         cost_per_page_s),
+        },
+        "machine": {"nodes": m.nodes},
+    }
+
+
+def duration(seconds: float | None) -> str:
+    """3.2 s, 4 min 12 s, 2 h 05 min."""
+    if seconds is None:
+        return "never"
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds >= 1 or seconds == 0 else f"{seconds * 1000:.0f} ms"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> list[str]:
+    """Columns right-aligned except the first ``left``."""
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    out = []
+    for r in cells:
+        parts = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths,
+                                                                                       strict=True))]
+        out.append("  " + "  ".join(parts).rstrip())
+    return out
+
+
+def text(result: dict[str, Any]) -> str:
+    """The readable report."""
+    k = result["ksm"]
+    tm = result["time_model"]
+    procs = result["processes"]
+    total = result["pages"]
+    saved = result["saved"]
+    lines = [
+        f"ksmcore estimate: {len(procs)} source{'s' * (len(procs) != 1)}, "
+        f"{total} pages ({mib(total):.1f} MiB), {result['machine']['nodes']} NUMA node"
+        f"{'s' * (result['machine']['nodes'] != 1)}",
+        f"knobs: pages_to_scan {k['pages_to_scan']}, sleep_millisecs {k['sleep_millisecs']}, "
+        f"smart_scan {k['smart_scan']}, use_zero_pages {k['use_zero_pages']}, "
+        f"max_page_sharing {k['max_page_sharing']}, merge_across_nodes {k['merge_across_nodes']}",
+        "",
+    ]
+    if not total:
+        lines.append("nothing to scan: no source has memory KSM could merge")
+    pct = f", {100 * saved['fraction']:.1f}% of the memory scanned" if total else ""
+    lines.append(
+        f"memory saved      {saved['pages']} pages = {saved['mib']:.1f} MiB"
+        f"  (pages_sharing {k['pages_sharing']} + ksm_zero_pages {k['ksm_zero_pages']}){pct}"
+    )
+    lines.append(
+        f"general_profit    {int(k['general_profit']) / MIB:.1f} MiB  (saved memory less "
+        f"{SIZEOF_RMAP_ITEM} bytes per rmap_item)"
+    )
+    if result["converged"]:
+        at = result["converged_at_full_scan"]
+        conv = (
+            f"time to converge  {duration(result['time_to_converge_s'])} of ksmd"
+            f"  (counters final after full scan {at}; {k['full_scans']} full scans run)"
+            if at else "time to converge  0 s (nothing to scan)"
+        )
+    else:
+        conv = (
+            f"not converged     after {k['full_scans']} full scans"
+            f" ({duration(result['full_scans'][-1]['time_s']) if result['full_scans'] else '0 s'}"
+            " of ksmd); raise --max-scans"
+        )
+    lines.append(conv)
+    ms = result["savings_time_s"]
+    if saved["pages"]:
+        lines.append(
+            "savings reached   "
+            + ", ".join(f"{key} after {duration(t)}" for key, t in ms.items())
+        )
+    lines.append(
+        f"ksmd              {tm['pages_per_second']:.0f} pages/s, "
+        f"{100 * tm['cpu_fraction']:.1f}% of one CPU while scanning "
+        f"(model: {tm['cost_per_page_us']:.2f} us per page + {tm['sleep_millisecs']} ms sleep "
+        f"per batch of {tm['pages_to_scan']})"
+    )
+    if result["full_scans"]:
+        first = result["full_scans"][0]["time_s"]
+        lines.append(f"one full scan     {duration(first)} (the first)")
+
+    lines += ["", f"/sys/kernel/mm/ksm after {k['full_scans']} full scans:"]
+    shown = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+             "pages_skipped", "pages_scanned", "ksm_zero_pages", "full_scans",
+             "stable_node_chains", "stable_node_dups", "general_profit")
+    lines += [f"  {name:<20} {k[name]}" for name in shown]
+
+    lines += ["", "per source (/proc/<pid>/ksm_stat):"]
+    rows = []
+    for p in procs:
+        st = p["ksm_stat"]
+        rows.append([
+            p["source"], p["node"], p["pages"], st["ksm_rmap_items"], st["ksm_merging_pages"],
+            st["ksm_zero_pages"], f"{int(st['ksm_process_profit']) / MIB:.1f}",
+        ])
+    lines += _table(["source", "node", "pages", "rmap_items", "merging_pages", "zero_pages",
+                     "profit_MiB"], rows)
+    notes = [(p["source"], n) for p in procs for n in p["notes"]]
+    if notes:
+        lines += ["", "notes:"] + [f"  {src}: {n}" for src, n in notes]
+
+    if len(result["nodes"]) > 1:
+        lines += ["", "per node:"]
+        has_shared = any("pages_shared" in n for n in result["nodes"])
+        head = ["node", "sources", "pages", "merging_pages", "zero_pages"]
+        if has_shared:
+            head += ["pages_shared", "pages_sharing"]
+        rows = []
+        for n in result["nodes"]:
+            row = [n["node"], len(n["sources"]), n["pages"], n["ksm_merging_pages"],
+                   n["ksm_zero_pages"]]
+            if has_shared:
+                row += [n.get("pages_shared", "-"), n.get("pages_sharing", "-")]
+            rows.append(row)
+        lines += _table(head, rows)
+        if not has_shared:
+            lines.append("  (per-node pages_shared/pages_sharing need Machine.ksm.node_stats())")
+        if k["merge_across_nodes"]:
+            lines.append("  merge_across_nodes=1: a KSM page may serve processes on other nodes")
+    return "\n".join(lines) + "\n"
