@@ -35,6 +35,29 @@ static inline int get_kpfn_nid(const struct ksm_ctx *c, int64_t kpfn)
     return c->merge_across_nodes ? 0 : c->frame_nid[kpfn];
 }
 
+/* ---------------------------------------------------------------- tracing */
+
+static void trace_event(struct ksm_ctx *c, int32_t event, int64_t kpfn, int64_t pfn,
+                        int64_t slot, int32_t err)
+{
+    if (!c->trace_enabled)
+        return;
+    if (c->nr_trace == c->trace_cap) {
+        int64_t cap = c->trace_cap ? 2 * c->trace_cap : 1024;
+        struct ksm_trace_event *t = realloc(c->trace, (size_t)cap * sizeof(*t));
+        if (!t)
+            return; /* like a full trace ring: the event is lost, nothing else is */
+        c->trace = t;
+        c->trace_cap = cap;
+    }
+    struct ksm_trace_event *e = &c->trace[c->nr_trace++];
+    e->event = event;
+    e->err = err;
+    e->kpfn = kpfn;
+    e->pfn = pfn;
+    e->slot = slot;
+}
+
 /* ---------------------------------------------------------------- context */
 
 int ksm_ctx_init(struct ksm_ctx *c)
@@ -47,6 +70,9 @@ int ksm_ctx_init(struct ksm_ctx *c)
     }
     c->migrate_nodes = NIL;
     c->pending_break_cow = NIL;
+    c->trace_enabled = 0;
+    c->trace = NULL;
+    c->nr_trace = c->trace_cap = 0;
     c->stable = NULL;
     c->stable_rb = NULL;
     c->stable_cap = c->stable_used = 0;
@@ -62,6 +88,9 @@ void ksm_ctx_release(struct ksm_ctx *c)
 {
     free(c->stable);
     free(c->stable_rb);
+    free(c->trace);
+    c->trace = NULL;
+    c->nr_trace = c->trace_cap = 0;
     free(c->unode);
     free(c->uslot);
     c->stable = NULL;
@@ -493,16 +522,19 @@ static void remove_node_from_stable_tree(struct ksm_ctx *c, int32_t node)
 {
     struct ksm_stable_node *n = &c->stable[node];
     for (int32_t s = n->hlist; s != NIL; s = c->ri_hnext[s]) {
-        if (c->ri_hnext[s] != NIL)
+        if (c->ri_hnext[s] != NIL) {
             c->pages_sharing--;
-        else
+            trace_event(c, KSM_TRACE_REMOVE_RMAP_ITEM, NIL, n->kpfn, s, 0);
+        } else {
             c->pages_shared--;
+        }
         c->mm_merging_pages[c->slot_mm[s]]--;
         n->rmap_hlist_len--;
         rmap_item_clear_flags(c, s);
         c->ri_head[s] = NIL;
     }
     n->hlist = NIL;
+    trace_event(c, KSM_TRACE_REMOVE_KSM_PAGE, NIL, n->kpfn, NIL, 0);
     if (n->head == KSM_HEAD_MIGRATE)
         migrate_list_del(c, node);
     else
@@ -641,14 +673,15 @@ static inline int find_mergeable_vma(const struct ksm_ctx *c, int64_t s)
 
 static int try_to_merge_with_ksm_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpage)
 {
-    if (!find_mergeable_vma(c, s))
-        return -1;
-    int err = try_to_merge_one_page(c, s, page, kpage, 1);
-    if (err)
-        return err;
-    /* the unstable nid shares storage with the stable anon_vma: leave the tree first */
-    remove_rmap_item_from_tree(c, s);
-    return 0;
+    int err = -1;
+    if (find_mergeable_vma(c, s)) {
+        err = try_to_merge_one_page(c, s, page, kpage, 1);
+        if (!err) /* the unstable nid shares storage with the stable anon_vma */
+            remove_rmap_item_from_tree(c, s);
+    }
+    trace_event(c, KSM_TRACE_MERGE_WITH_KSM_PAGE, kpage, kpage != NIL ? kpage : page, s,
+                err ? -14 : 0); /* -EFAULT */
+    return err;
 }
 
 static int try_to_merge_with_zero_page(struct ksm_ctx *c, int64_t s, int32_t page)
@@ -656,7 +689,9 @@ static int try_to_merge_with_zero_page(struct ksm_ctx *c, int64_t s, int32_t pag
     if (c->use_zero_pages && c->ri_oldchecksum[s] == c->zero_checksum) {
         if (!find_mergeable_vma(c, s))
             return 0;
-        return try_to_merge_one_page(c, s, page, 0, 0);
+        int err = try_to_merge_one_page(c, s, page, 0, 0);
+        trace_event(c, KSM_TRACE_MERGE_ONE_PAGE, NIL, 0, s, err ? -14 : 0);
+        return err;
     }
     return -1;
 }

@@ -70,6 +70,20 @@ struct ksm_stable_node {
                                 * ksmd last placed the node (nid may be stale) */
 };
 
+/* tracepoints raised inside the C core (include/trace/events/ksm.h) */
+#define KSM_TRACE_MERGE_ONE_PAGE 1       /* pfn (zero page), slot, err */
+#define KSM_TRACE_MERGE_WITH_KSM_PAGE 2  /* kpfn (or -1), pfn, slot, err */
+#define KSM_TRACE_REMOVE_KSM_PAGE 3      /* pfn */
+#define KSM_TRACE_REMOVE_RMAP_ITEM 4     /* pfn, slot */
+
+struct ksm_trace_event {
+    int32_t event;
+    int32_t err;
+    int64_t kpfn;
+    int64_t pfn;
+    int64_t slot;
+};
+
 struct ksm_ctx {
     /* page frames: contents in chunks of (1 << chunk_shift) pages */
     uint8_t **chunks;
@@ -126,6 +140,12 @@ struct ksm_ctx {
     uint64_t jiffies; /* the simulated clock, in ms */
     uint64_t seqnr;   /* ksm_scan.seqnr = full_scans */
     int64_t pending_break_cow; /* a slot whose merge half failed: Python unshares it */
+
+    /* tracing: events accumulate while trace_enabled; Python drains them after
+     * each call (nr_trace = 0) */
+    int32_t trace_enabled;
+    struct ksm_trace_event *trace;
+    int64_t nr_trace, trace_cap;
     uint32_t zero_checksum;
 
     /* counters */
