@@ -161,7 +161,7 @@ class Differential(RuleBasedStateMachine):
     # ---- NUMA
 
     @precondition(lambda self: self.live())
-    @rule(k=index, mode=st.integers(0, 4), nodes=st.lists(st.integers(0, 2), max_size=2))
+    @rule(k=index, mode=st.integers(0, 7), nodes=st.lists(st.integers(0, 2), max_size=2))
     def set_mempolicy(self, k: int, mode: int, nodes: list[int]) -> None:
         i = self.live()[k % len(self.live())]
         self.both(lambda side, m: self.procs[side][i].set_mempolicy(mode, nodes))
@@ -308,7 +308,7 @@ def run_program(seed: int, steps: int = 250, numa: bool = False) -> set[str]:
         elif op == "set_max_page_sharing":
             d.set_max_page_sharing(int(rng.choice([2, 3, 256])))
         elif op == "set_mempolicy":
-            d.set_mempolicy(k(), int(rng.integers(0, 5)),
+            d.set_mempolicy(k(), int(rng.integers(0, 8)),
                             [int(x) for x in rng.integers(0, 3, int(rng.integers(0, 3)))])
         elif op == "migrate_page":
             d.migrate_page(k(), int(rng.integers(0, 6)), int(rng.integers(0, 2)))

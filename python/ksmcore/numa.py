@@ -6,7 +6,16 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
-from .constants import MPOL_BIND, MPOL_DEFAULT, MPOL_INTERLEAVE, MPOL_PREFERRED, PAGE_SHIFT
+from .constants import (
+    MPOL_BIND,
+    MPOL_DEFAULT,
+    MPOL_INTERLEAVE,
+    MPOL_LOCAL,
+    MPOL_PREFERRED,
+    MPOL_PREFERRED_MANY,
+    MPOL_WEIGHTED_INTERLEAVE,
+    PAGE_SHIFT,
+)
 from .errors import ksm_error
 
 
@@ -26,28 +35,33 @@ def check_distances(nodes: int, distances: Sequence[Sequence[int]] | None) -> li
     return rows
 
 
-def check_policy(nodes: int, mode: int, policy_nodes: Sequence[int]) -> tuple[int, ...]:
-    """The node set of a valid set_mempolicy(mode, nodes), or OSError(EINVAL)."""
-    ns = tuple(int(n) for n in policy_nodes)
-    if len(set(ns)) != len(ns) or any(not 0 <= n < nodes for n in ns):
-        raise ksm_error(errno.EINVAL, f"bad node set {ns} for {nodes} nodes")
-    if mode == MPOL_DEFAULT and not ns:
-        return ()
-    if mode == MPOL_PREFERRED and len(ns) == 1:
-        return ns
-    if mode in (MPOL_BIND, MPOL_INTERLEAVE) and ns:
-        return tuple(sorted(ns))
-    raise ksm_error(errno.EINVAL, f"bad memory policy mode {mode} with nodes {ns}")
+def check_policy(nodes: int, mode: int, policy_nodes: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+    """set_mempolicy(mode, nodes) as mpol_new() normalizes it, or OSError(EINVAL).
+
+    MPOL_PREFERRED with no node is MPOL_LOCAL and with several keeps the first;
+    MPOL_DEFAULT and MPOL_LOCAL take no node; the others need at least one.
+    """
+    ns = tuple(sorted(set(int(n) for n in policy_nodes)))
+    if any(not 0 <= n < nodes for n in ns):
+        raise ksm_error(errno.EINVAL, f"bad node set {tuple(policy_nodes)} for {nodes} nodes")
+    if mode in (MPOL_DEFAULT, MPOL_LOCAL) and not ns:
+        return mode, ()
+    if mode == MPOL_PREFERRED:
+        return (MPOL_PREFERRED, ns[:1]) if ns else (MPOL_LOCAL, ())
+    if mode in (MPOL_BIND, MPOL_INTERLEAVE, MPOL_PREFERRED_MANY, MPOL_WEIGHTED_INTERLEAVE) and ns:
+        return mode, ns
+    raise ksm_error(errno.EINVAL, f"bad memory policy mode {mode} with nodes {tuple(policy_nodes)}")
 
 
 def policy_node(
     mode: int, policy_nodes: tuple[int, ...], home: int, distances: list[list[int]], addr: int
 ) -> int:
     """The node a fault at ``addr`` allocates on under a process's policy."""
-    if mode == MPOL_DEFAULT:
+    if mode in (MPOL_DEFAULT, MPOL_LOCAL):
         return home
     if mode == MPOL_PREFERRED:
         return policy_nodes[0]
-    if mode == MPOL_BIND:
+    if mode in (MPOL_BIND, MPOL_PREFERRED_MANY):
         return min(policy_nodes, key=lambda n: (distances[home][n], n))
-    return policy_nodes[(addr >> PAGE_SHIFT) % len(policy_nodes)]  # MPOL_INTERLEAVE
+    # MPOL_INTERLEAVE, and MPOL_WEIGHTED_INTERLEAVE with its default weights (all 1)
+    return policy_nodes[(addr >> PAGE_SHIFT) % len(policy_nodes)]

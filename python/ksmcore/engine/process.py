@@ -18,6 +18,7 @@ from ..constants import (
     MPOL_INTERLEAVE,
     MPOL_MF_MOVE,
     MPOL_MF_MOVE_ALL,
+    MPOL_WEIGHTED_INTERLEAVE,
     PAGE_SHIFT,
     PAGE_SIZE,
 )
@@ -98,7 +99,7 @@ class Process:
 
     def _nids(self, v: Region, lo: int, hi: int) -> tuple[int, Any, set[int]]:
         """The node for slots [lo, hi): one nid, or (interleave) an int16 array of them."""
-        if v.node is None and self.mempolicy[0] == MPOL_INTERLEAVE:
+        if v.node is None and self.mempolicy[0] in (MPOL_INTERLEAVE, MPOL_WEIGHTED_INTERLEAVE):
             nodes = self.mempolicy[1]
             vpn = (v.start >> PAGE_SHIFT) + np.arange(lo - v.slot_base, hi - v.slot_base)
             arr = np.asarray(nodes, dtype=np.int16)[vpn % len(nodes)]
@@ -301,7 +302,7 @@ class Process:
     def set_mempolicy(self, mode: int, nodes: Sequence[int] = ()) -> None:
         """set_mempolicy(2): where later faults outside node-bound VMAs allocate."""
         self._alive()
-        self.mempolicy = (mode, check_policy(self.machine.nodes, mode, nodes))
+        self.mempolicy = check_policy(self.machine.nodes, mode, nodes)
 
     def get_mempolicy(self) -> tuple[int, tuple[int, ...]]:
         self._alive()

@@ -263,7 +263,7 @@ class Process:
 
     def set_mempolicy(self, mode: int, nodes: Sequence[int] = ()) -> None:
         mm = self._live()
-        mm.mempolicy = (mode, check_policy(self._machine.nodes, mode, nodes))
+        mm.mempolicy = check_policy(self._machine.nodes, mode, nodes)
 
     def get_mempolicy(self) -> tuple[int, tuple[int, ...]]:
         return self._live().mempolicy
