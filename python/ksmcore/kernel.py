@@ -247,9 +247,50 @@ def _child(pages: np.ndarray, ready_w: int, go_r: int) -> None:
     os.read(go_r, 1)  # returns at EOF: the parent closed the pipe (or died)
 
 
-def _spawn(pages: np.ndarray, go_r: int, go_w: int, deadline: float) -> tuple[int, bytes]:
-    """Fork a child for ``pages``; return its pid and its report (b"ready" or an error)
-    once it has madvised its area."""
+def _child_tree(
+    pages: np.ndarray, writes: list[tuple[np.ndarray, np.ndarray]], ready_w: int, go_r: int
+) -> None:
+    """A parent that maps and madvises ``pages``, then forks one child per entry of
+    ``writes``; each child overwrites its pages (COW) and waits like the parent."""
+    npages = pages.shape[0]
+    area = mmap.mmap(-1, npages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    with contextlib.suppress(OSError):
+        area.madvise(mmap.MADV_NOHUGEPAGE)
+    _check_no_thp(area)
+    _fill_area(area, pages)
+    area.madvise(mmap.MADV_MERGEABLE)
+    kids = []
+    for idx, contents in writes:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                np.frombuffer(area, dtype=np.uint8).reshape(npages, PAGE_SIZE)[idx] = contents
+                os.write(w, b"k")
+                os.close(w)
+                os.read(go_r, 1)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        if os.read(r, 1) != b"k":
+            raise RuntimeError("a forked child died before writing its pages")
+        os.close(r)
+        kids.append(pid)
+    os.write(ready_w, b"ready")
+    os.close(ready_w)
+    os.read(go_r, 1)
+    for pid in kids:
+        os.waitpid(pid, 0)
+
+
+def _spawn(pages: np.ndarray, go_r: int, go_w: int, deadline: float,
+           writes: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[int, bytes]:
+    """Fork a child for ``pages`` (with ``writes``: a fork tree, see _child_tree); return
+    its pid and its report (b"ready" or an error) once it has madvised its area."""
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into the caller
@@ -257,7 +298,10 @@ def _spawn(pages: np.ndarray, go_r: int, go_w: int, deadline: float) -> tuple[in
         try:
             os.close(ready_r)
             os.close(go_w)
-            _child(pages, ready_w, go_r)
+            if writes is None:
+                _child(pages, ready_w, go_r)
+            else:
+                _child_tree(pages, writes, ready_w, go_r)
             code = 0
         except BaseException as e:  # noqa: BLE001 - report anything to the parent
             with contextlib.suppress(OSError):
@@ -424,9 +468,14 @@ def run_kernel(workload: Workload, timeout: float = 60.0) -> Result:
             restore_knobs(saved)
 
 
-def time_kernel(workload: Workload, timeout: float = 300.0) -> tuple[float, Result]:
+def time_kernel(workload: Workload, timeout: float = 300.0,
+                writes: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[float, Result]:
     """Time the real ksmd on ``workload`` as ksm_tests -P does: from ``run=1`` until
     ``full_scans`` reaches the workload's count, with ``sleep_millisecs=0``.
+
+    With ``writes``, the single process of ``workload`` forks one child per entry after
+    its madvise, and each child overwrites those pages (W3 of the benchmarks); the
+    Result's ksm_stat then covers the parent only.
 
     Returns the seconds and the counters read right after ``run=0``. Without a sleep
     ksmd may already have begun the next round when it is stopped, so the cumulative
@@ -449,7 +498,7 @@ def time_kernel(workload: Workload, timeout: float = 300.0) -> tuple[float, Resu
         go_r, go_w = os.pipe()
         try:
             for i, pages in enumerate(workload.processes):
-                pid, msg = _spawn(pages, go_r, go_w, deadline)
+                pid, msg = _spawn(pages, go_r, go_w, deadline, writes)
                 pids.append(pid)
                 if msg != b"ready":
                     raise RuntimeError(f"{workload.name}: child {i} failed: {msg.decode()}")
