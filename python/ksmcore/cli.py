@@ -73,7 +73,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--pages-to-scan", type=int, default=4096)
     demo.add_argument("--max-scans", type=int, default=20)
     demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
+    # estimate and tune (their modules load only when the command line is parsed)
+    from .estimate.commands import add_parsers
+
+    commands = add_parsers(sub)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command in commands:
+        # sources after an option ("a.img --json b.img") are sources too
+        unknown = [e for e in extra if e.startswith("-")]
+        if unknown:  # said by the subcommand, in one line
+            commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.sources += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args))
 
 

@@ -27,7 +27,7 @@ from elftools.construct.core import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from .errors import EstimateError
-from .sources import Source, _check_file, map_file, page_rows
+from .sources import Source, check_file, map_file, page_rows
 
 AT_SYSINFO_EHDR = 33  # auxv: address of the vDSO
 # Segments shorter than this are copied into one array instead of being mapped on
@@ -136,7 +136,7 @@ def _pack(segments: list[np.ndarray]) -> list[np.ndarray]:
 
 def open_core(path: str, allow_partial: bool = False) -> Source:
     """An ELF core as one process: its anonymous memory segments in address order."""
-    size = _check_file(path)
+    size = check_file(path)
     try:
         loads, files, vdso, origin = _parse(path, size)
     except EstimateError:

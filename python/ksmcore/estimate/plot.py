@@ -86,28 +86,36 @@ def savings(path: str, result: dict[str, Any], run: Run, cost_per_page_s: float)
         fontsize=10,
     )
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="center right")
     _save(fig, path)
 
 
-def tune(path: str, rows: list[dict[str, Any]], within_s: float, best: dict[str, Any] | None) -> None:
+def tune(path: str, rows: list[dict[str, Any]], within_s: float,
+         best: dict[str, Any] | None) -> None:
     """Time to 90% of the savings (bars: 50% to 100%) against pages scanned per second."""
     fig = _figure()
     ax = fig.add_subplot()
-    for smart, color, marker in ((0, "tab:blue", "o"), (1, "tab:orange", "s")):
-        sel = [r for r in rows if r["smart_scan"] == smart and r["t90_s"] is not None]
+    # smart_scan 0 as open circles around smart_scan 1's squares: they often coincide
+    for smart, color, marker, size in ((0, "tab:blue", "o", 9), (1, "tab:orange", "s", 4)):
+        sel = [r for r in rows if r["smart_scan"] == smart and r["t90_s"] is not None
+               and not r.get("advisor")]
         if not sel:
             continue
         x = np.array([r["pages_per_second"] for r in sel])
         y = np.array([r["t90_s"] for r in sel])
         lo = y - np.array([r["t50_s"] for r in sel])
         hi = np.array([r["t100_s"] for r in sel]) - y
-        ax.errorbar(x, y, yerr=[lo, hi], fmt=marker, color=color, ms=5, capsize=2, lw=0.8,
-                    label=f"smart_scan {smart}")
+        ax.errorbar(x, y, yerr=[lo, hi], fmt=marker, color=color, ms=size, capsize=2, lw=0.8,
+                    mfc="none" if smart == 0 else color, label=f"smart_scan {smart}")
     ax.axhline(within_s, color="tab:red", ls="--", lw=1, label=f"target {within_s:g} s")
+    adv = [r for r in rows if r.get("advisor") and r["t90_s"] is not None]
+    if adv:
+        ax.plot([r["pages_per_second"] for r in adv], [r["t90_s"] for r in adv], marker="D",
+                color="tab:green", ls="none", ms=6, label="scan-time advisor (average pages/s)")
     if best is not None:
         ax.plot([best["pages_per_second"]], [best["t90_s"]], marker="*", ms=18, color="tab:red",
-                ls="none", label=(f"cheapest: pages_to_scan {best['pages_to_scan']}, "
+                ls="none", label=(f"cheapest: pages_to_scan "
+                                  f"{'advisor' if best.get('advisor') else best['pages_to_scan']}, "
                                   f"sleep {best['sleep_millisecs']} ms, "
                                   f"smart_scan {best['smart_scan']}"))
     ax.set_xscale("log")
@@ -116,5 +124,5 @@ def tune(path: str, rows: list[dict[str, Any]], within_s: float, best: dict[str,
     ax.set_ylabel("simulated time to 90% of the savings (s); bars: 50% to 100%")
     ax.set_title("ksmcore tune: time to save memory against ksmd's scan rate", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
     _save(fig, path)

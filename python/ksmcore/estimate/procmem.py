@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -156,6 +157,7 @@ def _open(pid: int, what: str) -> int:
 # which pages
 
 
+@functools.cache
 def zero_pfn() -> int | None:
     """The zero page's pfn, from a page of ours that was only read; None when the
     kernel hides pfns from us (no CAP_SYS_ADMIN)."""
@@ -196,7 +198,8 @@ def _scan_regions(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
-def _pagemap_pages(fd: int, start: int, end: int, zpfn: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _pagemap_pages(fd: int, start: int, end: int,
+                   zpfn: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Page numbers of present anonymous pages by reading pagemap entries, and which of
     them may be the zero page (pfns hidden: shared, to be told by their contents)."""
     first, last = start >> PAGE_SHIFT, end >> PAGE_SHIFT
@@ -300,7 +303,7 @@ def read_process(pid: int, mergeable_only: bool = False, method: str = "auto",
             zero[part] = ~pages[part].any(axis=1)
         keep = got & ~zero
     if not keep.all():
-        pages = pages[keep]
+        pages = _compact(pages, keep)
     notes = [
         f"{len(chosen)} of {len(vmas)} mappings "
         + ("already mergeable (VM_MERGEABLE)" if mergeable_only else "KSM could merge"),
@@ -310,6 +313,16 @@ def read_process(pid: int, mergeable_only: bool = False, method: str = "auto",
         notes.append(f"{int((~got).sum())} pages vanished while being read")
     segments = [pages] if len(pages) else []
     return Source(name, "process", segments, pid=pid, notes=notes)
+
+
+def _compact(pages: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The rows ``keep`` of ``pages``, moved down in place chunk by chunk (a row only
+    ever moves to a lower index), so the copy never needs twice the memory."""
+    kept = np.flatnonzero(keep)
+    for k in range(0, len(kept), 4096):
+        part = kept[k : k + 4096]
+        pages[k : k + len(part)] = pages[part]
+    return pages[: len(kept)]
 
 
 def _choose_pages(fd: int, vmas: list[Vma], method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -332,7 +345,9 @@ def _choose_pages(fd: int, vmas: list[Vma], method: str) -> tuple[np.ndarray, np
 
 def _read_pages(pid: int, vpns: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Read the pages ``vpns`` of ``pid`` into ``out``, one pread per run of
-    consecutive pages; returns which were read (a page may vanish meanwhile)."""
+    consecutive pages; returns which were read (a page may vanish meanwhile). The
+    process runs on: a page reclaimed since pagemap was read is faulted back in by the
+    read (the only way reading can change it, and only where it raced)."""
     got = np.ones(len(vpns), dtype=bool)
     if not len(vpns):
         return got
@@ -362,18 +377,26 @@ def _read_pages(pid: int, vpns: np.ndarray, out: np.ndarray) -> np.ndarray:
     return got
 
 
+def _real_uid(pid: str) -> int | None:
+    # /proc/PID itself is owned by root when the process is not dumpable (after a
+    # setuid, for one), so ask its status for its real uid.
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def readable_pids(uid: int | None = None) -> list[int]:
-    """Every process but this one (optionally only those of ``uid``), by pid."""
+    """Every process but this one (optionally only those whose real uid is ``uid``)."""
     me = os.getpid()
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
-        if uid is not None:
-            try:
-                if os.stat(f"/proc/{entry}").st_uid != uid:
-                    continue
-            except OSError:
-                continue
+        if uid is not None and _real_uid(entry) != uid:
+            continue
         pids.append(int(entry))
     return sorted(pids)

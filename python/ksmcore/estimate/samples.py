@@ -17,13 +17,17 @@ SAMPLE_VMS = 4
 SAMPLE_PAGES = 16384  # 64 MiB per VM
 
 
-def sample_sources(vms: int = SAMPLE_VMS, pages: int = SAMPLE_PAGES, seed: int = 2013) -> list[Source]:
+def sample_sources(vms: int = SAMPLE_VMS, pages: int = SAMPLE_PAGES,
+                   seed: int = 2013) -> list[Source]:
     return [
-        Source(f"sample:vm{i}", "sample", [image],
-               notes=["generated VM-like image (40% shared OS, 20% zero, 10% repeated)"]
-               if i == 0 else [])
+        Source(f"sample:vm{i}", "sample", [image])
         for i, image in enumerate(vm_like_images(vms, pages, seed))
     ]
+
+
+def describe(vms: int = SAMPLE_VMS, pages: int = SAMPLE_PAGES) -> str:
+    return (f"sample: {vms} generated VM-like images of {pages * 4096 >> 20} MiB (40% pages "
+            "common to all, 20% zero, 10% repeated within one, 30% unique)")
 
 
 def write_images(directory: str | os.PathLike[str], vms: int = SAMPLE_VMS,

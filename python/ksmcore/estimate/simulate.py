@@ -106,7 +106,8 @@ def new_machine(nodes: int, knobs: Knobs, machine_cls: Any = None) -> Any:
             setattr(m.ksm, name, value)
         except OSError as e:
             why = e.strerror or errno.errorcode.get(e.errno or 0, "invalid")
-            raise EstimateError(f"{knob_option(name)} {value}: refused ({why})", EXIT_USAGE) from None
+            raise EstimateError(f"{knob_option(name)} {value}: refused ({why})",
+                                EXIT_USAGE) from None
     return m
 
 
@@ -116,7 +117,8 @@ def load(m: Any, sources: Sequence[Source]) -> list[Any]:
     procs = []
     for src in sources:
         check_node(src.node, m.nodes, src.name)
-        p = m.spawn()
+        # the process runs on its memory's node (its home node, for later COW copies)
+        p = m.spawn() if src.node is None else m.spawn(node=src.node)
         for seg in src.segments:
             addr = p.mmap_image(seg, node=src.node)
             p.madvise(addr, len(seg) * PAGE_SIZE, MADV_MERGEABLE)
@@ -141,7 +143,7 @@ class Run:
         return len(self.scans)
 
 
-def _converged_at(scans: list[dict[str, Any]]) -> int | None:
+def converged_at_scan(scans: list[dict[str, Any]]) -> int | None:
     """The first full scan of the final unchanged run, once STILL_SCANS scans after it
     changed nothing; else None."""
     k = len(scans)
@@ -184,7 +186,7 @@ def run_ksmd(m: Any, max_scans: int = 50, on_batch: BatchHook | None = None) -> 
         if int(s["full_scans"]) > len(scans):
             ends.append(len(processed) - 1)
             scans.append(s)
-            at = _converged_at(scans)
+            at = converged_at_scan(scans)
             if at is not None:
                 run.converged, run.converged_at = True, at
                 break

@@ -10,7 +10,6 @@ completely before returning, so a bad source fails before any output.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import stat
@@ -55,7 +54,7 @@ def split_node(spec: str, what: str) -> tuple[str, int | None]:
     return m.group(1), node
 
 
-def _check_file(path: str) -> int:
+def check_file(path: str) -> int:
     """The size of the regular file ``path``, or EstimateError naming what is wrong."""
     try:
         st = os.stat(path)
@@ -112,7 +111,7 @@ def page_rows(data: np.ndarray, offset: int, size: int, allow_partial: bool,
 
 def open_raw_image(path: str, allow_partial: bool = False) -> Source:
     """A raw memory image: the file's bytes are the pages, in order."""
-    size = _check_file(path)
+    size = check_file(path)
     if size == 0:
         raise EstimateError(f"{path}: empty file (0 bytes), no pages to scan")
     segments = page_rows(map_file(path), 0, size, allow_partial, path)
@@ -126,7 +125,7 @@ def open_file(path: str, fmt: str = "auto", allow_partial: bool = False) -> Sour
     """A raw image or an ELF core dump; ``fmt="auto"`` tells them by the ELF magic."""
     if fmt not in FORMATS:
         raise EstimateError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}", EXIT_USAGE)
-    size = _check_file(path)
+    size = check_file(path)
     is_elf = size >= 4 and _head(path, 4) == ELF_MAGIC
     if fmt == "core" or (fmt == "auto" and is_elf):
         from .elfcore import open_core  # pyelftools is needed for cores only
@@ -141,7 +140,3 @@ def check_node(node: int | None, nodes: int, what: str) -> None:
             f"{what}@{node}: no NUMA node {node} (the machine has {nodes}; see --nodes)",
             EXIT_USAGE,
         )
-
-
-def strerror(e: OSError) -> str:
-    return e.strerror or os.strerror(e.errno or errno.EIO)

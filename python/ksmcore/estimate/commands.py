@@ -1,0 +1,381 @@
+"""The ``estimate`` and ``tune`` subcommands: options, sources, output.
+
+Everything that can fail is done before anything is printed on stdout: bad input
+gives one line on stderr and a non-zero exit (1: a file or process; 2: an option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pwd
+import re
+import sys
+from dataclasses import replace
+from typing import Any, NoReturn, TextIO
+
+from . import plot, report, samples, tune
+from .errors import EXIT_USAGE, EstimateError
+from .procmem import ProcessUnreadable, mem_available, read_process, readable_pids
+from .samples import sample_sources
+from .simulate import DEFAULT_COST_PER_PAGE_US, Knobs, load, new_machine, run_ksmd
+from .sources import FORMATS, Source, check_node, open_file, split_node
+
+DEFAULT_MAX_SCANS = 50
+HEADROOM = 256 << 20
+
+
+# --------------------------------------------------------------------------------
+# options
+
+
+def _nonneg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return v
+
+
+def _add_sources(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sources (each becomes one process of the simulated machine)")
+    g.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="a raw memory image (whole 4096-byte pages) or an ELF core dump "
+                        "(gcore, QEMU dump-guest-memory); FILE@NODE places it on a NUMA node")
+    g.add_argument("--pid", action="append", default=[], metavar="PID[@NODE]",
+                   help="a live process, read through /proc (repeatable)")
+    g.add_argument("--all", action="store_true",
+                   help="every process this user may read (not this one)")
+    g.add_argument("--user", metavar="USER",
+                   help="with --all: only the processes of USER (a name or uid)")
+    g.add_argument("--mergeable-only", action="store_true",
+                   help="live processes: only ranges already marked mergeable (madvise or "
+                        "prctl), i.e. what the running kernel's KSM scans today")
+    g.add_argument("--sample", action="store_true",
+                   help="the built-in sample: 4 generated VM-like images of 64 MiB")
+    g.add_argument("--format", choices=FORMATS, default="auto",
+                   help="how to read SOURCE files (auto: ELF cores by their magic, else raw)")
+    g.add_argument("--allow-partial", action="store_true",
+                   help="pad a file (or core segment) whose size is not a whole number of "
+                        "pages with zeros, instead of refusing it")
+
+
+def _add_machine(p: argparse.ArgumentParser, swept: bool) -> None:
+    g = p.add_argument_group("the simulated machine (/sys/kernel/mm/ksm knobs; kernel defaults)")
+    g.add_argument("--nodes", type=int, default=1, help="NUMA nodes (default 1)")
+    g.add_argument("--merge-across-nodes", type=_nonneg, default=1, metavar="0|1")
+    g.add_argument("--max-page-sharing", type=_nonneg, default=256, metavar="N")
+    g.add_argument("--use-zero-pages", type=_nonneg, default=0, metavar="0|1")
+    if not swept:
+        g.add_argument("--smart-scan", type=_nonneg, default=1, metavar="0|1")
+        g.add_argument("--pages-to-scan", type=_nonneg, default=100, metavar="N")
+        g.add_argument("--sleep-millisecs", type=_nonneg, default=20, metavar="MS")
+    g.add_argument("--cost-per-page-us", type=_positive_float, default=DEFAULT_COST_PER_PAGE_US,
+                   metavar="US",
+                   help="ksmd's CPU time per page it scans (default %(default).2f, calibrated "
+                        "on this machine's kernel)")
+    g.add_argument("--max-scans", type=int, default=DEFAULT_MAX_SCANS, metavar="N",
+                   help="give up after N full scans without convergence (default %(default)s)")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead")
+    g.add_argument("--plot", metavar="FILE.png", help="draw a PNG plot (matplotlib)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (shown on stderr only when it is a terminal)")
+
+
+def _one_line_errors(p: argparse.ArgumentParser) -> None:
+    """Malformed options get one line on stderr too, not argparse's usage block."""
+
+    def error(message: str) -> NoReturn:
+        p.exit(EXIT_USAGE, f"{p.prog}: {message} (see --help)\n")
+
+    p.error = error  # type: ignore[method-assign]
+
+
+def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
+    est = sub.add_parser(
+        "estimate",
+        help="what KSM would save on real memory (images, cores, live processes)",
+        description="Run ksmd (the kernel's algorithm, simulated) on memory images, ELF "
+                    "core dumps or live processes until its counters converge, and report "
+                    "what KSM would save and how long ksmd would take. The host's KSM is "
+                    "never touched.",
+    )
+    _add_sources(est)
+    _add_machine(est, swept=False)
+    _add_output(est)
+    est.set_defaults(func=run_estimate)
+    _one_line_errors(est)
+
+    tn = sub.add_parser(
+        "tune",
+        help="which pages_to_scan/sleep_millisecs/smart_scan reach the savings, at what cost",
+        description="Sweep pages_to_scan x sleep_millisecs x smart_scan on the sources and "
+                    "show the time to 50/90/100%% of the savings against pages scanned per "
+                    "second; name the cheapest setting reaching 90%% within --within.",
+    )
+    _add_sources(tn)
+    _add_machine(tn, swept=True)
+    g = tn.add_argument_group("the sweep")
+    g.add_argument("--pages-to-scan-values", default=",".join(map(str, tune.DEFAULT_PAGES_TO_SCAN)),
+                   metavar="N,N,...")
+    g.add_argument("--sleep-millisecs-values",
+                   default=",".join(map(str, tune.DEFAULT_SLEEP_MILLISECS)), metavar="MS,MS,...")
+    g.add_argument("--smart-scan-values", default=",".join(map(str, tune.DEFAULT_SMART_SCAN)),
+                   metavar="0,1")
+    g.add_argument("--within", default=tune.DEFAULT_WITHIN, metavar="DURATION",
+                   help="target time to 90%% of the savings (10m, 90s, 1h; default %(default)s)")
+    _add_output(tn)
+    tn.set_defaults(func=run_tune)
+    _one_line_errors(tn)
+    return {"estimate": est, "tune": tn}
+
+
+# --------------------------------------------------------------------------------
+# sources
+
+
+def _uid(user: str) -> int:
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise EstimateError(f"--user {user}: no such user", EXIT_USAGE) from None
+
+
+def _pid_spec(spec: str) -> tuple[int, int | None]:
+    m = re.fullmatch(r"(\d+)(?:@(\d+))?", spec.strip())
+    if not m:
+        raise EstimateError(f"--pid {spec!r}: expected a process id, optionally @NODE",
+                            EXIT_USAGE)
+    return int(m.group(1)), (int(m.group(2)) if m.group(2) else None)
+
+
+def gather(args: argparse.Namespace) -> tuple[list[Source], list[str]]:
+    """Every source, in order: the sample, files, --pid, --all. Also remarks on what
+    was left out (printed with the report)."""
+    if args.user and not args.all:
+        raise EstimateError("--user applies to --all only", EXIT_USAGE)
+    if args.nodes < 1 or args.nodes > 64:
+        raise EstimateError(f"--nodes {args.nodes}: expected 1..64", EXIT_USAGE)
+    # every spec is checked before anything is read
+    pids = [_pid_spec(spec) for spec in args.pid]
+    for pid, node in pids:
+        check_node(node, args.nodes, f"--pid {pid}")
+    files = [split_node(spec, "source") for spec in args.sources]
+    for path, node in files:
+        check_node(node, args.nodes, path)
+    uid = _uid(args.user) if args.user else None
+    sources: list[Source] = []
+    remarks: list[str] = []
+    if args.sample:
+        sources += sample_sources()
+        remarks.append(samples.describe())
+    for path, node in files:
+        src = open_file(path, args.format, args.allow_partial)
+        src.node = node
+        sources.append(src)
+    budget = mem_available() - HEADROOM
+    for pid, node in pids:
+        src = read_process(pid, args.mergeable_only, budget=budget)
+        budget -= src.npages * 4096
+        src.node = node
+        sources.append(src)
+    if args.all:
+        skipped: dict[str, list[int]] = {"denied": [], "gone": [], "empty": []}
+        nothing = 0
+        for pid in readable_pids(uid):
+            try:
+                src = read_process(pid, args.mergeable_only, budget=budget)
+            except ProcessUnreadable as e:
+                skipped[e.reason].append(pid)
+                continue
+            budget -= src.npages * 4096
+            if src.npages:
+                sources.append(src)
+            else:
+                nothing += 1
+        who = f"of user {args.user} " if args.user else ""
+        remarks.append(
+            f"--all: {sum(1 for s in sources if s.kind == 'process')} processes {who}read"
+            + (f", {nothing} with no candidate memory left out" if nothing else "")
+            + (f", {len(skipped['denied'])} not readable (needs root or CAP_SYS_PTRACE)"
+               if skipped["denied"] else "")
+            + (f", {len(skipped['empty'])} kernel threads or zombies" if skipped["empty"] else "")
+            + (f", {len(skipped['gone'])} exited meanwhile" if skipped["gone"] else "")
+        )
+    if not sources:
+        raise EstimateError("nothing to estimate: name image or core files, --pid PID, --all "
+                            "or --sample", EXIT_USAGE)
+    return sources, remarks
+
+
+# --------------------------------------------------------------------------------
+# progress
+
+
+class _ScanBar:
+    """A tqdm bar of the pages of the current full scan, reset at each full scan."""
+
+    def __init__(self, pages: int, stream: TextIO) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=pages, unit="page", unit_scale=True, file=stream, leave=False,
+                        desc="full scan 1", dynamic_ncols=True)
+        self.scans = 0
+
+    def __call__(self, processed: int, stats: dict[str, Any]) -> None:
+        fs = int(stats["full_scans"])
+        if fs != self.scans:
+            self.scans = fs
+            self.bar.reset()
+            self.bar.set_description(f"full scan {fs + 1}")
+            saved = (int(stats["pages_sharing"]) + int(stats["ksm_zero_pages"])) * 4096 / 2**20
+            self.bar.set_postfix_str(f"saved {saved:.1f} MiB", refresh=False)
+        else:
+            self.bar.update(processed)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress_wanted(args: argparse.Namespace) -> bool:
+    return not args.no_progress and sys.stderr.isatty()
+
+
+# --------------------------------------------------------------------------------
+# the commands
+
+
+def _knobs(args: argparse.Namespace) -> Knobs:
+    return Knobs(
+        merge_across_nodes=args.merge_across_nodes,
+        max_page_sharing=args.max_page_sharing,
+        pages_to_scan=getattr(args, "pages_to_scan", 100),
+        sleep_millisecs=getattr(args, "sleep_millisecs", 20),
+        smart_scan=getattr(args, "smart_scan", 1),
+        use_zero_pages=args.use_zero_pages,
+    )
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    if args.max_scans < 1:
+        raise EstimateError(f"--max-scans {args.max_scans}: expected at least 1", EXIT_USAGE)
+    if args.plot:
+        plot.check_path(args.plot)
+
+
+def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The report (text or JSON) for ``ksmcore estimate``, computed in full."""
+    _check_common(args)
+    knobs = _knobs(args)
+    cost = args.cost_per_page_us * 1e-6
+    new_machine(args.nodes, knobs)  # refuse bad knobs before reading anything
+    sources, remarks = gather(args)
+    m = new_machine(args.nodes, knobs)
+    procs = load(m, sources)
+    bar = _ScanBar(sum(s.npages for s in sources), sys.stderr) if _progress_wanted(args) else None
+    try:
+        run = run_ksmd(m, args.max_scans, on_batch=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    result = report.build(m, procs, sources, run, knobs, cost)
+    result["remarks"] = remarks
+    if args.plot:
+        plot.savings(args.plot, result, run, cost)
+    if args.json:
+        return json.dumps(result, indent=1) + "\n", result
+    out = report.text(result)
+    extra = list(remarks) + ([f"plot: {args.plot}"] if args.plot else [])
+    if extra:
+        out += "\n" + "\n".join(extra) + "\n"
+    return out, result
+
+
+def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The table (text or JSON) for ``ksmcore tune``, computed in full."""
+    _check_common(args)
+    within = tune.parse_duration(args.within)
+    pts = tune.parse_values(args.pages_to_scan_values, "--pages-to-scan-values", 1)
+    sleeps = tune.parse_values(args.sleep_millisecs_values, "--sleep-millisecs-values", 0)
+    smart = tune.parse_values(args.smart_scan_values, "--smart-scan-values", 0)
+    base = _knobs(args)
+    for p in pts:  # every setting must be one the kernel takes
+        for s in smart:
+            for sl in sleeps:
+                new_machine(args.nodes, replace(base, pages_to_scan=p, smart_scan=s,
+                                                sleep_millisecs=sl))
+    cost = args.cost_per_page_us * 1e-6
+    sources, remarks = gather(args)
+    advisor = tune.advisor_status(args.nodes)
+    bar = None
+    hook = None
+    if _progress_wanted(args):
+        from tqdm import tqdm
+
+        runs = len(pts) * len(smart) + (len(sleeps) if advisor[0] else 0)
+        bar = tqdm(total=runs, unit="run", file=sys.stderr, leave=False)
+
+        def hook(what: str) -> None:
+            bar.set_description(what)
+            bar.update(1)
+
+    try:
+        rows = tune.sweep(sources, base, args.nodes, cost, pts, sleeps, smart, args.max_scans,
+                          hook, advisor=advisor[0])
+    finally:
+        if bar is not None:
+            bar.close()
+    result = tune.build(sources, rows, within, advisor, base, cost)
+    result["remarks"] = remarks
+    if args.plot:
+        plot.tune(args.plot, rows, within, result["cheapest"])
+    if args.json:
+        return json.dumps(result, indent=1) + "\n", result
+    out = tune.text(result)
+    extra = list(remarks) + ([f"plot: {args.plot}"] if args.plot else [])
+    if extra:
+        out += "\n" + "\n".join(extra) + "\n"
+    return out, result
+
+
+def _run(args: argparse.Namespace, make: Any) -> int:
+    try:
+        out, _ = make(args)
+    except EstimateError as e:
+        print(f"ksmcore {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except MemoryError:
+        print(f"ksmcore {args.command}: out of memory", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ksmcore {args.command}: interrupted", file=sys.stderr)
+        return 130
+    sys.stdout.write(out)
+    sys.stdout.flush()
+    return 0
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    return _run(args, estimate)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    return _run(args, tune_report)

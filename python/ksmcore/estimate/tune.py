@@ -1,0 +1,267 @@
+"""``ksmcore tune``: sweep pages_to_scan x sleep_millisecs x smart_scan and show, for
+each setting, how long ksmd takes to reach 50/90/100% of the savings against what it
+costs (pages scanned per second), and name the cheapest setting that reaches 90%
+within a target time.
+
+Batch boundaries never change what ksmd decides, so one simulation per
+(smart_scan, pages_to_scan) serves every sleep_millisecs: only the clock differs
+(:func:`~.simulate.ksmd_times`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from ..constants import PAGE_SIZE
+from .errors import EXIT_USAGE, EstimateError
+from .report import _table, duration, mib
+from .simulate import (
+    Knobs,
+    converged_at_scan,
+    cpu_fraction,
+    ksmd_times,
+    load,
+    milestone_times,
+    new_machine,
+    pages_per_second,
+    run_ksmd,
+)
+from .sources import Source
+
+DEFAULT_PAGES_TO_SCAN = (100, 500, 1000, 5000, 10000)
+DEFAULT_SLEEP_MILLISECS = (10, 20, 100, 200)
+DEFAULT_SMART_SCAN = (0, 1)
+DEFAULT_WITHIN = "10m"
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"10m"``, ``"90s"``, ``"1.5h"``, ``"500ms"`` or ``"90"`` (seconds)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|min|m|h)?\s*", text)
+    if not m:
+        raise EstimateError(f"--within {text!r}: expected a duration such as 10m, 90s or 1h",
+                            EXIT_USAGE)
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def parse_values(text: str, option: str, low: int = 0) -> tuple[int, ...]:
+    """``"100,500,1000"`` as ints (each >= ``low``), without duplicates, in order."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < low for v in values):
+        raise EstimateError(f"{option} {text!r}: expected a comma-separated list of integers "
+                            f">= {low}", EXIT_USAGE)
+    return tuple(dict.fromkeys(values))
+
+
+def advisor_status(nodes: int) -> tuple[bool, str]:
+    """Whether the scan-time advisor can join the sweep: it needs the machine's own
+    simulated clock (``Machine.run_for``, ``Machine.clock``), since it sets
+    pages_to_scan from how long full scans take."""
+    m = new_machine(nodes, Knobs())
+    try:
+        m.ksm.advisor_mode = "scan-time"
+    except (OSError, AttributeError) as e:
+        return False, f"advisor_mode=scan-time is refused by this ksmcore ({e})"
+    if not (hasattr(m, "run_for") and hasattr(m, "clock")):
+        return False, ("this ksmcore has no simulated clock yet (Machine.run_for), which the "
+                       "advisor needs to time its scans")
+    return True, ("advisor_mode=scan-time with smart_scan 1, for each sleep_millisecs; "
+                  "its pages/s and CPU are averages over the run")
+
+
+def _advisor_row(sources: Sequence[Source], base: Knobs, nodes: int, cost_per_page_s: float,
+                 sleep: int, max_scans: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """ksmd with the scan-time advisor, on the machine's own clock: the advisor reads
+    scan times, so the clock cannot be computed afterwards as for fixed settings.
+    Observed after every run_for step (a tenth of a full scan at most), so its times
+    are that coarse."""
+    knobs = replace(base, smart_scan=1, sleep_millisecs=sleep)
+    m = new_machine(nodes, knobs)
+    if hasattr(m, "cost_model"):
+        from ..timing import CostModel  # the same cost as the fixed settings
+
+        m.cost_model = CostModel(page_ns=round(cost_per_page_s * 1e9))
+    m.ksm.advisor_mode = "scan-time"
+    load(m, sources)
+    total = sum(s.npages for s in sources)
+    t0 = m.clock
+    times: list[float] = []
+    saved: list[int] = []
+    scans: list[dict[str, Any]] = []
+    converged_at = None
+    if total:
+        m.ksm.run = 1
+        steps = 0
+        # steps are a tenth of a scan: the cap only stops a ksmd that stopped scanning
+        while len(scans) < max_scans and converged_at is None and steps < 100 * max_scans:
+            steps += 1
+            pts = max(1, int(m.ksm.pages_to_scan))
+            scan_s = (total / pts + 1) * (sleep / 1000 + pts * cost_per_page_s)
+            m.run_for(max(scan_s / 10, 1e-3))
+            s = m.ksm.stats()
+            times.append(m.clock - t0)
+            saved.append(int(s["pages_sharing"]) + int(s["ksm_zero_pages"]))
+            while len(scans) < int(s["full_scans"]):
+                scans.append(s)
+            converged_at = converged_at_scan(scans)
+    elapsed = times[-1] if times else 0.0
+    cpu_s = getattr(m, "ksmd_cpu_ns", 0) / 1e9
+    s = m.ksm.stats()
+    row = {
+        "advisor": True,
+        "smart_scan": 1,
+        "pages_to_scan": int(s["pages_to_scan"]),
+        "sleep_millisecs": sleep,
+        "pages_per_second": int(s["pages_scanned"]) / elapsed if elapsed else 0.0,
+        "cpu_fraction": cpu_s / elapsed if elapsed else 0.0,
+        "saved_pages": saved[-1] if saved else 0,
+        "converged": converged_at is not None or not total,
+        "full_scans_to_converge": converged_at or 0,
+    }
+    return row, np.array(saved, np.int64), np.array(times)
+
+
+ProgressHook = Callable[[str], None]
+
+
+def sweep(sources: Sequence[Source], base: Knobs, nodes: int, cost_per_page_s: float,
+          pages_to_scan: Sequence[int], sleep_millisecs: Sequence[int],
+          smart_scan: Sequence[int], max_scans: int,
+          progress: ProgressHook | None = None, advisor: bool = False) -> list[dict[str, Any]]:
+    """One row per setting, with the times to 50/90/100% of the best savings found;
+    with ``advisor``, one more per sleep_millisecs with the scan-time advisor."""
+    runs = []
+    for smart in smart_scan:
+        for pts in pages_to_scan:
+            knobs = replace(base, pages_to_scan=pts, smart_scan=smart)
+            if progress is not None:
+                progress(f"smart_scan {smart}, pages_to_scan {pts}")
+            m = new_machine(nodes, knobs)
+            load(m, sources)
+            run = run_ksmd(m, max_scans)
+            final = int(run.saved[-1]) if len(run.saved) else 0
+            runs.append((smart, pts, run, final))
+    advised = []
+    if advisor:
+        for sleep in sleep_millisecs:
+            if progress is not None:
+                progress(f"advisor, sleep_millisecs {sleep}")
+            advised.append(_advisor_row(sources, base, nodes, cost_per_page_s, sleep,
+                                        max_scans))
+    # Measure every setting against the best savings any reached, so a setting that
+    # converges on less does not look fast.
+    reference = max([r[3] for r in runs] + [a[0]["saved_pages"] for a in advised], default=0)
+    rows = []
+    for row, saved, times in advised:
+        ms = milestone_times(saved, times, reference)
+        rows.append(row | {"t50_s": ms["50%"], "t90_s": ms["90%"], "t100_s": ms["100%"]})
+    for smart, pts, run, final in runs:
+        for sleep in sleep_millisecs:
+            times = ksmd_times(run.processed, sleep, cost_per_page_s)
+            ms = milestone_times(run.saved, times, reference)
+            rows.append({
+                "advisor": False,
+                "smart_scan": smart,
+                "pages_to_scan": pts,
+                "sleep_millisecs": sleep,
+                "pages_per_second": pages_per_second(pts, sleep, cost_per_page_s),
+                "cpu_fraction": cpu_fraction(pts, sleep, cost_per_page_s),
+                "t50_s": ms["50%"],
+                "t90_s": ms["90%"],
+                "t100_s": ms["100%"],
+                "saved_pages": final,
+                "converged": run.converged,
+                "full_scans_to_converge": run.converged_at,
+            })
+    rows.sort(key=lambda r: (r["pages_per_second"], r["smart_scan"]))
+    return rows
+
+
+def cheapest(rows: Sequence[dict[str, Any]], within_s: float) -> dict[str, Any] | None:
+    """The lowest scan rate that reaches 90% of the savings within ``within_s``."""
+    ok = [r for r in rows if r["t90_s"] is not None and r["t90_s"] <= within_s]
+    # ties: the faster one, then smart_scan 1 (the kernel default; it saves CPU on
+    # memory that changes, which a static snapshot cannot show)
+    return min(ok, key=lambda r: (r["pages_per_second"], r["t90_s"], -r["smart_scan"]),
+               default=None)
+
+
+def build(sources: Sequence[Source], rows: list[dict[str, Any]], within_s: float,
+          advisor: tuple[bool, str], base: Knobs, cost_per_page_s: float) -> dict[str, Any]:
+    total = sum(s.npages for s in sources)
+    reference = max((r["saved_pages"] for r in rows), default=0)
+    return {
+        "sources": [s.name for s in sources],
+        "pages": total,
+        "reference_saved_pages": reference,
+        "reference_saved_mib": round(mib(reference), 3),
+        "within_s": within_s,
+        "knobs": {k: v for k, v in base.as_dict().items()
+                  if k not in ("pages_to_scan", "sleep_millisecs", "smart_scan")},
+        "cost_per_page_us": cost_per_page_s * 1e6,
+        "settings": rows,
+        "cheapest": cheapest(rows, within_s),
+        "advisor": {"included": advisor[0], "reason": advisor[1]},
+    }
+
+
+def text(result: dict[str, Any]) -> str:
+    rows = result["settings"]
+    best = result["cheapest"]
+    within = result["within_s"]
+    ref = result["reference_saved_pages"]
+    lines = [
+        f"ksmcore tune: {len(result['sources'])} sources, {result['pages']} pages "
+        f"({result['pages'] * PAGE_SIZE / 2**20:.1f} MiB); savings at convergence: {ref} pages "
+        f"= {result['reference_saved_mib']:.1f} MiB",
+        "fixed knobs: " + ", ".join(f"{k} {v}" for k, v in result["knobs"].items())
+        + f"; cost model {result['cost_per_page_us']:.2f} us per page",
+        "",
+    ]
+    table = []
+    for r in rows:
+        mark = " <" if best is r else ""
+        table.append([
+            r["smart_scan"],
+            f"advisor: {r['pages_to_scan']}" if r.get("advisor") else r["pages_to_scan"],
+            r["sleep_millisecs"],
+            f"{r['pages_per_second']:.0f}", f"{100 * r['cpu_fraction']:.1f}",
+            duration(r["t50_s"]), duration(r["t90_s"]), duration(r["t100_s"]),
+            f"{r['full_scans_to_converge'] if r['converged'] else 'no'}{mark}",
+        ])
+    lines += _table(["smart_scan", "pages_to_scan", "sleep_ms", "pages/s", "CPU%",
+                     "to 50%", "to 90%", "to 100%", "scans"], table, left=0)
+    lines.append("")
+    if not ref:
+        lines.append("nothing to save: KSM would merge nothing in these sources")
+    elif best is None:
+        fastest = min((r for r in rows if r["t90_s"] is not None), key=lambda r: r["t90_s"],
+                      default=None)
+        lines.append(f"no setting reaches 90% of the savings within {duration(within)}"
+                     + (f"; the fastest takes {duration(fastest['t90_s'])} "
+                        f"(pages_to_scan {fastest['pages_to_scan']}, sleep_millisecs "
+                        f"{fastest['sleep_millisecs']}, smart_scan {fastest['smart_scan']})"
+                        if fastest else ""))
+    else:
+        lines.append(
+            f"cheapest setting reaching 90% within {duration(within)} (marked <): "
+            f"pages_to_scan {best['pages_to_scan']}, sleep_millisecs {best['sleep_millisecs']}, "
+            f"smart_scan {best['smart_scan']}: {best['pages_per_second']:.0f} pages/s, "
+            f"{100 * best['cpu_fraction']:.1f}% of one CPU, 90% after {duration(best['t90_s'])}"
+        )
+    adv = result["advisor"]
+    if not adv["included"]:
+        lines.append(f"advisor (advisor_mode=scan-time): left out of the sweep: {adv['reason']}")
+    else:
+        lines.append(f"advisor rows (pages_to_scan \"advisor: N\", N where it settled): "
+                     f"{adv['reason']}")
+    return "\n".join(lines) + "\n"
