@@ -154,3 +154,84 @@ def time_numa_migrations(machine_cls: Any, npages: int = 65_536, nodes: int = 4,
 
 def merge_counters(stats: dict[str, Any]) -> dict[str, int]:
     return {k: int(stats[k]) for k in MERGE_COUNTERS}
+
+
+# ---------------------------------------------------------------------------------
+# ksmcore bench: the table
+
+
+@dataclass
+class Row:
+    workload: str
+    impl: str
+    seconds: float
+    npages: int
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.npages / self.seconds
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.npages * PAGE_SIZE / 2**20 / self.seconds
+
+
+def bench_rows(scale: float = 1.0, kernel: bool = True, reference: bool = True,
+               log: Callable[[str], None] = lambda s: None) -> list[Row]:
+    """Time W1-W4 on the engine, the kernel (where it can run them) and the reference
+    (on slices), checking that the engine and the kernel merge the same way."""
+    import ksmcore
+    import ksmcore.reference
+
+    from .kernel import kernel_available, time_kernel
+
+    use_kernel = kernel and kernel_available()[0]
+    n = max(4096, int(262_144 * scale))
+    rows: list[Row] = []
+
+    def add(workload: str, impl: str, t: Timed) -> None:
+        rows.append(Row(workload, impl, t.seconds, t.npages))
+        log(f"{workload} {impl}: {t.npages} pages in {t.seconds:.3f} s")
+
+    for name, make in (("W1", w1_workload), ("W2", w2_workload)):
+        w = make(npages=n)
+        engine = time_workload(ksmcore.Machine, w)
+        add(name, "engine", engine)
+        if use_kernel:
+            seconds, result = time_kernel(w)
+            got = {k: result.counters[k] for k in MERGE_COUNTERS}
+            if got != merge_counters(engine.stats):
+                raise RuntimeError(f"{name}: the kernel merged {got}, the engine "
+                                   f"{merge_counters(engine.stats)}")
+            add(name, "kernel", Timed(seconds, w.npages, result.sysfs))
+        if reference:
+            add(name, "reference", time_workload(ksmcore.reference.Machine, make(npages=4096)))
+    tree = w3_fork_tree(npages=max(1024, n // 16))
+    engine = time_fork_tree(ksmcore.Machine, tree)
+    add("W3", "engine", engine)
+    if use_kernel:
+        w = Workload("W3", [tree.parent], knobs=dict(KNOBS), full_scans=2)
+        seconds, result = time_kernel(w, writes=tree.writes)
+        if {k: result.counters[k] for k in MERGE_COUNTERS} != merge_counters(engine.stats):
+            raise RuntimeError("W3: the kernel and the engine merged differently")
+        add("W3", "kernel", Timed(seconds, tree.npages, result.sysfs))
+    if reference:
+        add("W3", "reference", time_fork_tree(ksmcore.reference.Machine, w3_fork_tree(1024)))
+    add("W4", "engine", time_numa_migrations(ksmcore.Machine, npages=n))
+    if reference:
+        add("W4", "reference", time_numa_migrations(ksmcore.reference.Machine, npages=8192))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [f"{'workload':<9}{'impl':<11}{'pages':>9}{'seconds':>10}{'pages/s':>12}"
+             f"{'MiB/s':>9}  engine is"]
+    per_page = {(r.workload, r.impl): r.seconds / r.npages for r in rows}
+    for r in rows:
+        ratio = ""
+        e = per_page.get((r.workload, "engine"))
+        if e is not None and r.impl != "engine":
+            ratio = f"{per_page[(r.workload, r.impl)] / e:.1f}x faster than {r.impl}"
+        lines.append(f"{r.workload:<9}{r.impl:<11}{r.npages:>9}{r.seconds:>10.3f}"
+                     f"{r.pages_per_s:>12,.0f}{r.mib_per_s:>9,.0f}  {ratio}")
+    return "\n".join(lines)

@@ -62,6 +62,33 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import platform
+
+    from .bench import bench_rows, format_table
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    rows = bench_rows(args.scale, kernel=not args.no_kernel, reference=not args.no_reference,
+                      log=log)
+    print(f"ksmcore bench on {platform.node()} ({platform.machine()}, Linux "
+          f"{platform.release()}, {_cpu_model()}), W1-W2 at {int(262_144 * args.scale)} pages")
+    print(format_table(rows))
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ksmcore", description="Linux KSM (mm/ksm.c) as a user-space engine."
@@ -73,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--pages-to-scan", type=int, default=4096)
     demo.add_argument("--max-scans", type=int, default=20)
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="time W1-W4: engine vs kernel ksmd vs reference")
+    bench.add_argument("--scale", type=float, default=1.0,
+                       help="W1/W2 size as a fraction of 1 GiB (default 1)")
+    bench.add_argument("--no-kernel", action="store_true", help="leave the real ksmd out")
+    bench.add_argument("--no-reference", action="store_true", help="leave the reference out")
+    bench.set_defaults(func=_bench)
     # estimate and tune (their modules load only when the command line is parsed)
     from .estimate.commands import add_parsers
 
