@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .constants import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, ZERO_PFN
+from .constants import MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, ZERO_PFN
 from .errors import KsmdNotRunning
 
 if TYPE_CHECKING:
     from .engine import Machine, Process
 
 __all__ = [
+    "MADV_DONTNEED",
     "MADV_MERGEABLE",
     "MADV_UNMERGEABLE",
     "PAGE_SIZE",

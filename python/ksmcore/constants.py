@@ -9,6 +9,7 @@ MMAP_BASE = 0x10000000  # first address a process's mmap returns
 
 MADV_MERGEABLE = 12
 MADV_UNMERGEABLE = 13
+MADV_DONTNEED = 4
 
 # rmap_item->address flag bits (mm/ksm.c)
 SEQNR_MASK = 0x0FF

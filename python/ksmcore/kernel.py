@@ -47,6 +47,12 @@ batches a round: a 2,000-page workload at pages_to_scan 100 takes about 0.6 s.
 
 Chains: with ``stable_node_chains_prune_millisecs`` at its default 2000 ms a kernel run
 shorter than 2 s never prunes (prune time is in jiffies); use 0 for "always prune".
+
+Tracepoints. ``run_kernel(w, trace=True)`` also records the ``ksm`` trace events
+(include/trace/events/ksm.h) from just before the children are spawned to the
+``run=0``, in a private tracefs instance (tracefs is mounted on a temporary directory
+if it is not mounted; the instance is removed and the mount undone on every path), and
+returns them parsed (:func:`parse_trace_line`) in ``result.info["trace"]``.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ import os
 import re
 import select
 import signal
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +95,103 @@ FAST_MIN_BATCHES = 4  # use the fast phase only with at least this many batches 
 SAFE_WINDOW_S = 0.020  # guaranteed part of the LONG_SLEEP_MS sleep, for HZ >= 100
 POLL_S = 0.0002  # busy-poll period for full_scans
 CHILD_READY_TIMEOUT_S = 30.0
+
+
+TRACEFS_MOUNTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+
+# the fields after "name: " in the kernel's TP_printk formats
+_TRACE_FORMATS = {
+    "ksm_start_scan": re.compile(r"seq (-?\d+) rmap size (\d+)$"),
+    "ksm_stop_scan": re.compile(r"seq (-?\d+) rmap size (\d+)$"),
+    "ksm_enter": re.compile(r"mm (\S+)$"),
+    "ksm_exit": re.compile(r"mm (\S+)$"),
+    "ksm_merge_one_page": re.compile(r"ksm pfn (\d+) rmap_item (\S+) mm (\S+) error (-?\d+)$"),
+    "ksm_merge_with_ksm_page": re.compile(
+        r"(ksm )?pfn (\d+) rmap_item (\S+) mm (\S+) error (-?\d+)$"),
+    "ksm_remove_ksm_page": re.compile(r"pfn (\d+)$"),
+    "ksm_remove_rmap_item": re.compile(r"pfn (\d+) rmap_item (\S+) mm (\S+)$"),
+    "ksm_advisor": re.compile(r"ksm scan time (-?\d+) pages_to_scan (\d+) cpu percent (\d+)$"),
+}
+_TRACE_LINE = re.compile(r"^\s*.+-\d+\s+\[\d+\]\s+\S+\s+[\d.]+: (\w+): (.*)$")
+
+
+def parse_trace_line(line: str) -> dict[str, Any] | None:
+    """One line of a tracefs ``trace`` file as an event dict shaped like the model's
+    (ksmcore.tracing): pointers stay the kernel's (hashed) strings, and since the
+    kernel prints only whether ``ksm_page`` is NULL, it is ``True`` or ``None``.
+    Comment lines and events of other systems give None."""
+    m = _TRACE_LINE.match(line)
+    if not m or m.group(1) not in _TRACE_FORMATS:
+        return None
+    name, text = m.group(1), m.group(2)
+    f = _TRACE_FORMATS[name].match(text)
+    if not f:
+        raise ValueError(f"unexpected {name} format: {text!r}")
+    g = f.groups()
+    if name in ("ksm_start_scan", "ksm_stop_scan"):
+        return {"event": name, "seq": int(g[0]), "rmap_entries": int(g[1])}
+    if name in ("ksm_enter", "ksm_exit"):
+        return {"event": name, "mm": g[0]}
+    if name == "ksm_merge_one_page":
+        return {"event": name, "pfn": int(g[0]), "rmap_item": g[1], "mm": g[2], "err": int(g[3])}
+    if name == "ksm_merge_with_ksm_page":
+        return {"event": name, "ksm_page": True if g[0] else None, "pfn": int(g[1]),
+                "rmap_item": g[2], "mm": g[3], "err": int(g[4])}
+    if name == "ksm_remove_ksm_page":
+        return {"event": name, "pfn": int(g[0])}
+    if name == "ksm_remove_rmap_item":
+        return {"event": name, "pfn": int(g[0]), "rmap_item": g[1], "mm": g[2]}
+    return {"event": name, "scan_time": int(g[0]), "pages_to_scan": int(g[1]),
+            "cpu_percent": int(g[2])}
+
+
+def _tracefs_root() -> Path | None:
+    for root in TRACEFS_MOUNTS:
+        if (root / "instances").is_dir():
+            return root
+    return None
+
+
+def trace_available() -> tuple[bool, str]:
+    """Whether run_kernel(trace=True) can record the ksm tracepoints here."""
+    if "tracefs" not in Path("/proc/filesystems").read_text():
+        return False, "no tracefs in this kernel"
+    if os.geteuid() != 0:
+        return False, "needs root"
+    return True, "ok"
+
+
+class _KsmTrace:
+    """A tracefs instance with the ksm events on; ``read()`` parses its buffer."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        root = _tracefs_root()
+        if root is None:
+            mount_dir = Path(tempfile.mkdtemp(prefix="ksmcore-tracefs-"))
+            stack.callback(mount_dir.rmdir)
+            subprocess.run(["mount", "-t", "tracefs", "nodev", str(mount_dir)], check=True,
+                           capture_output=True)
+            stack.callback(subprocess.run, ["umount", str(mount_dir)], check=True,
+                           capture_output=True)
+            root = mount_dir
+        if not (root / "events" / "ksm").is_dir():
+            raise RuntimeError("this kernel has no ksm trace events")
+        self.dir = root / "instances" / f"ksmcore-{os.getpid()}"
+        self.dir.mkdir()
+        stack.callback(self.dir.rmdir)
+        stack.callback((self.dir / "events" / "ksm" / "enable").write_text, "0")
+        (self.dir / "events" / "ksm" / "enable").write_text("1")
+
+    def clear(self) -> None:
+        (self.dir / "trace").write_text("")
+
+    def read(self) -> list[dict[str, Any]]:
+        events = []
+        for line in (self.dir / "trace").read_text().splitlines():
+            e = parse_trace_line(line)
+            if e is not None:
+                events.append(e)
+        return events
 
 
 class _Missed(Exception):
@@ -403,7 +508,8 @@ def _stop_after(full_scans: int, fast: bool, deadline: float) -> float:
     return gap
 
 
-def _attempt(w: Workload, fast_ms: int | None, deadline: float, info: dict[str, Any]) -> Result:
+def _attempt(w: Workload, fast_ms: int | None, deadline: float, info: dict[str, Any],
+             trace: _KsmTrace | None = None) -> Result:
     _reset()
     if read_ksm_stat("self").get("ksm_merge_any"):
         raise RuntimeError("this process is under PR_SET_MEMORY_MERGE; its children would be too")
@@ -419,6 +525,8 @@ def _attempt(w: Workload, fast_ms: int | None, deadline: float, info: dict[str, 
     pids: list[int] = []
     go_r, go_w = os.pipe()
     try:
+        if trace is not None:
+            trace.clear()
         for i, pages in enumerate(w.processes):
             pid, msg = _spawn(pages, go_r, go_w, deadline)
             pids.append(pid)
@@ -433,6 +541,8 @@ def _attempt(w: Workload, fast_ms: int | None, deadline: float, info: dict[str, 
         stats = [read_ksm_stat(pid) for pid in pids]
         result = make_result(before, after, stats, elapsed)
         result.info = dict(info, fast_sleep_ms=fast_ms, stop_gap_ms=round(gap * 1000, 3))
+        if trace is not None:
+            result.info["trace"] = trace.read()
         return result
     finally:
         with _signals_deferred():
@@ -441,8 +551,9 @@ def _attempt(w: Workload, fast_ms: int | None, deadline: float, info: dict[str, 
             _reap(pids)
 
 
-def run_kernel(workload: Workload, timeout: float = 60.0) -> Result:
-    """Run ``workload`` through the real ksmd; the knobs are restored on every path."""
+def run_kernel(workload: Workload, timeout: float = 60.0, trace: bool = False) -> Result:
+    """Run ``workload`` through the real ksmd; the knobs are restored on every path.
+    With ``trace``, ``result.info["trace"]`` holds the ksm trace events of the run."""
     ok, why = kernel_available()
     if not ok:
         raise RuntimeError(f"cannot run the kernel harness: {why}")
@@ -451,21 +562,25 @@ def run_kernel(workload: Workload, timeout: float = 60.0) -> Result:
         raise RuntimeError(f"/proc/<pid>/ksm_stat lacks {sorted(missing)}")
     deadline = time.monotonic() + timeout
     saved = save_knobs()
-    try:
-        first = _fast_sleep_ms(workload)
+    with contextlib.ExitStack() as stack:
         try:
-            return _attempt(workload, first, deadline, {"attempts": 1})
-        except _Missed as e:
-            miss = e
-        try:  # the retry sleeps long throughout
-            return _attempt(workload, None, deadline, {"attempts": 2, "missed": str(miss)})
-        except _Missed as e:
-            raise RuntimeError(
-                f"{workload.name}: could not stop ksmd between rounds ({miss}; then {e})"
-            ) from e
-    finally:
-        with _signals_deferred():
-            restore_knobs(saved)
+            tracer = _KsmTrace(stack) if trace else None
+            first = _fast_sleep_ms(workload)
+            try:
+                return _attempt(workload, first, deadline, {"attempts": 1}, tracer)
+            except _Missed as e:
+                miss = e
+            try:  # the retry sleeps long throughout
+                return _attempt(workload, None, deadline, {"attempts": 2, "missed": str(miss)},
+                                tracer)
+            except _Missed as e:
+                raise RuntimeError(
+                    f"{workload.name}: could not stop ksmd between rounds ({miss}; then {e})"
+                ) from e
+        finally:
+            with _signals_deferred():
+                restore_knobs(saved)
+    raise AssertionError("unreachable")
 
 
 def time_kernel(workload: Workload, timeout: float = 300.0,
@@ -521,3 +636,55 @@ def time_kernel(workload: Workload, timeout: float = 300.0,
     finally:
         with _signals_deferred():
             restore_knobs(saved)
+
+
+def run_kernel_advisor(workload: Workload, advisor: dict[str, int], sleep_millisecs: int,
+                       timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Run ``workload`` with the scan-time advisor on (``advisor``: the advisor_* knobs
+    other than advisor_mode, written first; then advisor_mode=scan-time, which sets
+    pages_to_scan to advisor_min_pages_to_scan) until ``workload.full_scans`` full scans
+    ended, recording the ksm trace events. Nothing here stops ksmd exactly between
+    rounds: what is compared is each ksm_advisor event's arithmetic. The knobs and
+    tracefs are restored on every path."""
+    ok, why = kernel_available()
+    if not ok:
+        raise RuntimeError(f"cannot run the kernel harness: {why}")
+    deadline = time.monotonic() + timeout
+    saved = save_knobs()
+    pids: list[int] = []
+    with contextlib.ExitStack() as stack:
+        try:
+            tracer = _KsmTrace(stack)
+            _reset()  # ksmd's cursor at the list head: the first round starts cleanly
+            _write("advisor_mode", "none")
+            for name, value in workload.effective_knobs().items():
+                if name != "pages_to_scan" and (KSM_DIR / name).exists():
+                    _write(name, value)
+            for name, value in advisor.items():
+                _write(name, value)
+            _write("sleep_millisecs", sleep_millisecs)
+            _write("advisor_mode", "scan-time")
+            go_r, go_w = os.pipe()
+            try:
+                tracer.clear()
+                for i, pages in enumerate(workload.processes):
+                    pid, msg = _spawn(pages, go_r, go_w, deadline)
+                    pids.append(pid)
+                    if msg != b"ready":
+                        raise RuntimeError(f"{workload.name}: child {i} failed: {msg.decode()}")
+                _write("run", 1)
+                while _read_int("full_scans") < workload.full_scans:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{workload.name}: ksmd too slow")
+                    time.sleep(0.005)
+                _write("run", 0)
+                return tracer.read()
+            finally:
+                with _signals_deferred():
+                    os.close(go_w)
+                    os.close(go_r)
+                    _reap(pids)
+        finally:
+            with _signals_deferred():
+                restore_knobs(saved)
+    raise AssertionError("unreachable")

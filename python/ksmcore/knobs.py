@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 
-from .constants import COUNTERS, KNOB_DEFAULTS
+from .constants import COUNTERS, KNOB_DEFAULTS, PAGE_SIZE
 from .errors import ksm_error
 
 U32_MAX = (1 << 32) - 1
@@ -24,37 +24,46 @@ def _strip_newline(text: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-def _kstrtoull(text: str) -> int:
-    """Base-10 kstrtoull(): an optional '+', digits, one optional newline."""
-    s = text[1:] if text.startswith("+") else text
-    s = _strip_newline(s)
-    if not s or not s.isascii() or not s.isdigit():
-        raise ksm_error(errno.EINVAL, f"not a number: {text!r}")
-    value = int(s)
+def _kstrtoull(s: str) -> int:
+    """lib/kstrtox.c _kstrtoull(), base 10: the longest run of digits (none: EINVAL;
+    overflow: ERANGE, even with junk after it), then one optional newline, then the
+    end of the string (else EINVAL)."""
+    n = 0
+    while n < len(s) and "0" <= s[n] <= "9":
+        n += 1
+    if n == 0:
+        raise ksm_error(errno.EINVAL, f"not a number: {s!r}")
+    value = int(s[:n])
     if value > U64_MAX:
-        raise ksm_error(errno.ERANGE, f"out of range: {text!r}")
+        raise ksm_error(errno.ERANGE, f"out of range: {s!r}")
+    rest = s[n:]
+    if rest not in ("", "\n"):
+        raise ksm_error(errno.EINVAL, f"not a number: {s!r}")
     return value
 
 
+def kstrtoull(text: str) -> int:
+    """kstrtoull(): an optional '+' before _kstrtoull()."""
+    return _kstrtoull(text[1:] if text.startswith("+") else text)
+
+
 def kstrtouint(text: str) -> int:
-    value = _kstrtoull(text)
+    value = kstrtoull(text)
     if value > U32_MAX:
         raise ksm_error(errno.ERANGE, f"out of range for unsigned int: {text!r}")
     return value
 
 
 def kstrtoul(text: str) -> int:
-    return _kstrtoull(text)
+    return kstrtoull(text)
 
 
 def kstrtoint(text: str) -> int:
+    """kstrtoll() then the int range: '-' then _kstrtoull() (no '+' after the '-')."""
     if text.startswith("-"):
-        magnitude = _kstrtoull(text[1:]) if not text[1:].startswith("+") else None
-        if magnitude is None:
-            raise ksm_error(errno.EINVAL, f"not a number: {text!r}")
-        value = -magnitude
+        value = -_kstrtoull(text[1:])
     else:
-        value = _kstrtoull(text)
+        value = kstrtoull(text)
     if not S32_MIN <= value <= S32_MAX:
         raise ksm_error(errno.ERANGE, f"out of range for int: {text!r}")
     return value
@@ -77,6 +86,18 @@ def kstrtobool(text: str) -> bool:
     raise ksm_error(errno.EINVAL, f"not a boolean: {text!r}")
 
 
+def sysfs_buffer(data: str | bytes) -> str | None:
+    """What a store function sees of a write(2) of ``data`` to a sysfs file: at most
+    PAGE_SIZE bytes (kernfs writes no more at once), read as a C string (up to the
+    first NUL). None for an empty write, which returns 0 without calling the store."""
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if not raw:
+        return None
+    raw = raw[:PAGE_SIZE].split(b"\0", 1)[0]
+    # bytes as chars: parsing only ever accepts ASCII, so nothing else can match
+    return raw.decode("latin-1")
+
+
 def _einval(parse, text: str) -> int:
     """Parse, reporting any parse error (ERANGE too) as EINVAL, as most ksm stores do."""
     try:
@@ -85,12 +106,19 @@ def _einval(parse, text: str) -> int:
         raise ksm_error(errno.EINVAL, str(e.strerror)) from None
 
 
-def parse_knob(name: str, text: str) -> int | str:
-    """Value that writing ``text`` to /sys/kernel/mm/ksm/``name`` would set, or OSError."""
-    if name in COUNTERS:
-        raise ksm_error(errno.EACCES, f"{name} is read-only")
-    if name not in KNOB_DEFAULTS:
+def check_file(name: str, write: bool) -> None:
+    """What open(2) of /sys/kernel/mm/ksm/``name`` says: ENOENT for no such file,
+    EACCES when opening a read-only file (mode 0444, no store) for writing."""
+    if name not in KNOB_DEFAULTS and name not in COUNTERS:
         raise ksm_error(errno.ENOENT, f"no such file /sys/kernel/mm/ksm/{name}")
+    if write and name in COUNTERS:
+        raise ksm_error(errno.EACCES, f"/sys/kernel/mm/ksm/{name} is read-only")
+
+
+def parse_knob(name: str, text: str) -> int | str:
+    """Value that the store of /sys/kernel/mm/ksm/``name`` sets for the C string
+    ``text`` (see :func:`sysfs_buffer`), or OSError with the store's errno."""
+    check_file(name, write=True)
     if name == "run":
         value = _einval(kstrtouint, text)
         if value > 2:
@@ -120,19 +148,22 @@ def parse_knob(name: str, text: str) -> int | str:
         if value < 1:
             raise ksm_error(errno.EINVAL, "advisor_target_scan_time must be at least 1")
         return value
-    # advisor_max_cpu, advisor_min_pages_to_scan, advisor_max_pages_to_scan
+    if name == "advisor_max_cpu":
+        # parsed as unsigned long, kept in an unsigned int: the top bits are dropped
+        return _einval(kstrtoul, text) & U32_MAX
+    # advisor_min_pages_to_scan, advisor_max_pages_to_scan
     return _einval(kstrtoul, text)
 
 
-def knob_text(value: object) -> str:
+def knob_text(value: object) -> str | bytes:
     """The text an attribute assignment writes: ints as decimal, bools as 0/1."""
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, str):
+    if isinstance(value, (str, bytes)):
         return value
-    raise TypeError(f"a knob takes an int or a str, not {type(value).__name__}")
+    raise TypeError(f"a knob takes an int, a str or bytes, not {type(value).__name__}")
 
 
 def format_sysfs(name: str, value: int | str) -> str:

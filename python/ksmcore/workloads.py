@@ -105,11 +105,16 @@ def make_result(
     return Result(counters=counters, ksm_stat=stat, sysfs=dict(after), elapsed=elapsed)
 
 
-def run_model(machine_cls: Any, workload: Workload) -> Result:
+def run_model(machine_cls: Any, workload: Workload, trace: bool = False) -> Result:
     """Run ``workload`` through a model machine, in the order the kernel harness uses:
     the processes madvise one after another, then the knobs are set, then run=1 and
-    ``full_scans`` full scans. Usage: ``run_model(ksmcore.reference.Machine, w)``."""
+    ``full_scans`` full scans. Usage: ``run_model(ksmcore.reference.Machine, w)``.
+    With ``trace``, ``result.info["trace"]`` holds the tracepoint events of the run
+    (as ``run_kernel(w, trace=True)`` records them)."""
     m = machine_cls()
+    events: list[dict[str, Any]] = []
+    if trace:
+        m.trace.subscribe(events.append)
     procs = []
     for arr in workload.processes:
         p = m.spawn()
@@ -126,7 +131,10 @@ def run_model(machine_cls: Any, workload: Workload) -> Result:
     before = m.ksm.stats()
     m.ksm.run = 1
     m.ksm.scan(full_scans=workload.full_scans)
-    return make_result(before, m.ksm.stats(), [p.ksm_stat() for p in procs])
+    result = make_result(before, m.ksm.stats(), [p.ksm_stat() for p in procs])
+    if trace:
+        result.info["trace"] = events
+    return result
 
 
 # ---------------------------------------------------------------------------------
@@ -181,7 +189,7 @@ def _near_identical() -> np.ndarray:
 
 
 def parity_workloads() -> list[Workload]:
-    """The generated workloads (deterministic; each at most 2,000 pages)."""
+    """The generated workloads (deterministic; each at most 2,000 pages)."""  # noqa: D401
     star = ord("*")
     w: list[Workload] = []
 
@@ -287,6 +295,45 @@ def parity_workloads() -> list[Workload]:
         "LTP ksm01 phase 1 (c/a/a), 128 pages each",
         max_page_sharing=384,
         pages_to_scan=384,
+    )
+    # issue 4: max_page_sharing at the default and small limits, zero pages among
+    # duplicates, smart scan over many rounds
+    add("dup1000", [_fill(1000, star)], 2, "1000 pages of '*': 4 dups in 1 chain")
+    add(
+        "dup1000_mps16_prune0",
+        [_fill(1000, star)],
+        3,
+        "1000 pages of '*' at limit 16, chains pruned on every search",
+        max_page_sharing=16,
+        stable_node_chains_prune_millisecs=0,
+    )
+    add(
+        "mps3_multiples",
+        [_copies(_random(rng(23), 9), [2, 3, 4, 5, 6, 7, 8, 9, 10], rng(24))],
+        3,
+        "2..10 copies of 9 contents at limit 3",
+        max_page_sharing=3,
+    )
+    add(
+        "mps2_multiples_2proc",
+        [_copies(_random(rng(25), 6), [1, 2, 2, 3, 3, 4], rng(26)),
+         _copies(_random(rng(25), 6), [1, 1, 2, 2, 3, 4], rng(27))],
+        3,
+        "2 processes, 2..8 copies around multiples of 2",
+        max_page_sharing=2,
+    )
+    for z in (0, 1):
+        zd = [np.concatenate([_fill(30, 0), _fill(20, ord("x")), _random(rng(28 + i), 10)])
+              for i in range(2)]
+        for i, arr in enumerate(zd):
+            rng(30 + i).shuffle(arr)
+        add(f"zero_dups_2proc_z{z}", zd, 3,
+            "2 processes: 30 zero pages, 20 of 'x', 10 unique each", use_zero_pages=z)
+    add(
+        "smart_pattern30",
+        [np.concatenate([_random(rng(32), 3), _fill(2, star)])],
+        30,
+        "3 unique pages and 2 duplicates over 30 full scans (smart scan on)",
     )
     add(
         "large_2proc",

@@ -2,7 +2,9 @@
 
 Python walks the mm_slot list and each mm's VMAs as scan_get_next_rmap_item() does;
 one C call (ksm_scan_range) then handles every page of a VMA up to the batch's
-budget: rmap_items, smart scan and cmp_and_merge_page() with both trees.
+budget: rmap_items, smart scan and cmp_and_merge_page() with both trees. Around it
+Python keeps the simulated clock, ksmd's sleeps (run_for), the scan-time advisor and
+the tracepoints (the C core buffers its own; they are drained after each C call).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 from .._native import ffi, lib
 from ..constants import (
     COUNTERS,
+    EWMA_WEIGHT,
     KNOB_DEFAULTS,
+    KSM_ADVISOR_MIN_CPU,
     KSM_RUN_MERGE,
     KSM_RUN_UNMERGE,
     PAGE_SHIFT,
@@ -23,7 +27,9 @@ from ..constants import (
     ZERO_CHECKSUM,
 )
 from ..errors import KsmdNotRunning, ksm_error
-from ..knobs import format_sysfs, knob_text, parse_knob
+from ..knobs import check_file, format_sysfs, knob_text, parse_knob, sysfs_buffer
+from ..timing import NSEC_PER_MSEC, CostModel, seconds_to_ns
+from ..tracing import Event, Tracer, scan_event
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -36,6 +42,22 @@ _CTX_KNOBS = {
     "smart_scan": "smart_scan",
     "stable_node_chains_prune_millisecs": "stable_node_chains_prune_millisecs",
 }
+
+
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+
+
+class _AdvisorCtx:
+    """struct advisor_ctx: the scan-time advisor's memory between full scans."""
+
+    __slots__ = ("start_scan", "scan_time", "change", "cpu_time")
+
+    def __init__(self) -> None:
+        self.start_scan = 0  # ktime (ns) at the start of the current full scan
+        self.scan_time = 0  # seconds the previous full scan took
+        self.change = 0  # EWMA of the change in percent
+        self.cpu_time = 0  # ksmd's run time (ns) at the end of the previous full scan
 
 
 class _MmSlot:
@@ -63,6 +85,16 @@ class Ksm:
         object.__setattr__(self, "_slots", [])
         object.__setattr__(self, "_cursor", None)
         object.__setattr__(self, "_address", 0)
+        # simulated time (timing.py): the clock, ksmd's CPU time, and within a batch
+        # the pages processed so far (the clock moves at the end of the batch)
+        object.__setattr__(self, "_clock_ns", 0)
+        object.__setattr__(self, "_cpu_ns", 0)
+        object.__setattr__(self, "_batch_pages", 0)
+        object.__setattr__(self, "_cost", CostModel())
+        # when ksmd next wakes from its sleep, or None while it waits for work
+        object.__setattr__(self, "_wake", None)
+        object.__setattr__(self, "_advisor", _AdvisorCtx())
+        object.__setattr__(self, "_trace", Tracer(self._trace_switch))
 
     # ---- sysfs
 
@@ -82,17 +114,23 @@ class Ksm:
             raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
 
     def sysfs_read(self, name: str) -> str:
-        stats = self.stats()
-        if name not in stats:
-            raise ksm_error(errno.ENOENT, f"no such file /sys/kernel/mm/ksm/{name}")
-        return format_sysfs(name, stats[name])
+        """The file's contents as the kernel prints them (with the newline)."""
+        check_file(name, write=False)
+        return format_sysfs(name, self.stats()[name])
 
-    def sysfs_write(self, name: str, text: str) -> None:
-        value = parse_knob(name, text)
+    def sysfs_write(self, name: str, text: str | bytes) -> None:
+        """write(2) of ``text`` to /sys/kernel/mm/ksm/``name``: the store's parsing and
+        checks in the kernel's order; a rejected write raises OSError and changes
+        nothing (an EBUSY keeps the stale-node removals the kernel makes too)."""
+        check_file(name, write=True)
+        buf = sysfs_buffer(text)
+        if buf is None:
+            return  # an empty write never reaches the store
         c = self._m.ctx
         knobs = self._knobs
         if name == "pages_to_scan" and knobs["advisor_mode"] != "none":
             raise ksm_error(errno.EINVAL, "pages_to_scan is set by the advisor")
+        value = parse_knob(name, buf)
         if name == "run":
             if value != knobs["run"]:
                 knobs["run"] = value
@@ -102,7 +140,9 @@ class Ksm:
         if name in ("merge_across_nodes", "max_page_sharing"):
             if value == knobs[name]:
                 return
-            if c.pages_shared or lib.ksm_remove_all_stable_nodes(c):
+            busy = c.pages_shared or lib.ksm_remove_all_stable_nodes(c)
+            self._drain()
+            if busy:
                 raise ksm_error(errno.EBUSY, f"{name} cannot change while KSM pages exist")
             knobs[name] = value
             if name == "merge_across_nodes":
@@ -114,10 +154,11 @@ class Ksm:
         if name == "advisor_mode":
             if value != knobs[name]:
                 knobs[name] = value
-                knobs["pages_to_scan"] = (
-                    100 if value == "none" else knobs["advisor_min_pages_to_scan"]
-                ) & 0xFFFFFFFF
+                self._set_advisor_defaults()
             return
+        if name == "sleep_millisecs" and value != knobs[name] and self._wake is not None:
+            # wake_up_interruptible(&ksm_iter_wait): a sleeping ksmd wakes at once
+            self._wake = self._clock_ns
         knobs[name] = value
         if name in _CTX_KNOBS:
             setattr(c, _CTX_KNOBS[name], int(value))
@@ -205,25 +246,32 @@ class Ksm:
         return next((s for s in self._slots if s.mm is mm), None)
 
     def _ksm_enter(self, mm: Process) -> None:
+        """__ksm_enter(): a slot just before the cursor (scanned last), or at the tail
+        during run=2."""
         slot = _MmSlot(mm)
         if self._knobs["run"] & KSM_RUN_UNMERGE or self._cursor is None:
             self._slots.append(slot)  # at the tail (before the head when the cursor is there)
         else:
             self._slots.insert(self._index(self._cursor), slot)  # just before the cursor
         mm.ksm_registered = True
+        if self._trace.active:
+            self._trace.emit({"event": "ksm_enter", "mm": mm.pid})
 
     def _ksm_exit(self, mm: Process) -> None:
+        """__ksm_exit(), for a registered mm: free the slot now if it has no
+        rmap_items, else leave it to ksmd just after the cursor."""
         slot = self._slot_of(mm)
-        if slot is None or slot is self._cursor:
-            return
-        self._slots.remove(slot)
-        if not self._m.mem.mm["mm_rmap_items"][mm.mm_id]:
-            mm.ksm_registered = False
-            mm.merge_any = False
-            return
-        # ksmd frees its rmap_items next: move the slot just after the cursor
-        at = 0 if self._cursor is None else self._index(self._cursor) + 1
-        self._slots.insert(at, slot)
+        if slot is not None and slot is not self._cursor:
+            self._slots.remove(slot)
+            if not self._m.mem.mm["mm_rmap_items"][mm.mm_id]:
+                mm.ksm_registered = False
+                mm.merge_any = False
+            else:
+                # ksmd frees its rmap_items next: move the slot just after the cursor
+                at = 0 if self._cursor is None else self._index(self._cursor) + 1
+                self._slots.insert(at, slot)
+        if self._trace.active:
+            self._trace.emit({"event": "ksm_exit", "mm": mm.pid})
 
     def _next(self, slot: _MmSlot | None) -> _MmSlot | None:
         if slot is None:
@@ -238,28 +286,60 @@ class Ksm:
         if lib.ksm_reserve(self._m.ctx, 2 * n, n) != 0:
             raise MemoryError("cannot reserve KSM nodes")
 
+    def _ksmd_should_run(self) -> bool:
+        return bool(self._knobs["run"] & KSM_RUN_MERGE) and bool(self._slots)
+
     def do_scan(self, n: int) -> int:
-        """One ksm_do_scan(n): returns the number of pages passed to cmp_and_merge_page."""
-        if not (self._knobs["run"] & KSM_RUN_MERGE) or not self._slots or n <= 0:
+        """One ksm_do_scan(n) if ksmd would run: returns the number of pages passed to
+        cmp_and_merge_page. The batch costs simulated time and ksmd CPU time
+        (cost_model): the clock stands at the batch's start (after its overhead)
+        while it runs, and moves on by the pages' cost at its end."""
+        if not self._ksmd_should_run():
             return 0
-        self._reserve(n)
-        return self._scan_batch(n)
+        cost = self._cost
+        self._charge(cost.batch_ns)
+        self._batch_pages = 0
+        processed = 0
+        if n > 0:
+            self._reserve(n)
+            processed = self._scan_batch(n)
+        self._batch_pages = 0
+        self._charge(processed * cost.page_ns)
+        return processed
 
     def scan(self, full_scans: int = 1) -> None:
-        """Run ksmd, a batch of pages_to_scan at a time, until full_scans grew by that many."""
+        """Run ksmd, a batch of pages_to_scan at a time, until full_scans grew by that
+        many. The batches follow each other without ksmd's sleeps (run_for sleeps)."""
         if self._knobs["run"] != KSM_RUN_MERGE:
             raise KsmdNotRunning(f"ksmd is not running (run = {self._knobs['run']}); set run = 1")
-        if self._knobs["pages_to_scan"] == 0:
-            raise KsmdNotRunning("pages_to_scan is 0: ksmd would never finish a scan")
         c = self._m.ctx
         target = c.seqnr + full_scans
         while c.seqnr < target:
+            # checked every batch: the advisor may set pages_to_scan to 0
+            # (advisor_max_pages_to_scan = 0), and a batch may drop the last mm_slot
+            if self._knobs["pages_to_scan"] == 0:
+                raise KsmdNotRunning("pages_to_scan is 0: ksmd would never finish a scan")
             if not self._slots:
                 raise KsmdNotRunning("no process has mergeable memory: ksmd sleeps")
             self.do_scan(self._knobs["pages_to_scan"])
 
     def _start_round(self) -> None:
-        lib.ksm_start_round(self._m.ctx)
+        """The start of a full scan in scan_get_next_rmap_item()."""
+        c = self._m.ctx
+        self._advisor_start_scan()
+        if self._trace.active:
+            self._trace.emit(scan_event("ksm_start_scan", c.seqnr, c.rmap_items))
+        lib.ksm_start_round(c)  # migrate_nodes pruning, unstable roots reset
+        self._drain()
+
+    def _stop_round(self, processed: int) -> None:
+        """The end of a full scan: the advisor, the tracepoint, then full_scans++."""
+        c = self._m.ctx
+        self._batch_pages = processed
+        self._advisor_stop_scan()
+        if self._trace.active:
+            self._trace.emit(scan_event("ksm_stop_scan", c.seqnr, c.rmap_items))
+        c.seqnr += 1
 
     def _scan_batch(self, budget: int) -> int:
         """ksm_do_scan(): scan_get_next_rmap_item() + cmp_and_merge_page() until the
@@ -278,6 +358,7 @@ class Ksm:
             if mm.exited:
                 for r in mm.regions():
                     lib.ksm_remove_rmap_items(c, r.slot_base, r.slot(r.end))
+                    self._drain()
                 mm.dead = []
                 self._address = 0
             else:
@@ -292,6 +373,7 @@ class Ksm:
                             processed += lib.ksm_scan_range(
                                 c, r.slot(self._address), hi, budget - processed, nxt
                             )
+                            self._drain()
                             self._address = r.start + ((nxt[0] - r.slot_base) << PAGE_SHIFT)
                             if c.pending_break_cow != lib.KSM_NIL:
                                 # break_cow(): unshare the page of a half-done merge
@@ -304,6 +386,7 @@ class Ksm:
                         # items of pages no longer in a mergeable VMA go as the scan passes
                         lo = max(self._address, r.start)
                         lib.ksm_remove_rmap_items(c, r.slot(lo), r.slot(r.end))
+                        self._drain()
                         if not r.live and lo == r.start:
                             mm.dead.remove(r)
             slot = self._cursor
@@ -313,7 +396,7 @@ class Ksm:
                 self._slots.remove(slot)
                 mm.ksm_registered = False
             if self._cursor is None:
-                c.seqnr += 1
+                self._stop_round(processed)
                 return processed
             self._address = 0
 
@@ -327,10 +410,164 @@ class Ksm:
                 mm.unmerge_all()
             for r in mm.regions():
                 lib.ksm_remove_rmap_items(c, r.slot_base, r.slot(r.end))
+                self._drain()
             mm.dead = []
             self._cursor = self._next(slot)
             if mm.exited:
                 self._slots.remove(slot)
                 mm.ksm_registered = False
         lib.ksm_remove_all_stable_nodes(c)
+        self._drain()
         c.seqnr = 0
+
+    # ---- simulated time (timing.py)
+
+    def _charge(self, ns: int) -> None:
+        """ksmd worked for ns: the clock and its CPU time move on together."""
+        self._cpu_ns += ns
+        self._set_clock(self._clock_ns + ns)
+
+    def _set_clock(self, ns: int) -> None:
+        self._clock_ns = ns
+        self._m.ctx.jiffies = ns // NSEC_PER_MSEC  # HZ=1000: a jiffy is a millisecond
+
+    def _now(self) -> int:
+        """ktime_get() within a batch: its start plus the pages processed so far."""
+        return self._clock_ns + self._batch_pages * self._cost.page_ns
+
+    def _cpu_now(self) -> int:
+        """task_sched_runtime(ksmd), with the running batch's pages so far."""
+        return self._cpu_ns + self._batch_pages * self._cost.page_ns
+
+    def _run_for(self, seconds: float) -> None:
+        """ksm_scan_thread() for ``seconds`` of simulated time: while ksmd should run,
+        a batch of pages_to_scan, then a sleep of sleep_millisecs; otherwise it waits
+        for work. A batch that starts before the end runs to its end."""
+        end = self._clock_ns + seconds_to_ns(seconds, "run_for")
+        while True:
+            if self._wake is None:  # waiting on ksm_thread_wait
+                if not self._ksmd_should_run():
+                    break
+                self._wake = self._clock_ns  # woken when there was work
+            if self._wake >= end:
+                break
+            self._set_clock(max(self._clock_ns, self._wake))
+            if self._knobs["pages_to_scan"] == 0 and self._ksmd_should_run():
+                # ksm_do_scan(0) changes nothing but time: all the wake-ups until the
+                # end at once (with sleep_millisecs 0 they would be countless)
+                period = self._cost.batch_ns + self._knobs["sleep_millisecs"] * NSEC_PER_MSEC
+                k = max(1, -(-(end - self._clock_ns) // period))  # one is due now
+                self._cpu_ns += k * self._cost.batch_ns
+                self._set_clock(self._clock_ns + (k - 1) * period + self._cost.batch_ns)
+                self._wake = self._clock_ns - self._cost.batch_ns + period
+                continue
+            if self._ksmd_should_run():
+                self.do_scan(self._knobs["pages_to_scan"])
+            if self._ksmd_should_run():
+                # msecs_to_jiffies(): whole jiffies of 1 ms each
+                self._wake = self._clock_ns + self._knobs["sleep_millisecs"] * NSEC_PER_MSEC
+            else:
+                self._wake = None
+        self._set_clock(max(self._clock_ns, end))
+
+    # ---- the scan-time advisor
+
+    def _set_advisor_defaults(self) -> None:
+        knobs = self._knobs
+        if knobs["advisor_mode"] == "none":
+            knobs["pages_to_scan"] = KNOB_DEFAULTS["pages_to_scan"]
+        else:
+            self._advisor = _AdvisorCtx()
+            knobs["pages_to_scan"] = int(knobs["advisor_min_pages_to_scan"]) & U32
+
+    def _advisor_start_scan(self) -> None:
+        if self._knobs["advisor_mode"] == "scan-time":
+            self._advisor.start_scan = self._now()
+
+    def _advisor_stop_scan(self) -> None:
+        if self._knobs["advisor_mode"] == "scan-time":
+            self._scan_time_advisor()
+
+    def _scan_time_advisor(self) -> None:
+        """scan_time_advisor(): the kernel's unsigned arithmetic (64-bit longs, 32-bit
+        ints) and its quirks: the EWMA starts at 0, advisor_min_pages_to_scan is no
+        floor, the first CPU sample is ksmd's whole run time, pages_to_scan is cut to
+        32 bits."""
+        knobs = self._knobs
+        ctx = self._advisor
+        pages_to_scan = int(knobs["pages_to_scan"])  # unsigned int
+        # ktime_ms_delta() / MSEC_PER_SEC: whole seconds, at least 1
+        scan_time = (self._now() - ctx.start_scan) // NSEC_PER_MSEC // 1000
+        scan_time = scan_time or 1
+        cpu_time = self._cpu_now() & U64
+        cpu_time_diff_ms = ((cpu_time - ctx.cpu_time) & U64) // 1000 // 1000
+        cpu_percent = ((cpu_time_diff_ms * 100 & U64) // (scan_time * 1000 & U64)) & U32
+        cpu_percent = cpu_percent or 1
+        last_scan_time = ctx.scan_time or scan_time
+        factor = (int(knobs["advisor_target_scan_time"]) * 100 & U64) // scan_time
+        factor = factor or 1
+        change = (scan_time * 100 & U64) // last_scan_time
+        change = change or 1
+        # ewma(): ((100 - EWMA_WEIGHT) * prev + EWMA_WEIGHT * curr) / 100
+        change = (((100 - EWMA_WEIGHT) * ctx.change + EWMA_WEIGHT * change) & U64) // 100
+        pages = (pages_to_scan * 100 & U32) // factor  # unsigned int * int
+        pages = (pages * change & U64) // 100
+        per_page_cost = pages_to_scan // cpu_percent  # unsigned int / unsigned int
+        per_page_cost = per_page_cost or 1
+        pages = min(pages, per_page_cost * int(knobs["advisor_max_cpu"]) & U64)
+        pages = max(pages, per_page_cost * KSM_ADVISOR_MIN_CPU & U64)
+        pages = min(pages, int(knobs["advisor_max_pages_to_scan"]))
+        ctx.change = change
+        ctx.scan_time = scan_time
+        ctx.cpu_time = cpu_time
+        knobs["pages_to_scan"] = pages & U32
+        if self._trace.active:
+            self._trace.emit({"event": "ksm_advisor", "scan_time": scan_time,
+                              "pages_to_scan": pages, "cpu_percent": cpu_percent})
+
+    # ---- tracepoints
+
+    def _trace_switch(self, active: bool) -> None:
+        """The C core buffers its events only while someone subscribes."""
+        c = self._m.ctx
+        c.trace_enabled = 1 if active else 0
+        if not active:
+            c.nr_trace = 0
+
+    def _drain(self) -> None:
+        """Raise the events the C core buffered during the last call, in order."""
+        c = self._m.ctx
+        n = c.nr_trace
+        if not n:
+            return
+        raw = [c.trace[i] for i in range(n)]
+        events: list[Event] = []
+        for e in raw:
+            kind = e.event
+            if kind == lib.KSM_TRACE_REMOVE_KSM_PAGE:
+                events.append({"event": "ksm_remove_ksm_page", "pfn": int(e.pfn)})
+                continue
+            pid, addr = self._rmap_item_id(int(e.slot))
+            item = (pid, addr)
+            if kind == lib.KSM_TRACE_MERGE_ONE_PAGE:
+                events.append({"event": "ksm_merge_one_page", "pfn": int(e.pfn),
+                               "rmap_item": item, "mm": pid, "err": int(e.err)})
+            elif kind == lib.KSM_TRACE_MERGE_WITH_KSM_PAGE:
+                events.append({"event": "ksm_merge_with_ksm_page",
+                               "ksm_page": None if e.kpfn < 0 else int(e.kpfn),
+                               "pfn": int(e.pfn), "rmap_item": item, "mm": pid,
+                               "err": int(e.err)})
+            else:
+                events.append({"event": "ksm_remove_rmap_item", "pfn": int(e.pfn),
+                               "rmap_item": item, "mm": pid})
+        c.nr_trace = 0
+        for event in events:
+            self._trace.emit(event)
+
+    def _rmap_item_id(self, s: int) -> tuple[int, int]:
+        """An rmap_item (a page-table slot) as (pid, address)."""
+        mm = self._m._mms[int(self._m.mem.slots["slot_mm"][s])]
+        for r in mm.regions():
+            if r.slot_base <= s < r.slot(r.end):
+                return mm.pid, r.start + ((s - r.slot_base) << PAGE_SHIFT)
+        raise AssertionError(f"slot {s} is in no region of process {mm.pid}")

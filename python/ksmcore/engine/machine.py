@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -12,6 +14,8 @@ from .._native import lib, ptr
 from ..constants import FIRST_PID
 from ..errors import ksm_error
 from ..numa import check_distances
+from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
+from ..tracing import Event, Tracer, tracing
 from .ksmd import Ksm
 from .memory import CHUNK_PAGES, Memory
 from .process import Process
@@ -29,12 +33,14 @@ class Machine:
         self.ctx: Any = self.mem.ctx
         self.ksm = Ksm(self)
         self._all: list[Process] = []
+        self._mms: dict[int, Process] = {}  # mm id -> its process (or an mm left by exec)
         self._next_pid = FIRST_PID
 
     def _new_process(self, node: int = 0) -> Process:
         p = Process(self, self._next_pid, node)
         self._next_pid += 1
         self._all.append(p)
+        self._mms[p.mm_id] = p
         return p
 
     def spawn(self, node: int = 0) -> Process:
@@ -53,16 +59,76 @@ class Machine:
 
         check_invariants(self)
 
+    # ---- simulated time (docs/MODEL.md, "Time")
+
+    @property
+    def clock_ns(self) -> int:
+        """Simulated time since boot in nanoseconds (ktime_get())."""
+        return int(self.ksm._clock_ns)
+
+    @clock_ns.setter
+    def clock_ns(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError("the clock is an int of nanoseconds")
+        if value < self.ksm._clock_ns:
+            raise ValueError("the clock never goes back")
+        self.ksm._set_clock(value)
+
+    @property
+    def clock(self) -> float:
+        """Simulated time since boot in seconds (a view of clock_ns); settable forward."""
+        return self.ksm._clock_ns / NSEC_PER_SEC
+
+    @clock.setter
+    def clock(self, seconds: float) -> None:
+        self.clock_ns = seconds_to_ns(seconds, "the clock")
+
     @property
     def clock_ms(self) -> int:
-        """The simulated jiffies clock in ms (HZ=1000); 0 unless advanced."""
-        return int(self.ctx.jiffies)
+        """jiffies with HZ=1000: whole milliseconds of the clock; settable forward."""
+        return int(self.ksm._clock_ns // NSEC_PER_MSEC)
 
     @clock_ms.setter
     def clock_ms(self, value: int) -> None:
-        if value < self.ctx.jiffies:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError("clock_ms is an int of milliseconds")
+        if value < self.clock_ms:
             raise ValueError("the clock never goes back")
-        self.ctx.jiffies = value
+        self.ksm._set_clock(max(self.ksm._clock_ns, value * NSEC_PER_MSEC))
+
+    @property
+    def cost_model(self) -> CostModel:
+        """What ksmd's batches cost in simulated time and CPU time (settable)."""
+        return self.ksm._cost
+
+    @cost_model.setter
+    def cost_model(self, value: CostModel) -> None:
+        if not isinstance(value, CostModel):
+            raise TypeError("cost_model takes a ksmcore.timing.CostModel")
+        self.ksm._cost = value
+
+    @property
+    def ksmd_cpu_ns(self) -> int:
+        """ksmd's CPU time so far (task_sched_runtime), in nanoseconds."""
+        return int(self.ksm._cpu_ns)
+
+    def run_for(self, seconds: float) -> None:
+        """Let ksmd run as the kernel's ksm_scan_thread() does for ``seconds`` of
+        simulated time: a batch of pages_to_scan, then sleep_millisecs, and so on."""
+        self.ksm._run_for(seconds)
+
+    # ---- tracepoints
+
+    @property
+    def trace(self) -> Tracer:
+        """The KSM tracepoints: subscribe(fn), unsubscribe(fn), collect(), record(path)."""
+        return self.ksm._trace
+
+    def tracing(self, record: str | os.PathLike[str] | IO[str] | None = None
+                ) -> contextlib.AbstractContextManager[list[Event]]:
+        """``with m.tracing() as events:`` collects the block's events (dicts); with
+        ``record`` they are also written there as JSON lines."""
+        return tracing(self.ksm._trace, record)
 
     def pfn_to_nid(self, pfn: int) -> int:
         if not 0 <= pfn < len(self.mem.chunks) * CHUNK_PAGES:

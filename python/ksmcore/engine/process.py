@@ -11,6 +11,7 @@ import numpy as np
 
 from .._native import ffi, lib
 from ..constants import (
+    MADV_DONTNEED,
     MADV_MERGEABLE,
     MADV_UNMERGEABLE,
     MMAP_BASE,
@@ -135,6 +136,10 @@ class Process:
         self.vmas.append(Region(addr, addr + npages * PAGE_SIZE, base, node=node))
         self.next_addr += (npages + 1) * PAGE_SIZE  # a guard page keeps VMAs apart
         if self.merge_any:
+            # ksm_vma_flags() (6.17+): a new VMA of a MERGE_ANY mm is VM_MERGEABLE from
+            # the start; 6.18 re-enters the mm if ksmd dropped it meanwhile
+            if not self.ksm_registered:
+                self.machine.ksm._ksm_enter(self)
             self.vmas[-1].mergeable = True
             self.machine.mem.slots["vflags"][base : base + npages] |= lib.KSM_VMA_MERGEABLE
         return addr
@@ -220,11 +225,20 @@ class Process:
     def madvise(self, addr: int, length: int, advice: int) -> None:
         self._alive()
         start, end = _page_range(addr, length)
-        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
+        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED):
             raise ksm_error(errno.EINVAL, f"unknown advice {advice}")
-        self._cover(start, end, errno.ENOMEM)  # checked before anything changes
-        want = advice == MADV_MERGEABLE
+        pieces = self._cover(start, end, errno.ENOMEM)  # checked before anything changes
         m = self.machine
+        if advice == MADV_DONTNEED:
+            # zap the PTEs, keep the VMAs; the rmap_items go when ksmd passes
+            vflags = m.mem.slots["vflags"]
+            for v, lo, hi in pieces:
+                s_lo, s_hi = v.slot(lo), v.slot(hi)
+                kept = vflags[s_lo:s_hi].copy()  # ksm_zap_range() unmaps the VMA too
+                lib.ksm_zap_range(m.ctx, s_lo, s_hi)
+                vflags[s_lo:s_hi] = kept
+            return
+        want = advice == MADV_MERGEABLE
         vflags = m.mem.slots["vflags"]
         self._split_at(start)
         self._split_at(end)
@@ -286,6 +300,10 @@ class Process:
 
     def exit(self) -> None:
         self._alive()
+        self._exit_mm()
+
+    def _exit_mm(self) -> None:
+        """exit_mm(): ksm_exit(), then every mapping goes; ksmd frees the rmap_items."""
         m = self.machine
         if self.ksm_registered:
             m.ksm._ksm_exit(self)
@@ -296,6 +314,75 @@ class Process:
             self.dead.append(v)
         self.vmas = []
         self.exited = True
+
+    def exec(self) -> None:
+        """execve(2): the process (pid, policy, home node) gets a new, empty mm; the
+        old one goes as at exit. MMF_VM_MERGE_ANY is in MMF_INIT_MASK, so the new mm
+        keeps it, and ksm_execve() enters it with KSM before the old mm goes."""
+        self._alive()
+        m = self.machine
+        old = Process.__new__(Process)
+        old.__dict__.update(self.__dict__)  # the old mm, under the same pid
+        m._mms[old.mm_id] = old
+        slot = m.ksm._slot_of(self)
+        if slot is not None:
+            slot.mm = old
+        self.mm_id = m.mem.new_mm()
+        m._mms[self.mm_id] = self
+        self.vmas = []
+        self.dead = []
+        self.next_addr = MMAP_BASE
+        self.ksm_registered = False
+        self.merge_any = old.merge_any
+        if self.merge_any:
+            m.ksm._ksm_enter(self)  # ksm_execve()
+        old._exit_mm()  # exec_mmap(): mmput() of the old mm
+
+    # ---- prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE)
+
+    def prctl_set_memory_merge(self, value: int, arg3: int = 0, arg4: int = 0,
+                               arg5: int = 0) -> None:
+        """PR_SET_MEMORY_MERGE: non-zero makes every compatible VMA, present and
+        future, VM_MERGEABLE (ksm_enable_merge_any); 0 unmerges and clears every
+        VM_MERGEABLE VMA, madvised ones too (ksm_disable_merge_any)."""
+        self._alive()
+        for arg in (value, arg3, arg4, arg5):
+            if not isinstance(arg, int):
+                raise TypeError("prctl arguments are ints")
+        if arg3 or arg4 or arg5:
+            raise ksm_error(errno.EINVAL, "PR_SET_MEMORY_MERGE takes no arg3..arg5")
+        m = self.machine
+        vflags = m.mem.slots["vflags"]
+        if value:
+            if self.merge_any:
+                return
+            if not self.ksm_registered:
+                m.ksm._ksm_enter(self)
+            self.merge_any = True
+            for v in self.vmas:  # ksm_add_vmas(): every VMA of the model is compatible
+                if not v.mergeable:
+                    v.mergeable = True
+                    vflags[v.slot_base : v.slot(v.end)] |= lib.KSM_VMA_MERGEABLE
+        else:
+            if not self.merge_any:
+                return
+            for v in self.vmas:  # ksm_del_vmas()
+                if v.mergeable:
+                    self._break_ksm(v, v.slot_base, v.slot(v.end))
+                    v.mergeable = False
+                    vflags[v.slot_base : v.slot(v.end)] &= ~np.uint8(lib.KSM_VMA_MERGEABLE)
+            self.merge_any = False
+
+    def prctl_get_memory_merge(self, arg2: int = 0, arg3: int = 0, arg4: int = 0,
+                               arg5: int = 0) -> int:
+        """PR_GET_MEMORY_MERGE: 1 while MMF_VM_MERGE_ANY is set, else 0."""
+        self._alive()
+        for arg in (arg2, arg3, arg4, arg5):
+            if not isinstance(arg, int):
+                raise TypeError("prctl arguments are ints")
+        if arg2 or arg3 or arg4 or arg5:
+            raise ksm_error(errno.EINVAL, "PR_GET_MEMORY_MERGE takes no arguments")
+        return int(self.merge_any)
 
     # ---- NUMA
 

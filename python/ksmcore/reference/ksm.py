@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import errno
 
-from ..constants import COUNTERS, KNOB_DEFAULTS, KSM_RUN_UNMERGE, PAGE_SIZE, SIZEOF_RMAP_ITEM
+from ..constants import COUNTERS, KSM_RUN_UNMERGE, PAGE_SIZE, SIZEOF_RMAP_ITEM
 from ..errors import ksm_error
-from ..knobs import parse_knob
+from ..knobs import check_file, parse_knob, sysfs_buffer
 from .scan import ScanOps
-
-U32_MASK = 0xFFFFFFFF
 
 
 class Ksm(ScanOps):
@@ -21,14 +19,19 @@ class Ksm(ScanOps):
 
     # ---- sysfs stores -------------------------------------------------------------
 
-    def store(self, name: str, text: str) -> None:
-        """Write ``text`` to /sys/kernel/mm/ksm/``name``: parse, then the store's own
+    def store(self, name: str, text: str | bytes) -> None:
+        """write(2) of ``text`` to /sys/kernel/mm/ksm/``name``: open (ENOENT, EACCES),
+        the bytes the store sees (none for an empty write), then the store's own
         checks in the kernel's order. Raises OSError; a rejected write changes
         nothing, except that an EBUSY from remove_all_stable_nodes() keeps the
         removals it managed (as in the kernel)."""
+        check_file(name, write=True)
+        buf = sysfs_buffer(text)
+        if buf is None:
+            return
         if name == "pages_to_scan" and self.knobs["advisor_mode"] != "none":
             raise ksm_error(errno.EINVAL, "pages_to_scan is set by the advisor")
-        value = parse_knob(name, text)
+        value = parse_knob(name, buf)
         if name == "run":
             if value != self.knobs["run"]:
                 self.knobs["run"] = value
@@ -50,15 +53,14 @@ class Ksm(ScanOps):
             if value != self.knobs["advisor_mode"]:
                 self.knobs["advisor_mode"] = value
                 self.set_advisor_defaults()
+        elif name == "sleep_millisecs":
+            # wake_up_interruptible(&ksm_iter_wait): a sleeping ksmd wakes at once if
+            # the value it sleeps on changed
+            if self.ksmd_wake is not None and value != self.knobs[name]:
+                self.ksmd_wake = self.clock_ns
+            self.knobs[name] = value
         else:
             self.knobs[name] = value
-
-    def set_advisor_defaults(self) -> None:
-        if self.knobs["advisor_mode"] == "none":
-            self.knobs["pages_to_scan"] = KNOB_DEFAULTS["pages_to_scan"]
-        else:
-            # (advisor_ctx is zeroed here in the kernel; the advisor is not modelled yet)
-            self.knobs["pages_to_scan"] = int(self.knobs["advisor_min_pages_to_scan"]) & U32_MASK
 
     # ---- counters -----------------------------------------------------------------
 

@@ -5,9 +5,11 @@ Every call validates the whole request before it changes anything (docs/MODEL.md
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -15,6 +17,7 @@ from ..constants import (
     COUNTERS,
     FIRST_PID,
     KNOB_DEFAULTS,
+    MADV_DONTNEED,
     MADV_MERGEABLE,
     MADV_UNMERGEABLE,
     MMAP_BASE,
@@ -27,8 +30,10 @@ from ..constants import (
 )
 from ..errors import KsmdNotRunning, ksm_error
 from ..images import open_image
-from ..knobs import format_sysfs, knob_text
+from ..knobs import check_file, format_sysfs, knob_text
 from ..numa import check_distances, check_policy
+from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
+from ..tracing import Event, Tracer, tracing
 from .invariants import check_invariants
 from .ksm import Ksm
 from .mm import PAGE_MASK, Mm, PhysMem, Vma
@@ -85,7 +90,8 @@ class Process:
             raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
         addr = mm.next_addr
         mm.next_addr += (npages + 1) * PAGE_SIZE  # one guard page: VMAs never touch
-        mm.vmas.append(Vma(addr, addr + npages * PAGE_SIZE, False, node))
+        mergeable = self._machine._ksm.ksm_vma_flags(mm)  # MERGE_ANY: mergeable at birth
+        mm.vmas.append(Vma(addr, addr + npages * PAGE_SIZE, mergeable, node))
         return addr
 
     def mmap_image(self, source: Any, node: int | None = None) -> int:
@@ -182,10 +188,15 @@ class Process:
     def madvise(self, addr: int, length: int, advice: int) -> None:
         mm = self._live()
         start, end = self._page_range(addr, length)
-        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
+        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED):
             raise ksm_error(errno.EINVAL, f"unsupported advice {advice!r}")
         if not mm.range_mapped(start, end):
             raise ksm_error(errno.ENOMEM, f"{start:#x}-{end:#x} is not all mapped")
+        if advice == MADV_DONTNEED:
+            # zap_page_range_single(): the PTEs go (a KSM zero PTE leaves
+            # ksm_zero_pages), the VMAs stay; ksmd frees the rmap_items as it passes
+            mm.zap_range(start, end)
+            return
         ksm = self._machine._ksm
         mergeable = advice == MADV_MERGEABLE
         for vma in mm.vmas_in(start, end):
@@ -231,12 +242,58 @@ class Process:
     def exit(self) -> None:
         """ksm_exit, then drop every mapping; the process is gone for the API."""
         mm = self._live()
+        self._exit_mm(mm)
+        self.exited = True
+        self._machine.processes.remove(self)
+
+    def _exit_mm(self, mm: Mm) -> None:
+        """mmput() of the last user: ksm_exit, then every mapping goes."""
         self._machine._ksm.ksm_exit(mm)
         mm.zap_range(0, 1 << 64)
         mm.vmas.clear()
         mm.exiting = True
-        self.exited = True
-        self._machine.processes.remove(self)
+
+    def exec(self) -> None:
+        """execve(2): a new, empty mm for the same process (pid, memory policy and
+        home node stay). bprm_mm_init() copies MMF_VM_MERGE_ANY into it (MMF_INIT_MASK)
+        and ksm_execve() enters it with KSM; then exec_mmap() drops the old mm as an
+        exit does."""
+        old = self._live()
+        machine = self._machine
+        mm = Mm(machine._mem, MMAP_BASE)
+        mm.pid = self.pid
+        mm.node = old.node
+        mm.mempolicy = old.mempolicy  # a task attribute: exec keeps it
+        mm.mmf_vm_merge_any = old.mmf_vm_merge_any
+        machine._all_mms.append(mm)
+        machine._ksm.ksm_execve(mm)
+        self.mm = mm
+        self._exit_mm(old)
+
+    def prctl_set_memory_merge(self, value: int, arg3: int = 0, arg4: int = 0,
+                               arg5: int = 0) -> None:
+        """prctl(PR_SET_MEMORY_MERGE, value, arg3, arg4, arg5) (kernel/sys.c)."""
+        mm = self._live()
+        for arg in (value, arg3, arg4, arg5):
+            if not isinstance(arg, int):
+                raise TypeError("prctl arguments are ints")
+        if arg3 or arg4 or arg5:
+            raise ksm_error(errno.EINVAL, "PR_SET_MEMORY_MERGE: arg3..arg5 must be 0")
+        if value:
+            self._machine._ksm.ksm_enable_merge_any(mm)
+        else:
+            self._machine._ksm.ksm_disable_merge_any(mm)
+
+    def prctl_get_memory_merge(self, arg2: int = 0, arg3: int = 0, arg4: int = 0,
+                               arg5: int = 0) -> int:
+        """prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0): 1 if MMF_VM_MERGE_ANY is set."""
+        mm = self._live()
+        for arg in (arg2, arg3, arg4, arg5):
+            if not isinstance(arg, int):
+                raise TypeError("prctl arguments are ints")
+        if arg2 or arg3 or arg4 or arg5:
+            raise ksm_error(errno.EINVAL, "PR_GET_MEMORY_MERGE: arg2..arg5 must be 0")
+        return int(mm.mmf_vm_merge_any)
 
     # ---- inspection ---------------------------------------------------------------
 
@@ -343,6 +400,8 @@ class KsmSysfs:
         self._ksm.store(name, text)
 
     def sysfs_read(self, name: str) -> str:
+        """The file's contents as the kernel prints them (with the newline)."""
+        check_file(name, write=False)
         return format_sysfs(name, self._ksm.value(name))
 
     def do_scan(self, n: int) -> int:
@@ -430,18 +489,79 @@ class Machine:
         self._all_mms: list[Mm] = []
         self._next_pid = FIRST_PID
 
+    # ---- simulated time (docs/MODEL.md, "Time") ----------------------------------
+
+    @property
+    def clock_ns(self) -> int:
+        """Simulated time since boot in nanoseconds (ktime_get())."""
+        return self._ksm.clock_ns
+
+    @clock_ns.setter
+    def clock_ns(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError("the clock is an int of nanoseconds")
+        if value < self._ksm.clock_ns:
+            raise ValueError("the clock never goes back")
+        self._ksm.clock_ns = value
+
+    @property
+    def clock(self) -> float:
+        """Simulated time since boot in seconds (a view of clock_ns); settable forward."""
+        return self._ksm.clock_ns / NSEC_PER_SEC
+
+    @clock.setter
+    def clock(self, seconds: float) -> None:
+        self.clock_ns = seconds_to_ns(seconds, "the clock")
+
     @property
     def clock_ms(self) -> int:
-        """The simulated jiffies clock in ms (HZ=1000); 0 unless advanced."""
+        """jiffies with HZ=1000: whole milliseconds of the clock; settable forward."""
         return self._ksm.jiffies
 
     @clock_ms.setter
     def clock_ms(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError("clock_ms is an int of milliseconds")
         if value < self._ksm.jiffies:
             raise ValueError("the clock never goes back")
-        self._ksm.jiffies = value
+        self._ksm.clock_ns = max(self._ksm.clock_ns, value * NSEC_PER_MSEC)
+
+    @property
+    def cost_model(self) -> CostModel:
+        """What ksmd's batches cost in simulated time and CPU time (settable)."""
+        return self._ksm.cost
+
+    @cost_model.setter
+    def cost_model(self, value: CostModel) -> None:
+        if not isinstance(value, CostModel):
+            raise TypeError("cost_model takes a ksmcore.timing.CostModel")
+        self._ksm.cost = value
+
+    @property
+    def ksmd_cpu_ns(self) -> int:
+        """ksmd's CPU time so far (task_sched_runtime), in nanoseconds."""
+        return self._ksm.ksmd_cpu_ns
+
+    def run_for(self, seconds: float) -> None:
+        """Let ksmd run as ksm_scan_thread() does for ``seconds`` of simulated time:
+        a batch of pages_to_scan, then sleep_millisecs, and so on."""
+        self._ksm.ksm_scan_thread(seconds_to_ns(seconds, "run_for"))
+
+    # ---- tracepoints ---------------------------------------------------------------
+
+    @property
+    def trace(self) -> Tracer:
+        """The KSM tracepoints: subscribe(fn), unsubscribe(fn), collect(), record(path)."""
+        return self._ksm.tracer
+
+    def tracing(self, record: str | os.PathLike[str] | IO[str] | None = None
+                ) -> contextlib.AbstractContextManager[list[Event]]:
+        """``with m.tracing() as events:`` collects the block's events (dicts); with
+        ``record`` they are also written there as JSON lines."""
+        return tracing(self._ksm.tracer, record)
 
     def _new_process(self, mm: Mm) -> Process:
+        mm.pid = self._next_pid
         p = Process(self, self._next_pid, mm)
         self._next_pid += 1
         self.processes.append(p)

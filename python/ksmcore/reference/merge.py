@@ -103,7 +103,13 @@ class MergeOps(StableTreeOps):
             addr = rmap_item.address & PAGE_MASK
             vma = self.find_mergeable_vma(mm, addr)
             if vma is not None:
-                return self.try_to_merge_one_page(vma, mm, addr, page, self.mem.zero_frame)
+                zero = self.mem.zero_frame
+                err = self.try_to_merge_one_page(vma, mm, addr, page, zero)
+                if self.tracer.active:
+                    self.tracer.emit({"event": "ksm_merge_one_page", "pfn": zero.pfn,
+                                      "rmap_item": self.rmap_item_id(rmap_item),
+                                      "mm": mm.pid, "err": err})
+                return err
             return 0  # the VMA is out of date: nothing more to do
         return EFAULT
 
@@ -113,15 +119,20 @@ class MergeOps(StableTreeOps):
         mm = rmap_item.mm
         assert mm is not None
         addr = rmap_item.address & PAGE_MASK
+        err = EFAULT
         vma = self.find_mergeable_vma(mm, addr)
-        if vma is None:
-            return EFAULT
-        err = self.try_to_merge_one_page(vma, mm, addr, page, kpage)
-        if err:
-            return err
-        # Unstable nid is in union with stable anon_vma: remove first.
-        self.remove_rmap_item_from_tree(rmap_item)
-        return 0
+        if vma is not None:
+            err = self.try_to_merge_one_page(vma, mm, addr, page, kpage)
+            if not err:
+                # Unstable nid is in union with stable anon_vma: remove first.
+                self.remove_rmap_item_from_tree(rmap_item)
+        if self.tracer.active:  # traced on every outcome, after the removal
+            self.tracer.emit({"event": "ksm_merge_with_ksm_page",
+                              "ksm_page": None if kpage is None else kpage.pfn,
+                              "pfn": (page if kpage is None else kpage).pfn,
+                              "rmap_item": self.rmap_item_id(rmap_item),
+                              "mm": mm.pid, "err": err})
+        return err
 
     def try_to_merge_two_pages(
         self, rmap_item: RmapItem, page: Frame, tree_rmap_item: RmapItem, tree_page: Frame

@@ -126,6 +126,7 @@ class Mm:
         self.node = 0  # the home node of the process (where MPOL_DEFAULT allocates)
         self.mempolicy: tuple[int, tuple[int, ...]] = (MPOL_DEFAULT, ())
         self.exiting = False  # mm_users == 0 (ksm_test_exit)
+        self.pid = 0  # the owning process (tracepoints name an mm by it)
         # KSM state of the mm
         self.mmf_vm_mergeable = False
         self.mmf_vm_merge_any = False

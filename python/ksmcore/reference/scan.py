@@ -1,4 +1,5 @@
-"""ksmd's scan: the cursor walk over mm_slots, smart scan, batches, registration.
+"""ksmd's scan: the cursor walk over mm_slots, smart scan, batches, registration,
+and ksmd's thread loop on the simulated clock.
 
 Sections 3, 4, 9.3 and 9.6 of the algorithm reference, ported from mm/ksm.c.
 """
@@ -8,8 +9,10 @@ from __future__ import annotations
 import bisect
 
 from ..constants import KSM_RUN_UNMERGE, PAGE_SIZE, SKIP_MIN_AGE, ZERO_PFN
+from ..timing import NSEC_PER_MSEC
+from ..tracing import scan_event
+from .advisor import AdvisorOps
 from .ksm_structs import MmSlot, RmapItem
-from .merge import MergeOps
 from .mm import PAGE_MASK, Frame, Mm
 
 
@@ -24,7 +27,7 @@ def skip_age(age: int) -> int:
     return 8
 
 
-class ScanOps(MergeOps):
+class ScanOps(AdvisorOps):
     """scan_get_next_rmap_item, ksm_do_scan and the mm_slot list."""
 
     # ---- smart scan ---------------------------------------------------------------
@@ -124,6 +127,9 @@ class ScanOps(MergeOps):
         mm_slot = scan.mm_slot
         if mm_slot is self.ksm_mm_head:
             # ---- start of a new full scan ----
+            self.advisor_start_scan()
+            if self.tracer.active:
+                self.tracer.emit(scan_event("ksm_start_scan", scan.seqnr, self.ksm_rmap_items))
             if not self.ksm_merge_across_nodes:
                 for stable_node in list(self.migrate_nodes):
                     self.ksm_get_folio(stable_node)  # prunes stale nodes
@@ -162,12 +168,20 @@ class ScanOps(MergeOps):
                 scan.rmap_list = mm_slot
                 continue
             break
+        self.advisor_stop_scan()
+        if self.tracer.active:
+            self.tracer.emit(scan_event("ksm_stop_scan", scan.seqnr, self.ksm_rmap_items))
         scan.seqnr += 1
         return None
 
     def ksm_do_scan(self, scan_npages: int) -> int:
-        """One ksmd batch; returns how many items went through cmp_and_merge_page."""
-        done = 0
+        """One ksmd batch; returns how many items went through cmp_and_merge_page.
+
+        The batch's overhead is charged to the clock and to ksmd's CPU time first;
+        each processed page then costs cost.page_ns, which ktime_get() sees at once
+        and the clock takes at the end (so jiffies stay put within a batch)."""
+        self.charge_ksmd(self.cost.batch_ns)
+        self.batch_pages = 0
         while scan_npages > 0:
             scan_npages -= 1
             found = self.scan_get_next_rmap_item()
@@ -176,8 +190,48 @@ class ScanOps(MergeOps):
             rmap_item, page = found
             self.cmp_and_merge_page(page, rmap_item)
             self.ksm_pages_scanned += 1
-            done += 1
+            self.batch_pages += 1
+        done = self.batch_pages
+        self.batch_pages = 0
+        self.charge_ksmd(done * self.cost.page_ns)
         return done
+
+    def charge_ksmd(self, ns: int) -> None:
+        """ksmd worked for ns: the clock and its CPU time move on together."""
+        self.clock_ns += ns
+        self.ksmd_cpu_ns += ns
+
+    def ksm_scan_thread(self, duration_ns: int) -> None:
+        """ksm_scan_thread() for duration_ns of simulated time: while ksmd should
+        run, ksm_do_scan(pages_to_scan) then a sleep of sleep_millisecs (whole
+        jiffies); otherwise a wait for work. A batch started before the end ends."""
+        end = self.clock_ns + duration_ns
+        while True:
+            if self.ksmd_wake is None:  # wait_event_freezable(ksm_thread_wait, ...)
+                if not self.ksmd_should_run():
+                    break
+                self.ksmd_wake = self.clock_ns  # woken when work appeared
+            if self.ksmd_wake >= end:
+                break
+            self.clock_ns = max(self.clock_ns, self.ksmd_wake)
+            if int(self.knobs["pages_to_scan"]) == 0 and self.ksmd_should_run():
+                # ksm_do_scan(0) changes nothing but time: all the wake-ups until the
+                # end at once (with sleep_millisecs 0 they would be countless)
+                period = self.cost.batch_ns + int(self.knobs["sleep_millisecs"]) * NSEC_PER_MSEC
+                wakeups = max(1, -(-(end - self.clock_ns) // period))  # one is due now
+                self.ksmd_cpu_ns += wakeups * self.cost.batch_ns
+                last = self.clock_ns + (wakeups - 1) * period
+                self.clock_ns = last + self.cost.batch_ns
+                self.ksmd_wake = last + period
+                continue
+            if self.ksmd_should_run():
+                self.ksm_do_scan(int(self.knobs["pages_to_scan"]))
+            if self.ksmd_should_run():
+                sleep_ms = int(self.knobs["sleep_millisecs"])
+                self.ksmd_wake = self.clock_ns + sleep_ms * NSEC_PER_MSEC
+            else:
+                self.ksmd_wake = None
+        self.clock_ns = max(self.clock_ns, end)
 
     # ---- registration -------------------------------------------------------------
 
@@ -189,6 +243,8 @@ class ScanOps(MergeOps):
         else:
             mm_slot.list_add_tail(self.ksm_scan.mm_slot)  # just behind the cursor
         mm.mmf_vm_mergeable = True
+        if self.tracer.active:
+            self.tracer.emit({"event": "ksm_enter", "mm": mm.pid})
 
     def ksm_enter(self, mm: Mm) -> None:
         """__ksm_enter, for a not yet registered mm."""
@@ -210,11 +266,59 @@ class ScanOps(MergeOps):
                 # Let ksmd free the items next.
                 mm_slot.list_del()
                 mm_slot.list_add(self.ksm_scan.mm_slot)
+        if self.tracer.active:
+            self.tracer.emit({"event": "ksm_exit", "mm": mm.pid})
 
     def ksm_fork(self, mm: Mm, oldmm: Mm) -> None:
         """``ksm_fork``: a registered parent's child is registered too."""
         if oldmm.mmf_vm_mergeable:
             self.__ksm_enter(mm)
+
+    def ksm_execve(self, mm: Mm) -> None:
+        """``ksm_execve``: the new mm of an exec keeps MMF_VM_MERGE_ANY (it is in
+        MMF_INIT_MASK) and is entered with KSM."""
+        if mm.mmf_vm_merge_any:
+            self.__ksm_enter(mm)
+
+    def ksm_vma_flags(self, mm: Mm) -> bool:
+        """``ksm_vma_flags`` (6.17+): whether a new VMA of mm is VM_MERGEABLE from
+        its creation; 6.18 re-enters an mm whose slot ksmd dropped meanwhile."""
+        if not mm.mmf_vm_merge_any:
+            return False
+        if not mm.mmf_vm_mergeable:
+            self.__ksm_enter(mm)
+        return True
+
+    # ---- prctl(PR_SET_MEMORY_MERGE) ------------------------------------------------
+
+    def ksm_enable_merge_any(self, mm: Mm) -> None:
+        if mm.mmf_vm_merge_any:
+            return
+        if not mm.mmf_vm_mergeable:
+            self.__ksm_enter(mm)
+        mm.mmf_vm_merge_any = True
+        self.ksm_add_vmas(mm)
+
+    @staticmethod
+    def ksm_add_vmas(mm: Mm) -> None:
+        """Every compatible VMA becomes VM_MERGEABLE (all of the model's are)."""
+        for vma in mm.vmas:
+            vma.mergeable = True
+
+    def ksm_del_vmas(self, mm: Mm) -> None:
+        for vma in mm.vmas:
+            if not vma.mergeable:
+                continue
+            self.unmerge_ksm_pages(mm, vma, vma.start, vma.end)
+            vma.mergeable = False
+
+    def ksm_disable_merge_any(self, mm: Mm) -> None:
+        """Unmerge and clear every VM_MERGEABLE VMA (madvised ones too); the mm stays
+        registered. Unmerging cannot fail in the model (no signals, no OOM)."""
+        if not mm.mmf_vm_merge_any:
+            return
+        self.ksm_del_vmas(mm)
+        mm.mmf_vm_merge_any = False
 
     # ---- run = 2 ------------------------------------------------------------------
 

@@ -71,11 +71,16 @@ class StableTreeOps(KsmState):
     def remove_node_from_stable_tree(self, stable_node: StableNode) -> None:
         """Detach every rmap_item of a node whose page went, then unlink the node."""
         assert stable_node.rmap_hlist_len >= 0
+        tracer = self.tracer
         item = stable_node.hlist_first
         while item is not None:
             nxt = item.hlist_next
             if nxt is not None:
                 self.ksm_pages_sharing -= 1
+                if tracer.active:
+                    item_id = self.rmap_item_id(item)
+                    tracer.emit({"event": "ksm_remove_rmap_item", "pfn": stable_node.kpfn,
+                                 "rmap_item": item_id, "mm": item_id[0]})
             else:
                 self.ksm_pages_shared -= 1
             assert item.mm is not None
@@ -88,6 +93,8 @@ class StableTreeOps(KsmState):
             item.hlist_next = item.hlist_prev = None
             item = nxt
         stable_node.hlist_first = None
+        if tracer.active:
+            tracer.emit({"event": "ksm_remove_ksm_page", "pfn": stable_node.kpfn})
         if stable_node.head == HEAD_MIGRATE:
             self.migrate_list_del(stable_node)
         else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import xxhash
 
 from ..constants import KNOB_DEFAULTS
+from ..timing import NSEC_PER_MSEC, CostModel
+from ..tracing import Tracer
 from .ksm_structs import KsmScan, MmSlot, RmapItem, StableNode
 from .mm import PAGE_MASK, Frame, Mm, PhysMem, Vma
 from .rbtree import RbRoot
@@ -20,6 +22,18 @@ def memcmp_pages(a: Frame, b: Frame) -> int:
     if a.data == b.data:
         return 0
     return -1 if a.data < b.data else 1
+
+
+class AdvisorCtx:
+    """``struct advisor_ctx``: what the scan-time advisor keeps between full scans."""
+
+    __slots__ = ("start_scan", "scan_time", "change", "cpu_time")
+
+    def __init__(self) -> None:
+        self.start_scan = 0  # ktime_t (ns) at the start of the current full scan
+        self.scan_time = 0  # seconds the previous full scan took
+        self.change = 0  # EWMA of the change, in percent
+        self.cpu_time = 0  # ksmd's task_sched_runtime (ns) after the previous scan
 
 
 class KsmState:
@@ -38,8 +52,18 @@ class KsmState:
         self.migrate_nodes: list[StableNode] = []  # index 0 = list head's next
         self.ksm_mm_head = MmSlot(None)
         self.ksm_scan = KsmScan(self.ksm_mm_head)
-        # jiffies, in milliseconds (HZ=1000); only advanced by the machine's clock.
-        self.jiffies = 0
+        # Simulated time (timing.py): ktime in ns since boot; ksmd's CPU time
+        # (task_sched_runtime); the pages processed so far in the running batch,
+        # whose cost the clock takes at the batch's end.
+        self.clock_ns = 0
+        self.ksmd_cpu_ns = 0
+        self.batch_pages = 0
+        self.cost = CostModel()
+        # ksmd's thread: when it next wakes from its sleep, None while it waits
+        # for work (ksm_thread_wait)
+        self.ksmd_wake: int | None = None
+        self.advisor_ctx = AdvisorCtx()
+        self.tracer = Tracer()
         # Counters
         self.ksm_pages_scanned = 0
         self.ksm_pages_shared = 0
@@ -67,6 +91,24 @@ class KsmState:
     @property
     def ksm_zero_pages(self) -> int:
         return self.mem.ksm_zero_pages
+
+    @property
+    def jiffies(self) -> int:
+        """jiffies with HZ=1000: whole milliseconds of the clock."""
+        return self.clock_ns // NSEC_PER_MSEC
+
+    def ktime_get(self) -> int:
+        """The clock within a batch: its start plus the pages processed so far."""
+        return self.clock_ns + self.batch_pages * self.cost.page_ns
+
+    def task_sched_runtime(self) -> int:
+        """ksmd's CPU time, with the running batch's pages so far."""
+        return self.ksmd_cpu_ns + self.batch_pages * self.cost.page_ns
+
+    def rmap_item_id(self, rmap_item: RmapItem) -> tuple[int, int]:
+        """An rmap_item as a tracepoint names it: (pid, page address)."""
+        assert rmap_item.mm is not None
+        return rmap_item.mm.pid, rmap_item.address & PAGE_MASK
 
     # ---- small helpers ------------------------------------------------------------
 
