@@ -136,7 +136,7 @@ class Process:
         self.next_addr += (npages + 1) * PAGE_SIZE  # a guard page keeps VMAs apart
         if self.merge_any:
             self.vmas[-1].mergeable = True
-            self.machine.mem.slots["vflags"][base : base + npages] |= lib.KSM_VMA_MERGEABLE
+            self.machine.mem.set_mergeable(base, base + npages, True)
         return addr
 
     def mmap_image(self, source: Any, node: int | None = None) -> int:
@@ -151,8 +151,8 @@ class Process:
         m = self.machine
         addr = self.mmap(n, node=node)
         v = self.vmas[-1]
-        first = m.mem.add_image(image)
-        lib.ksm_map_image(m.ctx, v.slot_base, first, n, self._nid(v))
+        first = m.mem.add_image(image, self._nid(v))
+        lib.ksm_map_image(m.ctx, v.slot_base, first, n)
         return addr
 
     def write(self, addr: int, data: Any) -> None:
@@ -225,7 +225,6 @@ class Process:
         self._cover(start, end, errno.ENOMEM)  # checked before anything changes
         want = advice == MADV_MERGEABLE
         m = self.machine
-        vflags = m.mem.slots["vflags"]
         self._split_at(start)
         self._split_at(end)
         for v, lo, hi in self._cover(start, end, errno.ENOMEM):
@@ -236,11 +235,11 @@ class Process:
                 if not self.ksm_registered:
                     m.ksm._ksm_enter(self)
                 v.mergeable = True
-                vflags[s_lo:s_hi] |= lib.KSM_VMA_MERGEABLE
+                m.mem.set_mergeable(s_lo, s_hi, True)
             else:
                 self._break_ksm(v, s_lo, s_hi)
                 v.mergeable = False
-                vflags[s_lo:s_hi] &= ~np.uint8(lib.KSM_VMA_MERGEABLE)
+                m.mem.set_mergeable(s_lo, s_hi, False)
 
     def _break_ksm(self, v: Region, lo: int, hi: int) -> None:
         self._allocating(lib.ksm_break_ksm, v, lo, hi)
@@ -334,7 +333,7 @@ class Process:
                 status.append(-errno.ENOENT)
             elif p == lib.KSM_PTE_ZERO:
                 status.append(-errno.EFAULT)
-            elif frames["frame_nid"][p] == node:
+            elif m.mem.frame_nid(p) == node:
                 status.append(node)
             elif frames["frame_mapcount"][p] > 1 and not flags & MPOL_MF_MOVE_ALL:
                 status.append(-errno.EACCES)
