@@ -30,9 +30,26 @@ static inline uint64_t page_prefix(const uint8_t *p)
     return v;
 }
 
+static inline int frame_nid(const struct ksm_ctx *c, int64_t pfn)
+{
+    return c->chunk_nid[pfn >> c->chunk_shift];
+}
+
+static inline int frame_is_image(const struct ksm_ctx *c, int64_t pfn)
+{
+    return c->chunk_flags[pfn >> c->chunk_shift] & KSM_CHUNK_IMAGE;
+}
+
+/* the mm a slot belongs to: VMAs get slots from a block boundary, so blocks have one mm */
+#define SLOT_MM(c, s) ((c)->slot_mm[(s) >> KSM_SLOT_BLOCK_SHIFT])
+
+/* a free frame's frame_stable links the free list (values below KSM_FRAME_KSM_NULL) */
+#define KSM_FREE_LINK(next) (-(next)-4)
+#define KSM_FREE_NEXT(v) (-(v)-4)
+
 static inline int get_kpfn_nid(const struct ksm_ctx *c, int64_t kpfn)
 {
-    return c->merge_across_nodes ? 0 : c->frame_nid[kpfn];
+    return c->merge_across_nodes ? 0 : frame_nid(c, kpfn);
 }
 
 /* ---------------------------------------------------------------- tracing */
@@ -79,6 +96,7 @@ int ksm_ctx_init(struct ksm_ctx *c)
     c->stable_free = NIL;
     c->unode = NULL;
     c->uslot = NULL;
+    c->unid = NULL;
     c->ucap = c->ucount = 0;
     c->zero_checksum = 0; /* set by Python from calc_checksum of the zero page */
     return ksm_reserve(c, 64, 64);
@@ -93,10 +111,12 @@ void ksm_ctx_release(struct ksm_ctx *c)
     c->nr_trace = c->trace_cap = 0;
     free(c->unode);
     free(c->uslot);
+    free(c->unid);
     c->stable = NULL;
     c->stable_rb = NULL;
     c->unode = NULL;
     c->uslot = NULL;
+    c->unid = NULL;
     c->stable_cap = c->ucap = 0;
 }
 
@@ -135,6 +155,10 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
         if (!s)
             return -1;
         c->uslot = s;
+        int16_t *nid = realloc(c->unid, (size_t)cap * sizeof(*nid));
+        if (!nid)
+            return -1;
+        c->unid = nid;
         c->ucap = (int32_t)cap;
     }
     return 0;
@@ -142,16 +166,13 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
 
 /* ---------------------------------------------------------------- frames */
 
-void ksm_add_frames(struct ksm_ctx *c, int64_t first, int64_t count, int nid)
+void ksm_add_frames(struct ksm_ctx *c, int64_t first, int64_t count)
 {
+    int nid = frame_nid(c, first);
     /* pushed in reverse so that allocation hands them out in ascending order */
     for (int64_t pfn = first + count - 1; pfn >= first; pfn--) {
-        c->frame_nid[pfn] = (int16_t)nid;
         c->frame_mapcount[pfn] = 0;
-        c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
-        c->frame_csum_valid[pfn] = 0;
-        c->frame_flags[pfn] = 0;
-        c->frame_next_free[pfn] = c->free_head[nid];
+        c->frame_stable[pfn] = KSM_FREE_LINK(c->free_head[nid]);
         c->free_head[nid] = (int32_t)pfn;
         c->nr_free[nid]++;
     }
@@ -162,25 +183,21 @@ int32_t ksm_frame_alloc(struct ksm_ctx *c, int nid)
     int32_t pfn = c->free_head[nid];
     if (pfn == NIL)
         return NIL;
-    c->free_head[nid] = c->frame_next_free[pfn];
+    c->free_head[nid] = KSM_FREE_NEXT(c->frame_stable[pfn]);
     c->nr_free[nid]--;
     c->frame_mapcount[pfn] = 1;
     c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
-    c->frame_csum_valid[pfn] = 0;
     return pfn;
 }
 
 /* Frames [first_frame, first_frame + n) hold a memory image: map them at slots
  * [slot, slot + n), once each. They are read until written, and never reused. */
-void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t n, int nid)
+void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t n)
 {
     for (int64_t i = 0; i < n; i++) {
         int64_t pfn = first_frame + i;
-        c->frame_nid[pfn] = (int16_t)nid;
         c->frame_mapcount[pfn] = 1;
         c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
-        c->frame_csum_valid[pfn] = 0;
-        c->frame_flags[pfn] = KSM_FRAME_IMAGE;
         c->pte[slot + i] = (int32_t)pfn;
     }
 }
@@ -191,11 +208,12 @@ static void put_frame(struct ksm_ctx *c, int32_t pfn)
 {
     if (--c->frame_mapcount[pfn] > 0)
         return;
-    int nid = c->frame_nid[pfn];
-    c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
-    if (c->frame_flags[pfn] & KSM_FRAME_IMAGE)
-        return; /* the image's memory is not ours to hand out */
-    c->frame_next_free[pfn] = c->free_head[nid];
+    if (frame_is_image(c, pfn)) {
+        c->frame_stable[pfn] = KSM_FRAME_NOT_KSM; /* the image's memory is not ours */
+        return;
+    }
+    int nid = frame_nid(c, pfn);
+    c->frame_stable[pfn] = KSM_FREE_LINK(c->free_head[nid]);
     c->free_head[nid] = pfn;
     c->nr_free[nid]++;
 }
@@ -209,7 +227,7 @@ static void ksm_unmap_zero_page(struct ksm_ctx *c, int64_t slot)
 {
     /* ksm_might_unmap_zero_page() */
     c->ksm_zero_pages--;
-    c->mm_zero_pages[c->slot_mm[slot]]--;
+    c->mm_zero_pages[SLOT_MM(c, slot)]--;
 }
 
 /* A write to [lo, hi): the faults do_anonymous_page() and do_wp_page() take.
@@ -223,7 +241,7 @@ int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, cons
         int32_t p = c->pte[s];
         int whole = s >= full_lo && s < full_hi;
         if (p >= 0 && !frame_is_ksm(c, p) && c->frame_mapcount[p] == 1 &&
-            !(c->frame_flags[p] & KSM_FRAME_IMAGE))
+            !frame_is_image(c, p))
             continue; /* exclusive anonymous page: written in place */
         used++;
         if (dry_run)
@@ -282,8 +300,6 @@ void ksm_migrate_frames(struct ksm_ctx *c, const int32_t *old, const int32_t *ne
         int32_t o = old[i], w = new_frames[i];
         memcpy(page_address(c, w), page_address(c, o), KSM_PAGE_SIZE);
         c->frame_mapcount[w] = c->frame_mapcount[o];
-        c->frame_csum[w] = c->frame_csum[o];
-        c->frame_csum_valid[w] = c->frame_csum_valid[o];
         int32_t node = c->frame_stable[o];
         c->frame_stable[w] = node;
         if (node >= 0) {
@@ -315,7 +331,7 @@ void ksm_zap_range(struct ksm_ctx *c, int64_t lo, int64_t hi)
         else if (p >= 0)
             put_frame(c, p);
         c->pte[s] = KSM_PTE_NONE;
-        c->vflags[s] = 0;
+        c->ri_flags[s] &= (uint16_t)~(KSM_SLOT_VM_MERGEABLE | KSM_SLOT_CSUM_FRESH);
     }
 }
 
@@ -324,8 +340,7 @@ void ksm_fork_range(struct ksm_ctx *c, int64_t src, int64_t dst, int64_t n, int3
     for (int64_t i = 0; i < n; i++) {
         int32_t p = c->pte[src + i];
         c->pte[dst + i] = p;
-        c->vflags[dst + i] = c->vflags[src + i];
-        c->slot_mm[dst + i] = child_mm;
+        c->ri_flags[dst + i] = c->ri_flags[src + i] & KSM_SLOT_VM_MERGEABLE;
         if (p == KSM_PTE_ZERO) {
             /* the child's zero PTEs add to the global count (ksm_fork) */
             c->ksm_zero_pages++;
@@ -342,9 +357,8 @@ void ksm_copy_in(struct ksm_ctx *c, int64_t slot, size_t offset, const uint8_t *
         size_t n = KSM_PAGE_SIZE - offset;
         if (n > len)
             n = len;
-        int32_t p = c->pte[slot];
-        memcpy(page_address(c, p) + offset, src, n);
-        c->frame_csum_valid[p] = 0;
+        memcpy(page_address(c, c->pte[slot]) + offset, src, n);
+        c->ri_flags[slot] &= (uint16_t)~KSM_SLOT_CSUM_FRESH; /* the contents changed */
         src += n;
         len -= n;
         offset = 0;
@@ -515,7 +529,7 @@ static void free_stable_node_chain(struct ksm_ctx *c, int32_t chain, int32_t *ro
 static inline void rmap_item_clear_flags(struct ksm_ctx *c, int64_t s)
 {
     /* rmap_item->address &= PAGE_MASK */
-    c->ri_flags[s] &= KSM_ITEM_EXISTS;
+    c->ri_flags[s] &= KSM_ITEM_EXISTS | KSM_SLOT_VM_MERGEABLE | KSM_SLOT_CSUM_FRESH;
 }
 
 static void remove_node_from_stable_tree(struct ksm_ctx *c, int32_t node)
@@ -528,7 +542,7 @@ static void remove_node_from_stable_tree(struct ksm_ctx *c, int32_t node)
         } else {
             c->pages_shared--;
         }
-        c->mm_merging_pages[c->slot_mm[s]]--;
+        c->mm_merging_pages[SLOT_MM(c, s)]--;
         n->rmap_hlist_len--;
         rmap_item_clear_flags(c, s);
         c->ri_head[s] = NIL;
@@ -562,19 +576,21 @@ static void remove_rmap_item_from_tree(struct ksm_ctx *c, int64_t s)
         int32_t node = c->ri_head[s];
         if (ksm_get_folio(c, node) == NIL)
             return; /* the stale node went, and took this item's flags with it */
-        /* hlist_del() */
-        int32_t nx = c->ri_hnext[s], pv = c->ri_hprev[s];
-        if (pv != NIL)
-            c->ri_hnext[pv] = nx;
-        else
-            c->stable[node].hlist = nx;
-        if (nx != NIL)
-            c->ri_hprev[nx] = pv;
+        /* hlist_del(): the hlist is singly linked here (4 bytes a page less); it is
+         * at most max_page_sharing long but for a KSM fork's bypass */
+        if (c->stable[node].hlist == s) {
+            c->stable[node].hlist = c->ri_hnext[s];
+        } else {
+            int32_t pv = c->stable[node].hlist;
+            while (c->ri_hnext[pv] != s)
+                pv = c->ri_hnext[pv];
+            c->ri_hnext[pv] = c->ri_hnext[s];
+        }
         if (c->stable[node].hlist != NIL)
             c->pages_sharing--;
         else
             c->pages_shared--;
-        c->mm_merging_pages[c->slot_mm[s]]--;
+        c->mm_merging_pages[SLOT_MM(c, s)]--;
         c->stable[node].rmap_hlist_len--;
         c->ri_head[s] = NIL;
         rmap_item_clear_flags(c, s);
@@ -582,7 +598,7 @@ static void remove_rmap_item_from_tree(struct ksm_ctx *c, int64_t s)
         /* erase only if inserted by this scan: older trees were reset already */
         uint8_t age = (uint8_t)(c->seqnr - (f & KSM_SEQNR_MASK));
         if (!age)
-            ksm_rb_erase(c->unode, c->ri_tnode[s], &c->root_unstable_tree[c->ri_nid[s]]);
+            ksm_rb_erase(c->unode, c->ri_head[s], &c->root_unstable_tree[c->unid[c->ri_head[s]]]);
         c->pages_unshared--;
         rmap_item_clear_flags(c, s);
     }
@@ -590,9 +606,9 @@ static void remove_rmap_item_from_tree(struct ksm_ctx *c, int64_t s)
 
 static void free_rmap_item(struct ksm_ctx *c, int64_t s)
 {
-    c->ri_flags[s] = 0;
+    c->ri_flags[s] &= KSM_SLOT_VM_MERGEABLE;
     c->rmap_items--;
-    c->mm_rmap_items[c->slot_mm[s]]--;
+    c->mm_rmap_items[SLOT_MM(c, s)]--;
 }
 
 void ksm_remove_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi)
@@ -615,16 +631,13 @@ static void stable_tree_append(struct ksm_ctx *c, int64_t s, int32_t node)
     c->ri_head[s] = node;
     c->ri_flags[s] |= KSM_STABLE_FLAG;
     /* hlist_add_head() */
-    c->ri_hprev[s] = NIL;
     c->ri_hnext[s] = n->hlist;
-    if (n->hlist != NIL)
-        c->ri_hprev[n->hlist] = (int32_t)s;
     n->hlist = (int32_t)s;
     if (had_items)
         c->pages_sharing++;
     else
         c->pages_shared++;
-    c->mm_merging_pages[c->slot_mm[s]]++;
+    c->mm_merging_pages[SLOT_MM(c, s)]++;
 }
 
 /* ---------------------------------------------------------------- merging */
@@ -635,7 +648,7 @@ static void replace_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpa
         /* the zero page: a special dirty PTE, counted in ksm_zero_pages */
         c->pte[s] = KSM_PTE_ZERO;
         c->ksm_zero_pages++;
-        c->mm_zero_pages[c->slot_mm[s]]++;
+        c->mm_zero_pages[SLOT_MM(c, s)]++;
     } else {
         c->pte[s] = kpage;
         c->frame_mapcount[kpage]++;
@@ -668,7 +681,7 @@ static int try_to_merge_one_page(struct ksm_ctx *c, int64_t s, int32_t page, int
 
 static inline int find_mergeable_vma(const struct ksm_ctx *c, int64_t s)
 {
-    return c->vflags[s] & KSM_VMA_MERGEABLE;
+    return c->ri_flags[s] & KSM_SLOT_VM_MERGEABLE;
 }
 
 static int try_to_merge_with_ksm_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpage)
@@ -942,7 +955,7 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
         int32_t t = c->uslot[tn];
         /* get_mergeable_page(): still in a mergeable VMA, still present, not zero */
         int32_t tp = c->pte[t];
-        if (!(c->vflags[t] & KSM_VMA_MERGEABLE) || tp < 0)
+        if (!(c->ri_flags[t] & KSM_SLOT_VM_MERGEABLE) || tp < 0)
             return NIL;
         if (tp == page) /* COW-shared with the scanned page since fork */
             return NIL;
@@ -952,7 +965,7 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
             link = &un[parent].left;
         } else if (ret > 0) {
             link = &un[parent].right;
-        } else if (!c->merge_across_nodes && c->frame_nid[tp] != nid) {
+        } else if (!c->merge_across_nodes && frame_nid(c, tp) != nid) {
             /* equal, but the tree page moved to another node: good for the
              * ordering, never a merge leaf (Hugh Dickins, 2013) */
             return NIL;
@@ -964,11 +977,13 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
 
     int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
     c->uslot[tn] = (int32_t)s;
-    c->ri_tnode[s] = tn;
+    c->unid[tn] = (int16_t)nid;
+    c->ri_head[s] = tn; /* for an unstable item, its tree node */
     ksm_rb_link_node(un, tn, parent, link);
     ksm_rb_insert_color(un, tn, root);
-    c->ri_flags[s] = KSM_ITEM_EXISTS | KSM_UNSTABLE_FLAG | (uint16_t)(c->seqnr & KSM_SEQNR_MASK);
-    c->ri_nid[s] = (int16_t)nid;
+    c->ri_flags[s] = (c->ri_flags[s] & (KSM_SLOT_VM_MERGEABLE | KSM_SLOT_CSUM_FRESH)) |
+                     KSM_ITEM_EXISTS | KSM_UNSTABLE_FLAG |
+                     (uint16_t)(c->seqnr & KSM_SEQNR_MASK);
     c->pages_unshared++;
     return NIL;
 }
@@ -994,12 +1009,13 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
         remove_rmap_item_from_tree(c, s);
         /* a page whose checksum changed since the last visit is volatile */
         uint32_t checksum;
-        if (c->frame_csum_valid[page]) {
-            checksum = c->frame_csum[page]; /* unwritten since last computed */
+        if (c->ri_flags[s] & KSM_SLOT_CSUM_FRESH) {
+            /* nothing wrote this page since its checksum was taken: a cache, the
+             * value is the one calc_checksum() would return */
+            checksum = c->ri_oldchecksum[s];
         } else {
             checksum = calc_checksum(page_address(c, page));
-            c->frame_csum[page] = checksum;
-            c->frame_csum_valid[page] = 1;
+            c->ri_flags[s] |= KSM_SLOT_CSUM_FRESH;
         }
         if (c->ri_oldchecksum[s] != checksum) {
             c->ri_oldchecksum[s] = checksum;
@@ -1074,13 +1090,13 @@ int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget
         }
         if (!(f & KSM_ITEM_EXISTS)) {
             /* alloc_rmap_item(): zeroed, so the first visit only records a checksum */
-            c->ri_flags[s] = KSM_ITEM_EXISTS;
+            c->ri_flags[s] = (f & KSM_SLOT_VM_MERGEABLE) | KSM_ITEM_EXISTS;
             c->ri_oldchecksum[s] = 0;
             c->ri_age[s] = 0;
             c->ri_remaining_skips[s] = 0;
             c->ri_head[s] = NIL;
             c->rmap_items++;
-            c->mm_rmap_items[c->slot_mm[s]]++;
+            c->mm_rmap_items[SLOT_MM(c, s)]++;
         }
         if (should_skip_rmap_item(c, s, page))
             continue;

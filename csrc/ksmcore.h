@@ -30,17 +30,19 @@
 #define KSM_FRAME_NOT_KSM -1
 #define KSM_FRAME_KSM_NULL -2 /* KSM folio whose stable node is NULL (merge under way) */
 
-/* frame_flags[] */
-#define KSM_FRAME_IMAGE 1 /* backed by a read-only memory image: copied on write, never freed */
+/* chunk_flags[] */
+#define KSM_CHUNK_IMAGE 1 /* frames of a read-only memory image: copied on write, never freed */
 
-/* vflags[] */
-#define KSM_VMA_MERGEABLE 1
-
-/* ri_flags[]: the kernel keeps these in the low bits of rmap_item->address */
+/* ri_flags[]: the rmap_item's flags, which the kernel keeps in the low bits of
+ * rmap_item->address, and two bits about the slot */
 #define KSM_SEQNR_MASK 255
 #define KSM_UNSTABLE_FLAG 256
 #define KSM_STABLE_FLAG 512
 #define KSM_ITEM_EXISTS 1024
+#define KSM_SLOT_VM_MERGEABLE 2048 /* the page's VMA is VM_MERGEABLE */
+#define KSM_SLOT_CSUM_FRESH 4096   /* ri_oldchecksum is the checksum of the page mapped now */
+
+#define KSM_SLOT_BLOCK_SHIFT 6     /* slot_mm[] has one entry per 64 slots */
 
 /* where a stable node is (the kernel's stable_node->head) */
 #define KSM_HEAD_TREE 0
@@ -85,34 +87,29 @@ struct ksm_trace_event {
 };
 
 struct ksm_ctx {
-    /* page frames: contents in chunks of (1 << chunk_shift) pages */
+    /* page frames: contents in chunks of (1 << chunk_shift) pages; a chunk's frames
+     * all lie on one node, and a chunk is either ordinary memory or an image */
     uint8_t **chunks;
     int32_t chunk_shift;
     int64_t nr_frames;        /* frames covered by the metadata arrays */
-    int16_t *frame_nid;
+    int16_t *chunk_nid;       /* per chunk */
+    uint8_t *chunk_flags;     /* per chunk: KSM_CHUNK_IMAGE */
     int32_t *frame_mapcount;
-    int32_t *frame_stable;    /* stable node index, or KSM_FRAME_* */
-    int32_t *frame_next_free; /* free lists, one per node */
-    uint8_t *frame_flags;     /* KSM_FRAME_IMAGE */
-    uint32_t *frame_csum;     /* calc_checksum() of the frame, while frame_csum_valid */
-    uint8_t *frame_csum_valid; /* cleared by every write: a cache, never a decision */
+    int32_t *frame_stable;    /* stable node index, or KSM_FRAME_*; on a free frame
+                               * it links the free list: KSM_FREE_LINK(next) */
     int32_t free_head[64];
     int64_t nr_free[64];
 
-    /* page-table slots and the rmap_items beside them */
+    /* page-table slots and the rmap_items beside them: 20 bytes a page */
     int64_t nr_slots;
     int32_t *pte;
-    uint8_t *vflags;
-    int32_t *slot_mm;
-    uint16_t *ri_flags;
+    int32_t *slot_mm;         /* per block of KSM_SLOT_BLOCK slots: VMAs start on one */
+    uint16_t *ri_flags;       /* rmap_item flags, and KSM_SLOT_* bits of the page's VMA */
     uint32_t *ri_oldchecksum;
     uint8_t *ri_age;
     uint8_t *ri_remaining_skips;
-    int16_t *ri_nid;
-    int32_t *ri_head;  /* stable node, while STABLE */
-    int32_t *ri_hnext; /* stable node hlist links */
-    int32_t *ri_hprev;
-    int32_t *ri_tnode; /* unstable tree node, while UNSTABLE this round */
+    int32_t *ri_head;  /* STABLE: the stable node; UNSTABLE: its unstable tree node */
+    int32_t *ri_hnext; /* the stable node's hlist */
 
     /* per mm counters (index = mm id) */
     int64_t *mm_rmap_items;
@@ -125,6 +122,7 @@ struct ksm_ctx {
     int32_t stable_cap, stable_used, stable_free;
     struct ksm_rbnode *unode;
     int32_t *uslot;
+    int16_t *unid;  /* the unstable tree (node) each tree node is in */
     int32_t ucap, ucount;
     int32_t root_stable_tree[64];
     int32_t root_unstable_tree[64];
@@ -175,9 +173,9 @@ void ksm_ctx_release(struct ksm_ctx *c);
 int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable);
 
 /* frames */
-void ksm_add_frames(struct ksm_ctx *c, int64_t first, int64_t count, int nid);
+void ksm_add_frames(struct ksm_ctx *c, int64_t first, int64_t count);
 int32_t ksm_frame_alloc(struct ksm_ctx *c, int nid);
-void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t n, int nid);
+void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t n);
 
 /* faults and mapping changes, over slot ranges [lo, hi) of one mm.
  * Each returns how many new frames it needs, or did use; with dry_run it only counts. */

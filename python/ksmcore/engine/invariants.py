@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._native import lib
+from .._native import ffi, lib
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -100,8 +100,8 @@ def check_invariants(m: Machine) -> None:
         if (not c.merge_across_nodes and sn.head != lib.KSM_HEAD_MIGRATE and valid(node)
                 and not sn.migrated):
             # only a migration ksmd has not met yet leaves a page in another node's tree
-            _check(frames["frame_nid"][sn.kpfn] == sn.nid,
-                   f"KSM page {sn.kpfn} on node {frames['frame_nid'][sn.kpfn]} is in tree {sn.nid}")
+            _check(mem.frame_nid(sn.kpfn) == sn.nid,
+                   f"KSM page {sn.kpfn} on node {mem.frame_nid(sn.kpfn)} is in tree {sn.nid}")
         count = 0
         s = sn.hlist
         while s != NIL:
@@ -119,7 +119,15 @@ def check_invariants(m: Machine) -> None:
     exists = (flags & lib.KSM_ITEM_EXISTS) != 0
     _check(stable_items == int(((flags & lib.KSM_STABLE_FLAG) != 0).sum()),
            "stable rmap_items not all on stable nodes")
-    _check(not ((flags != 0) & ~exists).any(), "flags on a freed rmap_item")
+    slot_bits = lib.KSM_SLOT_VM_MERGEABLE
+    _check(not (((flags & ~slot_bits) != 0) & ~exists).any(), "flags on a freed rmap_item")
+    # the checksum cache: a fresh oldchecksum is the checksum of the page mapped now
+    pte_all = sl["pte"]
+    fresh = np.nonzero(((flags & lib.KSM_SLOT_CSUM_FRESH) != 0) & (pte_all > 0))[0]
+    for s in fresh:
+        page = mem.page(int(pte_all[s]))
+        _check(lib.calc_checksum(ffi.from_buffer(page)) == sl["ri_oldchecksum"][s],
+               f"slot {s}: the cached checksum is not the page's")
     for name, want in (
         ("pages_shared", shared),
         ("pages_sharing", sharing),
@@ -132,7 +140,7 @@ def check_invariants(m: Machine) -> None:
         _check(getattr(c, name) == want, f"{name} is {getattr(c, name)}, a recount gives {want}")
 
     # per mm counters
-    mm_ids = sl["slot_mm"]
+    mm_ids = np.repeat(mem.slot_mm, 64)[:n_slots]
     nmm = mem.nr_mm
     per_mm = {
         "mm_rmap_items": np.bincount(mm_ids[exists], minlength=nmm),

@@ -226,13 +226,12 @@ class Ksm:
     def node_stats(self) -> dict[int, dict[str, int]]:
         """pages_shared and pages_sharing by the node the KSM page is on (numastat)."""
         c = self._m.ctx
-        nid_of = self._m.mem.frames["frame_nid"]
         out = {n: {"pages_shared": 0, "pages_sharing": 0} for n in range(self._m.nodes)}
         for i in range(c.stable_used):
             sn = c.stable[i]
             if sn.head == lib.KSM_HEAD_FREE or sn.rmap_hlist_len <= 0:
                 continue  # free, a chain head, or no rmap_items: not counted
-            n = out[int(nid_of[sn.kpfn])]
+            n = out[self._m.mem.frame_nid(sn.kpfn)]
             n["pages_shared"] += 1
             n["pages_sharing"] += sn.rmap_hlist_len - 1
         return out
@@ -566,7 +565,7 @@ class Ksm:
 
     def _rmap_item_id(self, s: int) -> tuple[int, int]:
         """An rmap_item (a page-table slot) as (pid, address)."""
-        mm = self._m._mms[int(self._m.mem.slots["slot_mm"][s])]
+        mm = self._m._mms[self._m.mem.mm_of_slot(s)]
         for r in mm.regions():
             if r.slot_base <= s < r.slot(r.end):
                 return mm.pid, r.start + ((s - r.slot_base) << PAGE_SHIFT)

@@ -133,7 +133,7 @@ class Machine:
     def pfn_to_nid(self, pfn: int) -> int:
         if not 0 <= pfn < len(self.mem.chunks) * CHUNK_PAGES:
             raise ksm_error(errno.EINVAL, f"no page frame {pfn}")
-        return int(self.mem.frames["frame_nid"][pfn])
+        return self.mem.frame_nid(pfn)
 
     def migrate_page(self, pfn: int, node: int) -> int:
         """Move frame ``pfn`` to a new frame on ``node`` as the migration core does;

@@ -17,31 +17,34 @@ from .._native import ffi, lib, ptr
 CHUNK_SHIFT = 12
 CHUNK_PAGES = 1 << CHUNK_SHIFT
 
-# name, dtype, initial value of the per-slot arrays (rmap_items live beside PTEs)
+# name, dtype, initial value of the per-slot arrays: 20 bytes a page
 _SLOT_FIELDS = (
     ("pte", np.int32, lib.KSM_PTE_NONE),
-    ("vflags", np.uint8, 0),
-    ("slot_mm", np.int32, -1),
     ("ri_flags", np.uint16, 0),
     ("ri_oldchecksum", np.uint32, 0),
     ("ri_age", np.uint8, 0),
     ("ri_remaining_skips", np.uint8, 0),
-    ("ri_nid", np.int16, 0),
     ("ri_head", np.int32, -1),
     ("ri_hnext", np.int32, -1),
-    ("ri_hprev", np.int32, -1),
-    ("ri_tnode", np.int32, -1),
 )
+# and of the per-frame arrays: 8 bytes a frame (the node and kind are per chunk)
 _FRAME_FIELDS = (
-    ("frame_nid", np.int16),
-    ("frame_mapcount", np.int32),
-    ("frame_stable", np.int32),
-    ("frame_next_free", np.int32),
-    ("frame_flags", np.uint8),
-    ("frame_csum", np.uint32),
-    ("frame_csum_valid", np.uint8),
+    ("frame_mapcount", np.int32, 0),
+    ("frame_stable", np.int32, lib.KSM_FRAME_NOT_KSM),
 )
 _MM_FIELDS = ("mm_rmap_items", "mm_merging_pages", "mm_zero_pages")
+SLOT_BLOCK = 1 << lib.KSM_SLOT_BLOCK_SHIFT
+MERGEABLE = np.uint16(lib.KSM_SLOT_VM_MERGEABLE)
+
+
+def _grown(arr: np.ndarray, need: int, init: int) -> np.ndarray:
+    """``arr`` with room for ``need`` entries: a quarter more than asked, so that one
+    large mapping costs little more than its size and many small ones amortize."""
+    if need <= len(arr):
+        return arr
+    out = np.full(max(need, len(arr) + len(arr) // 4), init, dtype=arr.dtype)
+    out[: len(arr)] = arr
+    return out
 
 
 class Memory:
@@ -57,17 +60,20 @@ class Memory:
         self._chunk_ptrs: Any = ffi.new("uint8_t *[]", 16)
         self.ctx.chunks = self._chunk_ptrs
         self.frames: dict[str, np.ndarray] = {
-            name: np.zeros(0, dtype=dt) for name, dt in _FRAME_FIELDS
+            name: np.full(0, init, dtype=dt) for name, dt, init in _FRAME_FIELDS
         }
+        self.chunk_nid = np.zeros(16, dtype=np.int16)
+        self.chunk_flags = np.zeros(16, dtype=np.uint8)
         self.slots: dict[str, np.ndarray] = {
             name: np.full(1024, init, dtype=dt) for name, dt, init in _SLOT_FIELDS
         }
+        self.slot_mm = np.full(1024 // SLOT_BLOCK, -1, dtype=np.int32)
         self.nr_slots = 0
         self.mm: dict[str, np.ndarray] = {name: np.zeros(16, dtype=np.int64) for name in _MM_FIELDS}
         self.nr_mm = 0
         self._refresh()
         # pfn 0 is the zero page: the first frame of node 0's first chunk, never free
-        self._add_chunk(0, reserve_zero=True)
+        self._add_chunks(0, 1, reserve_zero=True)
 
     def __del__(self) -> None:
         ctx = getattr(self, "ctx", None)
@@ -80,6 +86,9 @@ class Memory:
             setattr(c, name, ptr(arr))
         for name, arr in self.slots.items():
             setattr(c, name, ptr(arr))
+        c.chunk_nid = ptr(self.chunk_nid)
+        c.chunk_flags = ptr(self.chunk_flags)
+        c.slot_mm = ptr(self.slot_mm)
         for name, arr in self.mm.items():
             setattr(c, name, ptr(arr))
         c.nr_frames = len(self.chunks) * CHUNK_PAGES
@@ -87,30 +96,31 @@ class Memory:
 
     # ---- frames
 
-    def _add_chunk(self, nid: int, reserve_zero: bool = False) -> None:
-        self._append_chunk(np.empty((CHUNK_PAGES, 4096), dtype=np.uint8))
-        first = (len(self.chunks) - 1) * CHUNK_PAGES
+    def _add_chunks(self, nid: int, count: int, reserve_zero: bool = False) -> None:
+        first = len(self.chunks) * CHUNK_PAGES
+        for _ in range(count):
+            self._append_chunk(np.empty((CHUNK_PAGES, 4096), dtype=np.uint8), nid)
+        self._refresh()
         if reserve_zero:
             self.chunks[0][0] = 0
-            self.frames["frame_nid"][0] = 0
-            self.frames["frame_stable"][0] = lib.KSM_FRAME_NOT_KSM
-            lib.ksm_add_frames(self.ctx, first + 1, CHUNK_PAGES - 1, nid)
+            lib.ksm_add_frames(self.ctx, first + 1, count * CHUNK_PAGES - 1)
         else:
-            lib.ksm_add_frames(self.ctx, first, CHUNK_PAGES, nid)
+            lib.ksm_add_frames(self.ctx, first, count * CHUNK_PAGES)
 
-    def add_image(self, image: np.ndarray) -> int:
-        """Frames that read a (n, 4096) uint8 image in place; returns the first pfn.
-
-        The image is never written: the C core copies an image frame on write and
-        never puts one on a free list.
-        """
+    def add_image(self, image: np.ndarray, nid: int) -> int:
+        """Frames on node ``nid`` that read a (n, 4096) uint8 image in place; returns
+        the first pfn. The image is never written: the C core copies an image frame
+        on write and never puts one on a free list."""
         base = ffi.cast("uint8_t *", ffi.from_buffer(image, require_writable=False))
         first = len(self.chunks) * CHUNK_PAGES
         for k in range(0, len(image), CHUNK_PAGES):
-            self._append_chunk(image[k : k + CHUNK_PAGES], base + k * 4096)
+            self._append_chunk(image[k : k + CHUNK_PAGES], nid, lib.KSM_CHUNK_IMAGE,
+                               base + k * 4096)
+        self._refresh()
         return first
 
-    def _append_chunk(self, chunk: np.ndarray, address: Any = None) -> None:
+    def _append_chunk(self, chunk: np.ndarray, nid: int, flags: int = 0,
+                      address: Any = None) -> None:
         index = len(self.chunks)
         self.chunks.append(chunk)
         if len(self.chunks) > len(self._chunk_ptrs):
@@ -122,21 +132,35 @@ class Memory:
         if address is None:
             address = ffi.cast("uint8_t *", ffi.from_buffer(chunk))
         self._chunk_ptrs[index] = address
+        self.chunk_nid = _grown(self.chunk_nid, index + 1, 0)
+        self.chunk_flags = _grown(self.chunk_flags, index + 1, 0)
+        self.chunk_nid[index] = nid
+        self.chunk_flags[index] = flags
         need = len(self.chunks) * CHUNK_PAGES
-        if need > len(self.frames["frame_nid"]):
-            cap = max(need, 2 * len(self.frames["frame_nid"]))
-            for name, arr in self.frames.items():
-                # frames not (yet) in use: not KSM, on no free list
-                grown = np.full(cap, -1 if name in ("frame_stable", "frame_next_free") else 0,
-                                dtype=arr.dtype)
-                grown[: len(arr)] = arr
-                self.frames[name] = grown
-        self._refresh()
+        for name, _, init in _FRAME_FIELDS:
+            self.frames[name] = _grown(self.frames[name], need, init)
 
     def ensure_free(self, nid: int, count: int) -> None:
         """Make sure node ``nid`` has ``count`` free frames (memory grows, never fails)."""
-        while self.ctx.nr_free[nid] < count:
-            self._add_chunk(nid)
+        short = count - self.ctx.nr_free[nid]
+        if short > 0:
+            self._add_chunks(nid, -(-short // CHUNK_PAGES))
+
+    def frame_nid(self, pfn: int) -> int:
+        return int(self.chunk_nid[pfn >> CHUNK_SHIFT])
+
+    def frame_nids(self, pfns: np.ndarray) -> np.ndarray:
+        return self.chunk_nid[np.asarray(pfns) >> CHUNK_SHIFT]
+
+    def mm_of_slot(self, slot: int) -> int:
+        return int(self.slot_mm[slot // SLOT_BLOCK])
+
+    def set_mergeable(self, lo: int, hi: int, on: bool) -> None:
+        """VM_MERGEABLE on or off for the pages of slots [lo, hi)."""
+        if on:
+            self.slots["ri_flags"][lo:hi] |= MERGEABLE
+        else:
+            self.slots["ri_flags"][lo:hi] &= ~MERGEABLE
 
     def page(self, pfn: int) -> np.ndarray:
         return self.chunks[pfn >> CHUNK_SHIFT][pfn & (CHUNK_PAGES - 1)]
@@ -144,19 +168,16 @@ class Memory:
     # ---- slots
 
     def alloc_slots(self, n: int, mm_id: int) -> int:
-        base = self.nr_slots
+        """Slots for a new VMA of ``n`` pages: from a block boundary, so that the one
+        slot_mm entry of each block names this mm."""
+        base = -(-self.nr_slots // SLOT_BLOCK) * SLOT_BLOCK
         need = base + n
-        cap = len(self.slots["pte"])
-        if need > cap:
-            while cap < need:
-                cap *= 2
-            for name, dt, init in _SLOT_FIELDS:
-                arr = self.slots[name]
-                grown = np.full(cap, init, dtype=dt)
-                grown[: len(arr)] = arr
-                self.slots[name] = grown
+        for name, _, init in _SLOT_FIELDS:
+            self.slots[name] = _grown(self.slots[name], need, init)
+        blocks = -(-need // SLOT_BLOCK)
+        self.slot_mm = _grown(self.slot_mm, blocks, -1)
+        self.slot_mm[base // SLOT_BLOCK : blocks] = mm_id
         self.nr_slots = need
-        self.slots["slot_mm"][base:need] = mm_id
         self._refresh()
         return base
 

@@ -141,7 +141,7 @@ class Process:
             if not self.ksm_registered:
                 self.machine.ksm._ksm_enter(self)
             self.vmas[-1].mergeable = True
-            self.machine.mem.slots["vflags"][base : base + npages] |= lib.KSM_VMA_MERGEABLE
+            self.machine.mem.set_mergeable(base, base + npages, True)
         return addr
 
     def mmap_image(self, source: Any, node: int | None = None) -> int:
@@ -156,8 +156,8 @@ class Process:
         m = self.machine
         addr = self.mmap(n, node=node)
         v = self.vmas[-1]
-        first = m.mem.add_image(image)
-        lib.ksm_map_image(m.ctx, v.slot_base, first, n, self._nid(v))
+        first = m.mem.add_image(image, self._nid(v))
+        lib.ksm_map_image(m.ctx, v.slot_base, first, n)
         return addr
 
     def write(self, addr: int, data: Any) -> None:
@@ -231,15 +231,12 @@ class Process:
         m = self.machine
         if advice == MADV_DONTNEED:
             # zap the PTEs, keep the VMAs; the rmap_items go when ksmd passes
-            vflags = m.mem.slots["vflags"]
             for v, lo, hi in pieces:
                 s_lo, s_hi = v.slot(lo), v.slot(hi)
-                kept = vflags[s_lo:s_hi].copy()  # ksm_zap_range() unmaps the VMA too
                 lib.ksm_zap_range(m.ctx, s_lo, s_hi)
-                vflags[s_lo:s_hi] = kept
+                m.mem.set_mergeable(s_lo, s_hi, v.mergeable)  # the zap unmapped the VMA too
             return
         want = advice == MADV_MERGEABLE
-        vflags = m.mem.slots["vflags"]
         self._split_at(start)
         self._split_at(end)
         for v, lo, hi in self._cover(start, end, errno.ENOMEM):
@@ -250,11 +247,11 @@ class Process:
                 if not self.ksm_registered:
                     m.ksm._ksm_enter(self)
                 v.mergeable = True
-                vflags[s_lo:s_hi] |= lib.KSM_VMA_MERGEABLE
+                m.mem.set_mergeable(s_lo, s_hi, True)
             else:
                 self._break_ksm(v, s_lo, s_hi)
                 v.mergeable = False
-                vflags[s_lo:s_hi] &= ~np.uint8(lib.KSM_VMA_MERGEABLE)
+                m.mem.set_mergeable(s_lo, s_hi, False)
 
     def _break_ksm(self, v: Region, lo: int, hi: int) -> None:
         self._allocating(lib.ksm_break_ksm, v, lo, hi)
@@ -352,7 +349,6 @@ class Process:
         if arg3 or arg4 or arg5:
             raise ksm_error(errno.EINVAL, "PR_SET_MEMORY_MERGE takes no arg3..arg5")
         m = self.machine
-        vflags = m.mem.slots["vflags"]
         if value:
             if self.merge_any:
                 return
@@ -362,7 +358,7 @@ class Process:
             for v in self.vmas:  # ksm_add_vmas(): every VMA of the model is compatible
                 if not v.mergeable:
                     v.mergeable = True
-                    vflags[v.slot_base : v.slot(v.end)] |= lib.KSM_VMA_MERGEABLE
+                    m.mem.set_mergeable(v.slot_base, v.slot(v.end), True)
         else:
             if not self.merge_any:
                 return
@@ -370,7 +366,7 @@ class Process:
                 if v.mergeable:
                     self._break_ksm(v, v.slot_base, v.slot(v.end))
                     v.mergeable = False
-                    vflags[v.slot_base : v.slot(v.end)] &= ~np.uint8(lib.KSM_VMA_MERGEABLE)
+                    m.mem.set_mergeable(v.slot_base, v.slot(v.end), False)
             self.merge_any = False
 
     def prctl_get_memory_merge(self, arg2: int = 0, arg3: int = 0, arg4: int = 0,
@@ -421,7 +417,7 @@ class Process:
                 status.append(-errno.ENOENT)
             elif p == lib.KSM_PTE_ZERO:
                 status.append(-errno.EFAULT)
-            elif frames["frame_nid"][p] == node:
+            elif m.mem.frame_nid(p) == node:
                 status.append(node)
             elif frames["frame_mapcount"][p] > 1 and not flags & MPOL_MF_MOVE_ALL:
                 status.append(-errno.EACCES)
