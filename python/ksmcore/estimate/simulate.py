@@ -14,11 +14,12 @@ merging.
 **Time.** ksmd runs ``ksm_do_scan(pages_to_scan)`` and then sleeps
 ``sleep_millisecs``; a batch costs ``cost_per_page`` for every page it passes to
 ``cmp_and_merge_page()`` (the batch's return value; smart-scan skips are free).
-Batch boundaries never change what the engine decides (it has no clock yet), so the
-run records the pages processed per batch and :func:`ksmd_times` turns them into
-times afterwards; ``tune`` reuses one run for every ``sleep_millisecs``.
-:func:`ksmd_times` is the one place that knows how simulated time passes: when the
-machine gets its own clock (``m.clock``/``m.run_for``), it moves there.
+The run records the pages processed per batch and :func:`ksmd_times` turns them into
+times afterwards, with the machine's own cost per page (``ksmcore.timing.CostModel``,
+what ``m.run_for`` charges), so that ``tune`` can reuse one run for every
+``sleep_millisecs``. That is exact because only chain pruning reads the clock, and it
+is gated by ``stable_node_chains_prune_millisecs`` alone: the run keeps the machine's
+clock still, so chains are pruned as in a kernel that scans faster than that gate.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from typing import Any
 import numpy as np
 
 from ..constants import MADV_MERGEABLE, PAGE_SIZE
+from ..timing import CostModel
 from .errors import EXIT_USAGE, EstimateError
 from .sources import Source, check_node
 
-# Calibrated on this machine's kernel (ksmcore.kernel.time_kernel on the W1 workload):
-# 1.35 s for 524,288 page visits by ksmd with sleep_millisecs=0.
-DEFAULT_COST_PER_PAGE_US = 1.35e6 / 524_288
+# The machine's default cost model, measured on this project's kernel (about 2.6 us
+# per page ksmd scans).
+DEFAULT_COST_PER_PAGE_US = CostModel().page_ns / 1000
 SAVINGS = ("pages_shared", "pages_sharing", "ksm_zero_pages")
 MIN_FULL_SCANS = 2  # nothing can merge before the second full scan
 STILL_SCANS = 2  # full scans that must change nothing
