@@ -18,7 +18,7 @@ from ksmcore.workloads import Workload, parity_workloads, run_model
 
 AVAILABLE, WHY = kernel.kernel_available()
 needs_kernel = pytest.mark.skipif(
-    not AVAILABLE, reason="needs root and a writable /sys/kernel/mm/ksm"
+    not AVAILABLE, reason=f"needs root and a writable /sys/kernel/mm/ksm: {WHY}"
 )
 
 
