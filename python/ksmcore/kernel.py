@@ -455,6 +455,28 @@ def _reap(pids: list[int]) -> None:
 # the run
 
 
+@contextlib.contextmanager
+def _children(w: Workload, deadline: float,
+              writes: list[tuple[np.ndarray, np.ndarray]] | None = None) -> Iterator[list[int]]:
+    """One child per process of ``w``, each madvised in workload order (with
+    ``writes``, a fork tree: see _child_tree); yields their pids. They exit when the
+    go pipe closes on leaving the block, and are reaped, on every path."""
+    pids: list[int] = []
+    go_r, go_w = os.pipe()
+    try:
+        for i, pages in enumerate(w.processes):
+            pid, msg = _spawn(pages, go_r, go_w, deadline, writes)
+            pids.append(pid)
+            if msg != b"ready":
+                raise RuntimeError(f"{w.name}: child for process {i} failed: {msg.decode()}")
+        yield pids
+    finally:
+        with _signals_deferred():
+            os.close(go_w)  # the children see EOF and exit
+            os.close(go_r)
+            _reap(pids)
+
+
 def _fast_sleep_ms(w: Workload) -> int | None:
     """FAST_SLEEP_MS for the rounds before the last, or None to sleep long throughout."""
     batches_per_round = w.npages // w.effective_knobs()["pages_to_scan"] + 1
@@ -522,16 +544,9 @@ def _attempt(w: Workload, fast_ms: int | None, deadline: float, info: dict[str, 
             _write(name, value)
     _write("sleep_millisecs", fast_ms if fast_ms is not None else LONG_SLEEP_MS)
 
-    pids: list[int] = []
-    go_r, go_w = os.pipe()
-    try:
-        if trace is not None:
-            trace.clear()
-        for i, pages in enumerate(w.processes):
-            pid, msg = _spawn(pages, go_r, go_w, deadline)
-            pids.append(pid)
-            if msg != b"ready":
-                raise RuntimeError(f"{w.name}: child for process {i} failed: {msg.decode()}")
+    if trace is not None:
+        trace.clear()
+    with _children(w, deadline) as pids:
         before = read_sysfs()
         t0 = time.monotonic()
         _write("run", 1)
@@ -544,11 +559,6 @@ def _attempt(w: Workload, fast_ms: int | None, deadline: float, info: dict[str, 
         if trace is not None:
             result.info["trace"] = trace.read()
         return result
-    finally:
-        with _signals_deferred():
-            os.close(go_w)  # the children see EOF and exit
-            os.close(go_r)
-            _reap(pids)
 
 
 def run_kernel(workload: Workload, timeout: float = 60.0, trace: bool = False) -> Result:
@@ -602,7 +612,6 @@ def time_kernel(workload: Workload, timeout: float = 300.0,
         raise RuntimeError(f"cannot run the kernel harness: {why}")
     deadline = time.monotonic() + timeout
     saved = save_knobs()
-    pids: list[int] = []
     try:
         _reset()
         _write("advisor_mode", "none")
@@ -610,13 +619,7 @@ def time_kernel(workload: Workload, timeout: float = 300.0,
             if (KSM_DIR / name).exists():
                 _write(name, value)
         _write("sleep_millisecs", 0)
-        go_r, go_w = os.pipe()
-        try:
-            for i, pages in enumerate(workload.processes):
-                pid, msg = _spawn(pages, go_r, go_w, deadline, writes)
-                pids.append(pid)
-                if msg != b"ready":
-                    raise RuntimeError(f"{workload.name}: child {i} failed: {msg.decode()}")
+        with _children(workload, deadline, writes) as pids:
             before = read_sysfs()
             t0 = time.perf_counter()
             _write("run", 1)
@@ -628,11 +631,6 @@ def time_kernel(workload: Workload, timeout: float = 300.0,
             after = read_sysfs()
             stats = [read_ksm_stat(pid) for pid in pids]
             return elapsed, make_result(before, after, stats, elapsed)
-        finally:
-            with _signals_deferred():
-                os.close(go_w)
-                os.close(go_r)
-                _reap(pids)
     finally:
         with _signals_deferred():
             restore_knobs(saved)
@@ -651,7 +649,6 @@ def run_kernel_advisor(workload: Workload, advisor: dict[str, int], sleep_millis
         raise RuntimeError(f"cannot run the kernel harness: {why}")
     deadline = time.monotonic() + timeout
     saved = save_knobs()
-    pids: list[int] = []
     with contextlib.ExitStack() as stack:
         try:
             tracer = _KsmTrace(stack)
@@ -664,14 +661,8 @@ def run_kernel_advisor(workload: Workload, advisor: dict[str, int], sleep_millis
                 _write(name, value)
             _write("sleep_millisecs", sleep_millisecs)
             _write("advisor_mode", "scan-time")
-            go_r, go_w = os.pipe()
-            try:
-                tracer.clear()
-                for i, pages in enumerate(workload.processes):
-                    pid, msg = _spawn(pages, go_r, go_w, deadline)
-                    pids.append(pid)
-                    if msg != b"ready":
-                        raise RuntimeError(f"{workload.name}: child {i} failed: {msg.decode()}")
+            tracer.clear()
+            with _children(workload, deadline):
                 _write("run", 1)
                 while _read_int("full_scans") < workload.full_scans:
                     if time.monotonic() > deadline:
@@ -679,11 +670,6 @@ def run_kernel_advisor(workload: Workload, advisor: dict[str, int], sleep_millis
                     time.sleep(0.005)
                 _write("run", 0)
                 return tracer.read()
-            finally:
-                with _signals_deferred():
-                    os.close(go_w)
-                    os.close(go_r)
-                    _reap(pids)
         finally:
             with _signals_deferred():
                 restore_knobs(saved)
