@@ -11,6 +11,7 @@ import json
 import pwd
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, NoReturn, TextIO
 
@@ -300,10 +301,17 @@ def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     result["remarks"] = remarks
     if args.plot:
         plot.savings(args.plot, result, run, cost)
+    return _output(args, result, report.text)
+
+
+def _output(args: argparse.Namespace, result: dict[str, Any],
+            text: Callable[[dict[str, Any]], str]) -> tuple[str, dict[str, Any]]:
+    """What estimate and tune print: one JSON object, or the text report followed by
+    the remarks and where the plot went."""
     if args.json:
         return json.dumps(result, indent=1) + "\n", result
-    out = report.text(result)
-    extra = list(remarks) + ([f"plot: {args.plot}"] if args.plot else [])
+    out = text(result)
+    extra = list(result["remarks"]) + ([f"plot: {args.plot}"] if args.plot else [])
     if extra:
         out += "\n" + "\n".join(extra) + "\n"
     return out, result
@@ -347,13 +355,7 @@ def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     result["remarks"] = remarks
     if args.plot:
         plot.tune(args.plot, rows, within, result["cheapest"])
-    if args.json:
-        return json.dumps(result, indent=1) + "\n", result
-    out = tune.text(result)
-    extra = list(remarks) + ([f"plot: {args.plot}"] if args.plot else [])
-    if extra:
-        out += "\n" + "\n".join(extra) + "\n"
-    return out, result
+    return _output(args, result, tune.text)
 
 
 def _run(args: argparse.Namespace, make: Any) -> int:
