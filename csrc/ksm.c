@@ -1073,6 +1073,20 @@ static int should_skip_rmap_item(struct ksm_ctx *c, int64_t s, int32_t page)
     return 1;
 }
 
+/* The next slot's page when it will be compared rather than hashed (its checksum is
+ * cached, or it is a KSM page), else NULL: ksm_scan_range() starts reading it while
+ * this slot is merged. Equal pages are compared whole, and the hardware prefetcher
+ * stops at every 4 KiB page; a page about to be hashed is streamed fast enough by the
+ * hash. (The prefetch loop stays in the caller: GCC drops a call to a function that
+ * only prefetches, as having no effect.) */
+static inline const uint8_t *page_to_prefetch(const struct ksm_ctx *c, int64_t s)
+{
+    int32_t page = c->pte[s];
+    if (page < 0 || !((c->ri_flags[s] & KSM_SLOT_CSUM_FRESH) || frame_is_ksm(c, page)))
+        return NULL;
+    return page_address(c, page);
+}
+
 int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget, int64_t *next)
 {
     int64_t processed = 0;
@@ -1100,6 +1114,10 @@ int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget
         }
         if (should_skip_rmap_item(c, s, page))
             continue;
+        const uint8_t *ahead = s + 1 < hi ? page_to_prefetch(c, s + 1) : NULL;
+        if (ahead)
+            for (size_t off = 0; off < KSM_PAGE_SIZE; off += 64)
+                __builtin_prefetch(ahead + off, 0, 1); /* low locality: read once, soon */
         cmp_and_merge_page(c, s);
         c->pages_scanned++;
         if (++processed == budget || c->pending_break_cow != NIL) {

@@ -156,6 +156,13 @@ struct ksm_ctx {
 /* checksums and comparison */
 uint64_t ksm_xxh64(const void *data, size_t len, uint64_t seed);
 uint32_t calc_checksum(const uint8_t *page);
+/* which form of calc_checksum() runs: the CPU's best at first use, or one chosen
+ * (the tests run both); select returns the form now in use, or -1 if the CPU lacks it */
+#define KSM_CSUM_BEST -1
+#define KSM_CSUM_SCALAR 0
+#define KSM_CSUM_AVX512 1
+int ksm_checksum_select(int impl);
+int ksm_checksum_impl(void);
 void calc_checksums(const uint8_t *pages, size_t npages, uint32_t *out);
 int memcmp_pages(const uint8_t *a, const uint8_t *b);
 

@@ -56,3 +56,46 @@ def test_memcmp_pages_is_unsigned_lexicographic(seed: int, i: int, v: int) -> No
     b[i] = v
     want = (a > bytes(b)) - (a < bytes(b))
     assert lib.memcmp_pages(ffi.from_buffer(a), ffi.from_buffer(b)) == want
+
+
+def _checksum_forms() -> list[int]:
+    return [impl for impl in (lib.KSM_CSUM_SCALAR, lib.KSM_CSUM_AVX512)
+            if _try_select(impl)]
+
+
+def _try_select(impl: int) -> bool:
+    before = lib.ksm_checksum_impl()
+    ok = lib.ksm_checksum_select(impl) == impl
+    lib.ksm_checksum_select(before)
+    return ok
+
+
+def test_the_best_form_is_chosen_by_default() -> None:
+    best = lib.ksm_checksum_select(lib.KSM_CSUM_BEST)
+    assert best == lib.ksm_checksum_impl()
+    assert best in _checksum_forms()
+    # the scalar form runs everywhere; an unknown form is refused and changes nothing
+    assert lib.ksm_checksum_select(lib.KSM_CSUM_SCALAR) == lib.KSM_CSUM_SCALAR
+    assert lib.ksm_checksum_select(7) == -1
+    assert lib.ksm_checksum_impl() == lib.KSM_CSUM_SCALAR
+    lib.ksm_checksum_select(best)
+
+
+@pytest.mark.parametrize("impl", [lib.KSM_CSUM_SCALAR, lib.KSM_CSUM_AVX512],
+                         ids=["scalar", "avx512"])
+def test_every_checksum_form_is_xxh64(impl: int) -> None:
+    if impl not in _checksum_forms():
+        pytest.skip("this CPU has no AVX-512 F/DQ/VL: only the scalar form can run")
+    rng = np.random.default_rng(impl)
+    pages = rng.integers(0, 256, size=(64, 4096), dtype=np.uint8)
+    pages[1] = 0
+    pages[2] = 255
+    pages[3, ::7] = 0x80  # bytes with the top bit set in every lane position
+    want = [xxhash.xxh64_intdigest(p.tobytes(), seed=0) & 0xFFFFFFFF for p in pages]
+    best = lib.ksm_checksum_impl()
+    try:
+        assert lib.ksm_checksum_select(impl) == impl
+        assert calc_checksums(pages).tolist() == want
+        assert [lib.calc_checksum(ffi.from_buffer(p)) for p in pages] == want
+    finally:
+        lib.ksm_checksum_select(best)
