@@ -97,6 +97,7 @@ int ksm_ctx_init(struct ksm_ctx *c)
     c->unode = NULL;
     c->uslot = NULL;
     c->unid = NULL;
+    c->uprefix = NULL;
     c->ucap = c->ucount = 0;
     c->zero_checksum = 0; /* set by Python from calc_checksum of the zero page */
     return ksm_reserve(c, 64, 64);
@@ -112,11 +113,13 @@ void ksm_ctx_release(struct ksm_ctx *c)
     free(c->unode);
     free(c->uslot);
     free(c->unid);
+    free(c->uprefix);
     c->stable = NULL;
     c->stable_rb = NULL;
     c->unode = NULL;
     c->uslot = NULL;
     c->unid = NULL;
+    c->uprefix = NULL;
     c->stable_cap = c->ucap = 0;
 }
 
@@ -159,6 +162,10 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
         if (!nid)
             return -1;
         c->unid = nid;
+        uint64_t *pfx = realloc(c->uprefix, (size_t)cap * sizeof(*pfx));
+        if (!pfx)
+            return -1;
+        c->uprefix = pfx;
         c->ucap = (int32_t)cap;
     }
     return 0;
@@ -949,6 +956,8 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
     int32_t *root = &c->root_unstable_tree[nid];
     struct ksm_rbnode *un = c->unode;
     int32_t parent = NIL, *link = root;
+    const uint8_t *addr = page_address(c, page);
+    uint64_t pfx = page_prefix(addr);
 
     while (*link != NIL) {
         int32_t tn = *link;
@@ -959,7 +968,17 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
             return NIL;
         if (tp == page) /* COW-shared with the scanned page since fork */
             return NIL;
-        int ret = memcmp_pages(page_address(c, page), page_address(c, tp));
+        /* The unstable tree's pages may change under it, so the kernel compares the
+         * contents as they are now. A tree page not written since its insertion
+         * (its checksum still fresh) still has the prefix it had then: when that
+         * differs, it orders the two pages as memcmp would, without reading the
+         * tree page (a cache miss at every level of a large tree). */
+        int ret;
+        uint64_t tpfx = c->uprefix[tn];
+        if ((c->ri_flags[t] & KSM_SLOT_CSUM_FRESH) && tpfx != pfx)
+            ret = pfx < tpfx ? -1 : 1;
+        else
+            ret = memcmp_pages(addr, page_address(c, tp));
         parent = tn;
         if (ret < 0) {
             link = &un[parent].left;
@@ -978,6 +997,7 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
     int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
     c->uslot[tn] = (int32_t)s;
     c->unid[tn] = (int16_t)nid;
+    c->uprefix[tn] = pfx;
     c->ri_head[s] = tn; /* for an unstable item, its tree node */
     ksm_rb_link_node(un, tn, parent, link);
     ksm_rb_insert_color(un, tn, root);

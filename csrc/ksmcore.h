@@ -123,6 +123,8 @@ struct ksm_ctx {
     struct ksm_rbnode *unode;
     int32_t *uslot;
     int16_t *unid;  /* the unstable tree (node) each tree node is in */
+    uint64_t *uprefix; /* the tree page's prefix when inserted: good while the item's
+                        * KSM_SLOT_CSUM_FRESH says its page was not written since */
     int32_t ucap, ucount;
     int32_t root_stable_tree[64];
     int32_t root_unstable_tree[64];

@@ -128,6 +128,20 @@ def check_invariants(m: Machine) -> None:
         page = mem.page(int(pte_all[s]))
         _check(lib.calc_checksum(ffi.from_buffer(page)) == sl["ri_oldchecksum"][s],
                f"slot {s}: the cached checksum is not the page's")
+    # the unstable nodes' prefix cache: an item of this round whose page was not
+    # written since (its checksum fresh) has the prefix its node recorded
+    if c.ucount:
+        uslot = np.frombuffer(ffi.buffer(c.uslot, 4 * c.ucount), dtype=np.int32)
+        uprefix = np.frombuffer(ffi.buffer(c.uprefix, 8 * c.ucount), dtype=np.uint64)
+        this_round = ((flags & lib.KSM_UNSTABLE_FLAG) != 0) & \
+            ((flags & lib.KSM_SEQNR_MASK) == (c.seqnr & lib.KSM_SEQNR_MASK)) & \
+            ((flags & lib.KSM_SLOT_CSUM_FRESH) != 0) & (pte_all > 0)
+        for s in np.nonzero(this_round)[0]:
+            tn = int(sl["ri_head"][s])
+            if 0 <= tn < c.ucount and uslot[tn] == s:
+                page = mem.page(int(pte_all[s]))
+                _check(int(uprefix[tn]) == int.from_bytes(bytes(page[:8]), "big"),
+                       f"slot {s}: unstable node {tn} has a stale prefix")
     for name, want in (
         ("pages_shared", shared),
         ("pages_sharing", sharing),
