@@ -15,6 +15,8 @@
 
 #define NIL KSM_NIL
 
+_Static_assert(sizeof(struct ksm_stable_node) == 64, "a stable node is one cache line");
+
 static inline uint8_t *page_address(const struct ksm_ctx *c, int64_t pfn)
 {
     int64_t mask = ((int64_t)1 << c->chunk_shift) - 1;
@@ -133,9 +135,13 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
             cap *= 2;
         if (cap > INT32_MAX)
             return -1;
-        struct ksm_stable_node *s = realloc(c->stable, (size_t)cap * sizeof(*s));
+        /* cache-line aligned, so that a node is one line (realloc aligns to 16) */
+        struct ksm_stable_node *s = aligned_alloc(64, (size_t)cap * sizeof(*s));
         if (!s)
             return -1;
+        if (c->stable_cap)
+            memcpy(s, c->stable, (size_t)c->stable_cap * sizeof(*s));
+        free(c->stable);
         c->stable = s;
         struct ksm_rbnode *r = realloc(c->stable_rb, (size_t)cap * sizeof(*r));
         if (!r)
@@ -215,6 +221,8 @@ static void put_frame(struct ksm_ctx *c, int32_t pfn)
 {
     if (--c->frame_mapcount[pfn] > 0)
         return;
+    if (c->frame_stable[pfn] >= 0)
+        c->stable[c->frame_stable[pfn]].stale = 1;
     if (frame_is_image(c, pfn)) {
         c->frame_stable[pfn] = KSM_FRAME_NOT_KSM; /* the image's memory is not ours */
         return;
@@ -404,6 +412,7 @@ static int32_t alloc_stable_node(struct ksm_ctx *c)
     }
     struct ksm_stable_node *n = &c->stable[i];
     n->kpfn = NIL;
+    n->stale = 0;
     n->prefix = 0;
     n->chain_prune_time = 0;
     n->hlist = NIL;
@@ -563,13 +572,13 @@ static void remove_node_from_stable_tree(struct ksm_ctx *c, int32_t node)
     free_stable_node(c, node);
 }
 
-/* ksm_get_folio(): the node is valid while its frame still names it; a stale
- * node is removed on the spot.  Returns the kpfn, or NIL. */
+/* ksm_get_folio(): the node is valid while its frame still names it (put_frame()
+ * marks the node stale when it frees the frame); a stale node is removed on the
+ * spot.  Returns the kpfn, or NIL. */
 static int64_t ksm_get_folio(struct ksm_ctx *c, int32_t node)
 {
-    int64_t kpfn = c->stable[node].kpfn;
-    if (c->frame_stable[kpfn] == node)
-        return kpfn;
+    if (!c->stable[node].stale)
+        return c->stable[node].kpfn;
     remove_node_from_stable_tree(c, node);
     return NIL;
 }
@@ -825,6 +834,12 @@ again:
     link = root;
     while (*link != NIL) {
         node = *link;
+        /* both children's nodes start loading while this level decides: the
+         * deep levels of a large tree miss the cache at every step */
+        if (rb[node].left != NIL)
+            __builtin_prefetch(&c->stable[rb[node].left]);
+        if (rb[node].right != NIL)
+            __builtin_prefetch(&c->stable[rb[node].right]);
         int64_t tree_folio = stable_node_chain(c, &dup, &node, root, 1);
         if (tree_folio == NIL)
             goto again; /* a stale node went and the tree may have rebalanced */
@@ -961,6 +976,15 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
 
     while (*link != NIL) {
         int32_t tn = *link;
+        /* as in stable_tree_search(): the next level starts loading now */
+        for (int k = 0; k < 2; k++) {
+            int32_t child = k ? un[tn].right : un[tn].left;
+            if (child != NIL) {
+                __builtin_prefetch(&un[child]);
+                __builtin_prefetch(&c->uslot[child]);
+                __builtin_prefetch(&c->uprefix[child]);
+            }
+        }
         int32_t t = c->uslot[tn];
         /* get_mergeable_page(): still in a mergeable VMA, still present, not zero */
         int32_t tp = c->pte[t];

@@ -70,6 +70,10 @@ struct ksm_stable_node {
     int32_t nid;
     int32_t migrated;          /* for the invariant checker only: the page moved since
                                 * ksmd last placed the node (nid may be stale) */
+    int32_t stale;             /* its page was freed, so the frame no longer names it:
+                                * get_ksm_page()'s test, kept here so that a tree walk
+                                * need not read the frame table (a miss a level) */
+    int32_t pad;               /* 64 bytes: one cache line a node for the tree walks */
 };
 
 /* tracepoints raised inside the C core (include/trace/events/ksm.h) */

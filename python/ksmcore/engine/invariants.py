@@ -91,6 +91,9 @@ def check_invariants(m: Machine) -> None:
                 _check(stable[d].head == lib.KSM_HEAD_DUP and stable[d].chain == node,
                        f"dup {d} of chain {node} badly linked")
             continue
+        # the stale mark is get_ksm_page()'s test: the frame no longer names the node
+        _check(bool(sn.stale) != valid(node),
+               f"stable node {node}: stale is {sn.stale} but its frame says otherwise")
         if sn.head == lib.KSM_HEAD_DUP:
             dups += 1
         elif sn.head == lib.KSM_HEAD_TREE:
