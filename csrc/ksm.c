@@ -15,6 +15,9 @@
 
 #define NIL KSM_NIL
 
+/* a tree node's parent index is packed with its colour: (parent + 1) << 1 must fit */
+#define KSM_MAX_TREE_NODES (((int64_t)1 << 30) - 1)
+
 _Static_assert(sizeof(struct ksm_stable_node) == 64, "a stable node is one cache line");
 
 static inline uint8_t *page_address(const struct ksm_ctx *c, int64_t pfn)
@@ -133,7 +136,7 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
         int64_t cap = c->stable_cap ? c->stable_cap : 64;
         while (cap < need)
             cap *= 2;
-        if (cap > INT32_MAX)
+        if (cap > KSM_MAX_TREE_NODES)
             return -1;
         /* cache-line aligned, so that a node is one line (realloc aligns to 16) */
         struct ksm_stable_node *s = aligned_alloc(64, (size_t)cap * sizeof(*s));
@@ -154,7 +157,7 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
         int64_t cap = c->ucap ? c->ucap : 64;
         while (cap < need)
             cap *= 2;
-        if (cap > INT32_MAX)
+        if (cap > KSM_MAX_TREE_NODES)
             return -1;
         struct ksm_rbnode *u = realloc(c->unode, (size_t)cap * sizeof(*u));
         if (!u)
@@ -422,8 +425,8 @@ static int32_t alloc_stable_node(struct ksm_ctx *c)
     n->next = n->prev = NIL;
     n->nid = 0;
     n->migrated = 0;
-    c->stable_rb[i].left = c->stable_rb[i].right = c->stable_rb[i].parent = NIL;
-    c->stable_rb[i].color = 0;
+    c->stable_rb[i].left = c->stable_rb[i].right = NIL;
+    c->stable_rb[i].parent_color = 0; /* no parent, red */
     return i;
 }
 

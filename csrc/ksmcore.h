@@ -53,8 +53,9 @@
 #define KSM_STABLE_NODE_CHAIN -1024
 
 struct ksm_rbnode {
-    int32_t left, right, parent;
-    int32_t color; /* 0 red, 1 black */
+    int32_t left, right;
+    int32_t parent_color; /* (parent + 1) << 1 | colour (0 red, 1 black), as the
+                           * kernel packs them: KSM_NIL's parent is 0 */
 };
 
 struct ksm_stable_node {

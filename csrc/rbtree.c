@@ -12,20 +12,41 @@
 #define RB_RED 0
 #define RB_BLACK 1
 
-static inline int is_black(const struct ksm_rbnode *n, int32_t i)
+/* The parent index and the colour share one word, as lib/rbtree.c's
+ * __rb_parent_color does: (parent + 1) << 1 | colour, so KSM_NIL is 0. */
+static inline int32_t rb_parent(const struct ksm_rbnode *n, int32_t i)
 {
-    return i == KSM_NIL || n[i].color == RB_BLACK;
+    return (n[i].parent_color >> 1) - 1;
 }
 
-static inline int is_red(const struct ksm_rbnode *n, int32_t i)
+static inline int32_t rb_color(const struct ksm_rbnode *n, int32_t i)
 {
-    return i != KSM_NIL && n[i].color == RB_RED;
+    return n[i].parent_color & 1;
 }
 
 static inline void set_parent_color(struct ksm_rbnode *n, int32_t i, int32_t parent, int32_t color)
 {
-    n[i].parent = parent;
-    n[i].color = color;
+    n[i].parent_color = (int32_t)((uint32_t)(parent + 1) << 1) | color;
+}
+
+static inline void rb_set_parent(struct ksm_rbnode *n, int32_t i, int32_t parent)
+{
+    set_parent_color(n, i, parent, rb_color(n, i));
+}
+
+static inline void rb_set_color(struct ksm_rbnode *n, int32_t i, int32_t color)
+{
+    n[i].parent_color = (n[i].parent_color & ~1) | color;
+}
+
+static inline int is_black(const struct ksm_rbnode *n, int32_t i)
+{
+    return i == KSM_NIL || rb_color(n, i) == RB_BLACK;
+}
+
+static inline int is_red(const struct ksm_rbnode *n, int32_t i)
+{
+    return i != KSM_NIL && rb_color(n, i) == RB_RED;
 }
 
 static inline void change_child(struct ksm_rbnode *n, int32_t old, int32_t new_node,
@@ -45,33 +66,31 @@ static inline void change_child(struct ksm_rbnode *n, int32_t old, int32_t new_n
 static inline void rotate_set_parents(struct ksm_rbnode *n, int32_t old, int32_t new_node,
                                       int32_t *root, int32_t color)
 {
-    int32_t parent = n[old].parent;
-    n[new_node].parent = n[old].parent;
-    n[new_node].color = n[old].color;
+    int32_t parent = rb_parent(n, old);
+    n[new_node].parent_color = n[old].parent_color;
     set_parent_color(n, old, new_node, color);
     change_child(n, old, new_node, parent, root);
 }
 
 void ksm_rb_link_node(struct ksm_rbnode *n, int32_t node, int32_t parent, int32_t *link)
 {
-    n[node].parent = parent;
-    n[node].color = RB_RED;
+    set_parent_color(n, node, parent, RB_RED);
     n[node].left = n[node].right = KSM_NIL;
     *link = node;
 }
 
 void ksm_rb_insert_color(struct ksm_rbnode *n, int32_t node, int32_t *root)
 {
-    int32_t parent = n[node].parent, gparent, tmp;
+    int32_t parent = rb_parent(n, node), gparent, tmp;
 
     for (;;) {
         if (parent == KSM_NIL) {
             set_parent_color(n, node, KSM_NIL, RB_BLACK);
             break;
         }
-        if (n[parent].color == RB_BLACK)
+        if (rb_color(n, parent) == RB_BLACK)
             break;
-        gparent = n[parent].parent;
+        gparent = rb_parent(n, parent);
         tmp = n[gparent].right;
         if (parent != tmp) { /* parent == gparent->left */
             if (is_red(n, tmp)) {
@@ -79,7 +98,7 @@ void ksm_rb_insert_color(struct ksm_rbnode *n, int32_t node, int32_t *root)
                 set_parent_color(n, tmp, gparent, RB_BLACK);
                 set_parent_color(n, parent, gparent, RB_BLACK);
                 node = gparent;
-                parent = n[node].parent;
+                parent = rb_parent(n, node);
                 set_parent_color(n, node, parent, RB_RED);
                 continue;
             }
@@ -108,7 +127,7 @@ void ksm_rb_insert_color(struct ksm_rbnode *n, int32_t node, int32_t *root)
                 set_parent_color(n, tmp, gparent, RB_BLACK);
                 set_parent_color(n, parent, gparent, RB_BLACK);
                 node = gparent;
-                parent = n[node].parent;
+                parent = rb_parent(n, node);
                 set_parent_color(n, node, parent, RB_RED);
                 continue;
             }
@@ -157,11 +176,11 @@ static void erase_color(struct ksm_rbnode *n, int32_t parent, int32_t *root)
                 if (is_black(n, tmp2)) {
                     /* case 2: sibling colour flip */
                     set_parent_color(n, sibling, parent, RB_RED);
-                    if (n[parent].color == RB_RED) {
-                        n[parent].color = RB_BLACK;
+                    if (rb_color(n, parent) == RB_RED) {
+                        rb_set_color(n, parent, RB_BLACK);
                     } else {
                         node = parent;
-                        parent = n[node].parent;
+                        parent = rb_parent(n, node);
                         if (parent != KSM_NIL)
                             continue;
                     }
@@ -183,7 +202,7 @@ static void erase_color(struct ksm_rbnode *n, int32_t parent, int32_t *root)
             n[sibling].left = parent;
             set_parent_color(n, tmp1, sibling, RB_BLACK);
             if (tmp2 != KSM_NIL)
-                n[tmp2].parent = parent;
+                rb_set_parent(n, tmp2, parent);
             rotate_set_parents(n, parent, sibling, root, RB_BLACK);
             break;
         } else {
@@ -202,11 +221,11 @@ static void erase_color(struct ksm_rbnode *n, int32_t parent, int32_t *root)
                 tmp2 = n[sibling].right;
                 if (is_black(n, tmp2)) {
                     set_parent_color(n, sibling, parent, RB_RED);
-                    if (n[parent].color == RB_RED) {
-                        n[parent].color = RB_BLACK;
+                    if (rb_color(n, parent) == RB_RED) {
+                        rb_set_color(n, parent, RB_BLACK);
                     } else {
                         node = parent;
-                        parent = n[node].parent;
+                        parent = rb_parent(n, node);
                         if (parent != KSM_NIL)
                             continue;
                     }
@@ -228,7 +247,7 @@ static void erase_color(struct ksm_rbnode *n, int32_t parent, int32_t *root)
             n[sibling].right = parent;
             set_parent_color(n, tmp1, sibling, RB_BLACK);
             if (tmp2 != KSM_NIL)
-                n[tmp2].parent = parent;
+                rb_set_parent(n, tmp2, parent);
             rotate_set_parents(n, parent, sibling, root, RB_BLACK);
             break;
         }
@@ -242,20 +261,18 @@ void ksm_rb_erase(struct ksm_rbnode *n, int32_t node, int32_t *root)
 
     if (tmp == KSM_NIL) {
         /* at most one child, the right one */
-        parent = n[node].parent;
+        parent = rb_parent(n, node);
         change_child(n, node, child, parent, root);
         if (child != KSM_NIL) {
-            n[child].parent = n[node].parent;
-            n[child].color = n[node].color;
+            n[child].parent_color = n[node].parent_color;
             rebalance = KSM_NIL;
         } else {
-            rebalance = n[node].color == RB_BLACK ? parent : KSM_NIL;
+            rebalance = rb_color(n, node) == RB_BLACK ? parent : KSM_NIL;
         }
     } else if (child == KSM_NIL) {
         /* only a left child */
-        n[tmp].parent = n[node].parent;
-        n[tmp].color = n[node].color;
-        parent = n[node].parent;
+        n[tmp].parent_color = n[node].parent_color;
+        parent = rb_parent(n, node);
         change_child(n, node, tmp, parent, root);
         rebalance = KSM_NIL;
     } else {
@@ -276,23 +293,22 @@ void ksm_rb_erase(struct ksm_rbnode *n, int32_t node, int32_t *root)
             child2 = n[successor].right;
             n[parent].left = child2;
             n[successor].right = child;
-            n[child].parent = successor;
+            rb_set_parent(n, child, successor);
         }
 
         tmp = n[node].left;
         n[successor].left = tmp;
-        n[tmp].parent = successor;
+        rb_set_parent(n, tmp, successor);
 
-        change_child(n, node, successor, n[node].parent, root);
+        change_child(n, node, successor, rb_parent(n, node), root);
 
         if (child2 != KSM_NIL) {
             set_parent_color(n, child2, parent, RB_BLACK);
             rebalance = KSM_NIL;
         } else {
-            rebalance = n[successor].color == RB_BLACK ? parent : KSM_NIL;
+            rebalance = rb_color(n, successor) == RB_BLACK ? parent : KSM_NIL;
         }
-        n[successor].parent = n[node].parent;
-        n[successor].color = n[node].color;
+        n[successor].parent_color = n[node].parent_color;
     }
     if (rebalance != KSM_NIL)
         erase_color(n, rebalance, root);
@@ -300,13 +316,13 @@ void ksm_rb_erase(struct ksm_rbnode *n, int32_t node, int32_t *root)
 
 void ksm_rb_replace_node(struct ksm_rbnode *n, int32_t victim, int32_t new_node, int32_t *root)
 {
-    int32_t parent = n[victim].parent;
+    int32_t parent = rb_parent(n, victim);
 
     n[new_node] = n[victim];
     if (n[victim].left != KSM_NIL)
-        n[n[victim].left].parent = new_node;
+        rb_set_parent(n, n[victim].left, new_node);
     if (n[victim].right != KSM_NIL)
-        n[n[victim].right].parent = new_node;
+        rb_set_parent(n, n[victim].right, new_node);
     change_child(n, victim, new_node, parent, root);
 }
 
@@ -329,7 +345,7 @@ int32_t ksm_rb_next(const struct ksm_rbnode *n, int32_t node)
             node = n[node].left;
         return node;
     }
-    while ((parent = n[node].parent) != KSM_NIL && node == n[parent].right)
+    while ((parent = rb_parent(n, node)) != KSM_NIL && node == n[parent].right)
         node = parent;
     return parent;
 }

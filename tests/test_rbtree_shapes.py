@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ksmcore._native import ffi, lib
+from ksmcore.engine.invariants import rb_color, rb_parent
 from ksmcore.reference import rbtree as prb
 
 NIL = -1
@@ -43,12 +44,13 @@ class CTree:
         lib.ksm_rb_replace_node(self.nodes, victim, new, self.root)
         self.key[new] = self.key.pop(victim)
 
-    def shape(self, i: int | None = None) -> Any:
+    def shape(self, i: int | None = None, parent: int = NIL) -> Any:
         i = self.root[0] if i is None else i
         if i == NIL:
             return None
         n = self.nodes[i]
-        return (self.key[i], n.color, self.shape(n.left), self.shape(n.right))
+        assert rb_parent(n) == parent  # the parent packed with the colour
+        return (self.key[i], rb_color(n), self.shape(n.left, i), self.shape(n.right, i))
 
     def inorder(self) -> list[int]:
         out, i = [], lib.ksm_rb_first(self.nodes, self.root[0])

@@ -23,18 +23,28 @@ def _check(cond: bool, what: str) -> None:
         raise AssertionError(what)
 
 
+def rb_parent(n) -> int:
+    """The parent index of an rb node (packed with its colour, as the kernel does)."""
+    return (n.parent_color >> 1) - 1
+
+
+def rb_color(n) -> int:
+    """0 red, 1 black."""
+    return n.parent_color & 1
+
+
 def _rb_black_height(rb, node: int) -> int:
     if node == NIL:
         return 1
     n = rb[node]
     for child in (n.left, n.right):
         if child != NIL:
-            _check(rb[child].parent == node, f"rb node {child}: wrong parent")
-            if n.color == 0:
-                _check(rb[child].color == 1, f"rb node {node}: red with a red child")
+            _check(rb_parent(rb[child]) == node, f"rb node {child}: wrong parent")
+            if rb_color(n) == 0:
+                _check(rb_color(rb[child]) == 1, f"rb node {node}: red with a red child")
     lh = _rb_black_height(rb, n.left)
     _check(lh == _rb_black_height(rb, n.right), f"rb node {node}: unequal black heights")
-    return lh + (n.color == 1)
+    return lh + (rb_color(n) == 1)
 
 
 def check_invariants(m: Machine) -> None:
@@ -53,7 +63,8 @@ def check_invariants(m: Machine) -> None:
         if root == NIL:
             continue
         _check(nid < c.ksm_nr_node_ids, f"stable tree {nid} in use past ksm_nr_node_ids")
-        _check(c.stable_rb[root].color == 1, "stable root is red")
+        _check(rb_color(c.stable_rb[root]) == 1, "stable root is red")
+        _check(rb_parent(c.stable_rb[root]) == NIL, "stable root has a parent")
         _rb_black_height(c.stable_rb, root)
         prev: bytes | None = None
         node = lib.ksm_rb_first(c.stable_rb, root)
