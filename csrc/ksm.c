@@ -104,6 +104,7 @@ int ksm_ctx_init(struct ksm_ctx *c)
     c->unid = NULL;
     c->uprefix = NULL;
     c->ucap = c->ucount = 0;
+    c->uquiet_from = 0;
     c->zero_checksum = 0; /* set by Python from calc_checksum of the zero page */
     return ksm_reserve(c, 64, 64);
 }
@@ -206,10 +207,18 @@ int32_t ksm_frame_alloc(struct ksm_ctx *c, int nid)
     return pfn;
 }
 
+/* Something outside the scan changes pages, mappings or VMA flags: the unstable tree
+ * nodes inserted so far lose their quiet status (see uquiet_from) */
+static inline void unstable_tree_disturbed(struct ksm_ctx *c)
+{
+    c->uquiet_from = c->ucount;
+}
+
 /* Frames [first_frame, first_frame + n) hold a memory image: map them at slots
  * [slot, slot + n), once each. They are read until written, and never reused. */
 void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t n)
 {
+    unstable_tree_disturbed(c);
     for (int64_t i = 0; i < n; i++) {
         int64_t pfn = first_frame + i;
         c->frame_mapcount[pfn] = 1;
@@ -254,6 +263,7 @@ static void ksm_unmap_zero_page(struct ksm_ctx *c, int64_t slot)
 int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, const int16_t *nids,
                         int64_t full_lo, int64_t full_hi, int dry_run)
 {
+    unstable_tree_disturbed(c);
     int64_t used = 0;
     for (int64_t s = lo; s < hi; s++) {
         int32_t p = c->pte[s];
@@ -287,6 +297,7 @@ int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, cons
 int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, const int16_t *nids,
                       int dry_run)
 {
+    unstable_tree_disturbed(c);
     int64_t used = 0;
     for (int64_t s = lo; s < hi; s++) {
         int32_t p = c->pte[s];
@@ -314,6 +325,7 @@ int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, const 
 void ksm_migrate_frames(struct ksm_ctx *c, const int32_t *old, const int32_t *new_frames,
                         int64_t n, int32_t *remap)
 {
+    unstable_tree_disturbed(c);
     for (int64_t i = 0; i < n; i++) {
         int32_t o = old[i], w = new_frames[i];
         memcpy(page_address(c, w), page_address(c, o), KSM_PAGE_SIZE);
@@ -342,6 +354,7 @@ void ksm_migrate_frames(struct ksm_ctx *c, const int32_t *old, const int32_t *ne
 
 void ksm_zap_range(struct ksm_ctx *c, int64_t lo, int64_t hi)
 {
+    unstable_tree_disturbed(c);
     for (int64_t s = lo; s < hi; s++) {
         int32_t p = c->pte[s];
         if (p == KSM_PTE_ZERO)
@@ -355,6 +368,7 @@ void ksm_zap_range(struct ksm_ctx *c, int64_t lo, int64_t hi)
 
 void ksm_fork_range(struct ksm_ctx *c, int64_t src, int64_t dst, int64_t n, int32_t child_mm)
 {
+    unstable_tree_disturbed(c);
     for (int64_t i = 0; i < n; i++) {
         int32_t p = c->pte[src + i];
         c->pte[dst + i] = p;
@@ -371,6 +385,7 @@ void ksm_fork_range(struct ksm_ctx *c, int64_t src, int64_t dst, int64_t n, int3
 
 void ksm_copy_in(struct ksm_ctx *c, int64_t slot, size_t offset, const uint8_t *src, size_t len)
 {
+    unstable_tree_disturbed(c);
     while (len) {
         size_t n = KSM_PAGE_SIZE - offset;
         if (n > len)
@@ -632,6 +647,7 @@ static void free_rmap_item(struct ksm_ctx *c, int64_t s)
 
 void ksm_remove_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi)
 {
+    unstable_tree_disturbed(c);
     /* remove_trailing_rmap_items() and get_next_rmap_item()'s removal of items
      * whose page is gone: both in address order */
     for (int64_t s = lo; s < hi; s++) {
@@ -988,6 +1004,14 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
                 __builtin_prefetch(&c->uprefix[child]);
             }
         }
+        uint64_t tpfx = c->uprefix[tn];
+        if (tn >= c->uquiet_from && tpfx != pfx) {
+            /* nothing outside the scan touched the tree page since its insertion:
+             * get_mergeable_page() finds it as it was, and the prefixes decide */
+            parent = tn;
+            link = pfx < tpfx ? &un[parent].left : &un[parent].right;
+            continue;
+        }
         int32_t t = c->uslot[tn];
         /* get_mergeable_page(): still in a mergeable VMA, still present, not zero */
         int32_t tp = c->pte[t];
@@ -1001,7 +1025,6 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
          * differs, it orders the two pages as memcmp would, without reading the
          * tree page (a cache miss at every level of a large tree). */
         int ret;
-        uint64_t tpfx = c->uprefix[tn];
         if ((c->ri_flags[t] & KSM_SLOT_CSUM_FRESH) && tpfx != pfx)
             ret = pfx < tpfx ? -1 : 1;
         else
@@ -1191,6 +1214,7 @@ void ksm_start_round(struct ksm_ctx *c)
     for (int nid = 0; nid < KSM_MAX_NUMNODES; nid++)
         c->root_unstable_tree[nid] = NIL;
     c->ucount = 0; /* the unstable tree's nodes are all dropped with it */
+    c->uquiet_from = 0;
 }
 
 /* remove_stable_node(): 0 when gone, -1 (EBUSY) when its page is still mapped */
@@ -1205,6 +1229,7 @@ static int remove_stable_node(struct ksm_ctx *c, int32_t node)
 
 int ksm_remove_all_stable_nodes(struct ksm_ctx *c)
 {
+    unstable_tree_disturbed(c);
     int err = 0;
     for (int nid = 0; nid < c->ksm_nr_node_ids; nid++) {
         int32_t *root = &c->root_stable_tree[nid];

@@ -131,6 +131,11 @@ struct ksm_ctx {
     uint64_t *uprefix; /* the tree page's prefix when inserted: good while the item's
                         * KSM_SLOT_CSUM_FRESH says its page was not written since */
     int32_t ucap, ucount;
+    int32_t uquiet_from; /* unstable tree nodes from this index on were inserted since the
+                          * last change made outside the scan (every API call that
+                          * maps, unmaps, writes, migrates or (un)marks pages sets it
+                          * to ucount): their pages are still mapped, mergeable and
+                          * unwritten, so their recorded prefix can order a walk */
     int32_t root_stable_tree[64];
     int32_t root_unstable_tree[64];
     int32_t migrate_nodes; /* first stable node on the migrate_nodes list */

@@ -156,6 +156,19 @@ def check_invariants(m: Machine) -> None:
                 page = mem.page(int(pte_all[s]))
                 _check(int(uprefix[tn]) == int.from_bytes(bytes(page[:8]), "big"),
                        f"slot {s}: unstable node {tn} has a stale prefix")
+        # nodes inserted since the last change outside the scan: their pages are still
+        # mapped, mergeable and unwritten (a walk trusts their prefix without looking)
+        in_tree = ((flags & lib.KSM_UNSTABLE_FLAG) != 0) & \
+            ((flags & lib.KSM_SEQNR_MASK) == (c.seqnr & lib.KSM_SEQNR_MASK))
+        for tn in range(max(c.uquiet_from, 0), c.ucount):
+            s = int(uslot[tn])
+            if not (in_tree[s] and sl["ri_head"][s] == tn):
+                continue  # no longer in the tree
+            _check(bool(flags[s] & lib.KSM_SLOT_VM_MERGEABLE) and pte_all[s] >= 0,
+                   f"quiet unstable node {tn}: slot {s} unmapped or not mergeable")
+            page = mem.page(int(pte_all[s]))
+            _check(int(uprefix[tn]) == int.from_bytes(bytes(page[:8]), "big"),
+                   f"quiet unstable node {tn}: slot {s} was written")
     for name, want in (
         ("pages_shared", shared),
         ("pages_sharing", sharing),

@@ -157,6 +157,8 @@ class Memory:
 
     def set_mergeable(self, lo: int, hi: int, on: bool) -> None:
         """VM_MERGEABLE on or off for the pages of slots [lo, hi)."""
+        # a change outside the scan: the unstable tree's walk rechecks older nodes
+        self.ctx.uquiet_from = self.ctx.ucount
         if on:
             self.slots["ri_flags"][lo:hi] |= MERGEABLE
         else:
