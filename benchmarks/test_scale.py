@@ -5,6 +5,7 @@ Needs about 18 GiB of free disk in the temporary directory; skips otherwise."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -31,6 +32,8 @@ def write_image(path: Path, size: int, seed: int = 7) -> None:
     with open(path, "wb") as f:
         for _ in range(size // GIB):
             f.write(distinct[rng.permutation(np.repeat(np.arange(4096), 64))].tobytes())
+        f.flush()
+        os.fsync(f.fileno())  # no writeback of gigabytes running under the timed scans
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +52,16 @@ def images() -> Any:
 @pytest.mark.skipif(not ENOUGH_DISK, reason=f"needs 20 GiB free in {TMP}")
 @pytest.mark.parametrize("name", list(SIZES))
 def test_image_scale(images: dict[str, Path], name: str) -> None:
+    # two runs, the faster kept: the machine is shared and page faults on the image
+    # file are noisy; both sizes get the same treatment
+    SECONDS_PER_PAGE[name] = min(run_image(images, name) for _ in range(2))
+    if len(SECONDS_PER_PAGE) == len(SIZES):
+        ratio = SECONDS_PER_PAGE["16GiB"] / SECONDS_PER_PAGE["2GiB"]
+        print(f"16 GiB / 2 GiB time per page: {ratio:.2f}")
+        assert ratio < 1.5
+
+
+def run_image(images: dict[str, Path], name: str) -> float:
     m = ksmcore.Machine()
     p = m.spawn()
     addr = p.mmap_image(images[name])
@@ -65,9 +78,5 @@ def test_image_scale(images: dict[str, Path], name: str) -> None:
     dups_per_content = -(-copies_per_content // 256)  # max_page_sharing 256: chains
     assert s["pages_shared"] == 4096 * dups_per_content
     assert s["pages_sharing"] == npages - s["pages_shared"]
-    SECONDS_PER_PAGE[name] = seconds / npages
     print(f"\n{name}: {npages} pages in {seconds:.2f} s, {seconds / npages * 1e9:.0f} ns/page")
-    if len(SECONDS_PER_PAGE) == len(SIZES):
-        ratio = SECONDS_PER_PAGE["16GiB"] / SECONDS_PER_PAGE["2GiB"]
-        print(f"16 GiB / 2 GiB time per page: {ratio:.2f}")
-        assert ratio < 1.5
+    return seconds / npages
