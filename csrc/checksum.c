@@ -184,6 +184,14 @@ int ksm_checksum_select(int impl)
     return -1;
 }
 
+#ifdef __GNUC__
+/* choose at load time, before any thread can race on the first use */
+__attribute__((constructor)) static void checksum_init(void)
+{
+    ksm_checksum_select(KSM_CSUM_BEST);
+}
+#endif
+
 int ksm_checksum_impl(void)
 {
     if (!calc_checksum_fn)

@@ -168,8 +168,9 @@ struct ksm_ctx {
 /* checksums and comparison */
 uint64_t ksm_xxh64(const void *data, size_t len, uint64_t seed);
 uint32_t calc_checksum(const uint8_t *page);
-/* which form of calc_checksum() runs: the CPU's best at first use, or one chosen
- * (the tests run both); select returns the form now in use, or -1 if the CPU lacks it */
+/* which form of calc_checksum() runs: the CPU's best (chosen when the library
+ * loads), or one chosen (the tests run both); select returns the form now in use, or
+ * -1 if the CPU lacks it. Selecting is not thread-safe: do it before scanning. */
 #define KSM_CSUM_BEST -1
 #define KSM_CSUM_SCALAR 0
 #define KSM_CSUM_AVX512 1
