@@ -30,12 +30,10 @@ class Ctx:
     cpu_time: int = 0
 
 
-def expected_advisor(ctx: Ctx, now_ns: int, cpu_ns: int, pts: int,
-                     knobs: dict[str, int]) -> tuple[int, int, int]:
-    """scan_time_advisor(), written out again: (scan_time, pages, cpu_percent); updates ctx."""
-    scan_time = max(1, (now_ns - ctx.start_scan) // 1_000_000 // 1000)
-    diff_ms = ((cpu_ns - ctx.cpu_time) & ULONG) // 1_000_000
-    cpu_percent = max(1, ((diff_ms * 100 & ULONG) // (scan_time * 1000)) & UINT)
+def advisor_pages(ctx: Ctx, pts: int, scan_time: int, cpu_percent: int,
+                  knobs: dict[str, int]) -> int:
+    """The pages_to_scan that scan_time_advisor() computes from a scan's (whole second)
+    scan_time and cpu_percent; updates ctx (but its cpu_time)."""
     last = ctx.scan_time or scan_time
     factor = max(1, (knobs["advisor_target_scan_time"] * 100 & ULONG) // scan_time)
     change = max(1, scan_time * 100 // last)
@@ -46,7 +44,18 @@ def expected_advisor(ctx: Ctx, now_ns: int, cpu_ns: int, pts: int,
     pages = min(pages, ppc * knobs["advisor_max_cpu"] & ULONG)
     pages = max(pages, ppc * 10)
     pages = min(pages, knobs["advisor_max_pages_to_scan"])
-    ctx.change, ctx.scan_time, ctx.cpu_time = change, scan_time, cpu_ns
+    ctx.change, ctx.scan_time = change, scan_time
+    return pages
+
+
+def expected_advisor(ctx: Ctx, now_ns: int, cpu_ns: int, pts: int,
+                     knobs: dict[str, int]) -> tuple[int, int, int]:
+    """scan_time_advisor(), written out again: (scan_time, pages, cpu_percent); updates ctx."""
+    scan_time = max(1, (now_ns - ctx.start_scan) // 1_000_000 // 1000)
+    diff_ms = ((cpu_ns - ctx.cpu_time) & ULONG) // 1_000_000
+    cpu_percent = max(1, ((diff_ms * 100 & ULONG) // (scan_time * 1000)) & UINT)
+    pages = advisor_pages(ctx, pts, scan_time, cpu_percent, knobs)
+    ctx.cpu_time = cpu_ns
     return scan_time, pages, cpu_percent
 
 
@@ -298,24 +307,6 @@ def test_ksmd_sleeps_across_calls_and_waits_for_work(Machine: type) -> None:
 
 KERNEL_OK, KERNEL_WHY = kernel.kernel_available()
 TRACE_OK, TRACE_WHY = kernel.trace_available()
-
-
-def advisor_pages(ctx: Ctx, pts: int, scan_time: int, cpu_percent: int,
-                  knobs: dict[str, int]) -> int:
-    """The pages_to_scan that scan_time_advisor() computes from a scan's (whole second)
-    scan_time and cpu_percent, as expected_advisor() above; updates ctx."""
-    last = ctx.scan_time or scan_time
-    factor = max(1, (knobs["advisor_target_scan_time"] * 100 & ULONG) // scan_time)
-    change = max(1, scan_time * 100 // last)
-    change = ((70 * ctx.change + 30 * change) & ULONG) // 100
-    pages = ((pts * 100) & UINT) // factor
-    pages = (pages * change & ULONG) // 100
-    ppc = max(1, pts // cpu_percent)
-    pages = min(pages, ppc * knobs["advisor_max_cpu"] & ULONG)
-    pages = max(pages, ppc * 10)
-    pages = min(pages, knobs["advisor_max_pages_to_scan"])
-    ctx.change, ctx.scan_time = change, scan_time
-    return pages
 
 
 @pytest.mark.skipif(not (KERNEL_OK and TRACE_OK),
