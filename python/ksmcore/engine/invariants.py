@@ -147,10 +147,10 @@ def check_invariants(m: Machine) -> None:
     if c.ucount:
         uslot = np.frombuffer(ffi.buffer(c.uslot, 4 * c.ucount), dtype=np.int32)
         uprefix = np.frombuffer(ffi.buffer(c.uprefix, 8 * c.ucount), dtype=np.uint64)
-        this_round = ((flags & lib.KSM_UNSTABLE_FLAG) != 0) & \
-            ((flags & lib.KSM_SEQNR_MASK) == (c.seqnr & lib.KSM_SEQNR_MASK)) & \
-            ((flags & lib.KSM_SLOT_CSUM_FRESH) != 0) & (pte_all > 0)
-        for s in np.nonzero(this_round)[0]:
+        in_tree = ((flags & lib.KSM_UNSTABLE_FLAG) != 0) & \
+            ((flags & lib.KSM_SEQNR_MASK) == (c.seqnr & lib.KSM_SEQNR_MASK))
+        fresh_in_tree = in_tree & ((flags & lib.KSM_SLOT_CSUM_FRESH) != 0) & (pte_all > 0)
+        for s in np.nonzero(fresh_in_tree)[0]:
             tn = int(sl["ri_head"][s])
             if 0 <= tn < c.ucount and uslot[tn] == s:
                 page = mem.page(int(pte_all[s]))
@@ -158,8 +158,6 @@ def check_invariants(m: Machine) -> None:
                        f"slot {s}: unstable node {tn} has a stale prefix")
         # nodes inserted since the last change outside the scan: their pages are still
         # mapped, mergeable and unwritten (a walk trusts their prefix without looking)
-        in_tree = ((flags & lib.KSM_UNSTABLE_FLAG) != 0) & \
-            ((flags & lib.KSM_SEQNR_MASK) == (c.seqnr & lib.KSM_SEQNR_MASK))
         for tn in range(max(c.uquiet_from, 0), c.ucount):
             s = int(uslot[tn])
             if not (in_tree[s] and sl["ri_head"][s] == tn):
