@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 NPAGES = 4 * 1024 * 1024
 
 SCRIPT = r"""
@@ -69,11 +71,11 @@ def test_bytes_per_scanned_page(tmp_path: Path) -> None:
 def test_bytes_per_scanned_page_all_unique(tmp_path: Path) -> None:
     npages = NPAGES // 4  # 4 GiB of page cache is enough to see the cost per page
     image = tmp_path / "unique.img"
-    with open(image, "wb") as f:
-        f.truncate(npages * 4096)
-        for i in range(npages):  # a distinct first word makes every page unique
-            f.seek(i * 4096)
-            f.write(i.to_bytes(8, "little"))
+    pages = np.memmap(image, dtype=np.uint8, mode="w+", shape=(npages, 4096))
+    # a distinct first word makes every page unique
+    pages[:, :8] = np.arange(npages, dtype="<u8").view(np.uint8).reshape(npages, 8)
+    pages.flush()
+    del pages
     per_page, stats = measure(image, npages)
     assert stats["pages_unshared"] == npages and stats["pages_sharing"] == 0
     # 28 bytes a page as above, 26 for its unstable tree node, and the interpreter's
