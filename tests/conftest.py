@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,3 +20,27 @@ def machine_class(name: str) -> type:
 def Machine(request: pytest.FixtureRequest) -> type:
     """Each test taking this fixture runs once per implementation."""
     return machine_class(request.param)
+
+
+# Test modules that drive the real KSM (sysfs knobs, ksmd, KSM-registered processes).
+# The knobs are machine-wide: each such test holds ksmcore.kernel.kernel_lock(), so
+# two test sessions on one host (or a benchmark beside them) wait for each other.
+KERNEL_MODULES = {
+    "test_kernel_parity",
+    "test_kernel_harness",
+    "test_estimate_kernel",
+    "test_estimate_procmem",
+    "test_estimate_cli",
+    "test_sysfs",
+}
+
+
+@pytest.fixture(autouse=True)
+def _real_ksm_lock(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.module.__name__.rpartition(".")[2] not in KERNEL_MODULES:
+        yield
+        return
+    from ksmcore.kernel import kernel_lock
+
+    with kernel_lock():
+        yield

@@ -48,6 +48,11 @@ batches a round: a 2,000-page workload at pages_to_scan 100 takes about 0.6 s.
 Chains: with ``stable_node_chains_prune_millisecs`` at its default 2000 ms a kernel run
 shorter than 2 s never prunes (prune time is in jiffies); use 0 for "always prune".
 
+One user at a time. The knobs and the counters are global, so two runs at once (two
+test sessions, a benchmark next to a test) would spoil each other. Every entry point
+here holds :func:`kernel_lock`, an ``flock`` on ``KERNEL_LOCK_PATH`` that other
+processes of ksmcore wait for; it is re-entrant within a process.
+
 Tracepoints. ``run_kernel(w, trace=True)`` also records the ``ksm`` trace events
 (include/trace/events/ksm.h) from just before the children are spawned to the
 ``run=0``, in a private tracefs instance (tracefs is mounted on a temporary directory
@@ -59,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import math
 import mmap
 import os
@@ -67,6 +73,7 @@ import select
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +86,7 @@ from .workloads import Result, Workload, make_result
 
 __all__ = [
     "kernel_available",
+    "kernel_lock",
     "read_ksm_stat",
     "read_sysfs",
     "restore_knobs",
@@ -95,6 +103,7 @@ FAST_MIN_BATCHES = 4  # use the fast phase only with at least this many batches 
 SAFE_WINDOW_S = 0.050  # guaranteed part of the LONG_SLEEP_MS sleep, for HZ >= 100
 POLL_S = 0.0002  # busy-poll period for full_scans
 CHILD_READY_TIMEOUT_S = 30.0
+KERNEL_LOCK_PATH = Path(os.environ.get("KSMCORE_KERNEL_LOCK", "/run/lock/ksmcore-kernel.lock"))
 
 
 TRACEFS_MOUNTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
@@ -196,6 +205,36 @@ class _KsmTrace:
 
 class _Missed(Exception):
     """ksmd was not stopped exactly between two rounds; the attempt is discarded."""
+
+
+# --------------------------------------------------------------------------------
+# one user of the real KSM at a time
+
+_lock_mutex = threading.RLock()
+_lock_state: dict[str, Any] = {"fd": None, "depth": 0}
+
+
+@contextlib.contextmanager
+def kernel_lock() -> Iterator[None]:
+    """Hold the machine-wide lock on the real KSM (an flock other ksmcore processes
+    wait for). Re-entrant: nested holders in one process share the flock."""
+    with _lock_mutex:
+        if _lock_state["depth"] == 0:
+            fd = os.open(KERNEL_LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            _lock_state["fd"] = fd
+        _lock_state["depth"] += 1
+        try:
+            yield
+        finally:
+            _lock_state["depth"] -= 1
+            if _lock_state["depth"] == 0:
+                os.close(_lock_state["fd"])  # closing the description drops the flock
+                _lock_state["fd"] = None
 
 
 # --------------------------------------------------------------------------------
@@ -561,7 +600,7 @@ def _attempt(w: Workload, fast_ms: int | None, deadline: float, info: dict[str, 
         return result
 
 
-def run_kernel(workload: Workload, timeout: float = 60.0, trace: bool = False) -> Result:
+def _run_kernel_locked(workload: Workload, timeout: float = 60.0, trace: bool = False) -> Result:
     """Run ``workload`` through the real ksmd; the knobs are restored on every path.
     With ``trace``, ``result.info["trace"]`` holds the ksm trace events of the run."""
     ok, why = kernel_available()
@@ -593,7 +632,7 @@ def run_kernel(workload: Workload, timeout: float = 60.0, trace: bool = False) -
     raise AssertionError("unreachable")
 
 
-def time_kernel(workload: Workload, timeout: float = 300.0,
+def _time_kernel_locked(workload: Workload, timeout: float = 300.0,
                 writes: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[float, Result]:
     """Time the real ksmd on ``workload`` as ksm_tests -P does: from ``run=1`` until
     ``full_scans`` reaches the workload's count, with ``sleep_millisecs=0``.
@@ -636,7 +675,7 @@ def time_kernel(workload: Workload, timeout: float = 300.0,
             restore_knobs(saved)
 
 
-def run_kernel_advisor(workload: Workload, advisor: dict[str, int], sleep_millisecs: int,
+def _run_kernel_advisor_locked(workload: Workload, advisor: dict[str, int], sleep_millisecs: int,
                        timeout: float = 30.0) -> list[dict[str, Any]]:
     """Run ``workload`` with the scan-time advisor on (``advisor``: the advisor_* knobs
     other than advisor_mode, written first; then advisor_mode=scan-time, which sets
@@ -674,3 +713,26 @@ def run_kernel_advisor(workload: Workload, advisor: dict[str, int], sleep_millis
             with _signals_deferred():
                 restore_knobs(saved)
     raise AssertionError("unreachable")
+
+
+def run_kernel(workload: Workload, timeout: float = 60.0, trace: bool = False) -> Result:
+    """Run ``workload`` through the real ksmd; the knobs are restored on every path.
+    With ``trace``, ``result.info["trace"]`` holds the ksm trace events of the run."""
+    with kernel_lock():
+        return _run_kernel_locked(workload, timeout, trace)
+
+
+def time_kernel(workload: Workload, timeout: float = 300.0,
+                writes: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[float, Result]:
+    """Time the real ksmd on ``workload``, holding :func:`kernel_lock` (see
+    ``_time_kernel_locked``)."""
+    with kernel_lock():
+        return _time_kernel_locked(workload, timeout, writes)
+
+
+def run_kernel_advisor(workload: Workload, advisor: dict[str, int], sleep_millisecs: int,
+                       timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The scan-time advisor on the real ksmd, holding :func:`kernel_lock` (see
+    ``_run_kernel_advisor_locked``)."""
+    with kernel_lock():
+        return _run_kernel_advisor_locked(workload, advisor, sleep_millisecs, timeout)
