@@ -32,6 +32,8 @@ KERNEL_MODULES = {
     "test_estimate_procmem",
     "test_estimate_cli",
     "test_sysfs",
+    "test_trace_record",
+    "test_trace_kernel",
 }
 
 

@@ -110,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .estimate.commands import add_parsers
 
     commands = add_parsers(sub)
+    from .estimate.record import add_parser as add_record
+
+    add_record(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command in commands:
         # sources after an option ("a.img --json b.img") are sources too
