@@ -31,18 +31,60 @@ class CostModel:
 
     page_ns: int = 2600
     batch_ns: int = 100
+    # ksmd's sleep: msecs_to_jiffies(sleep_millisecs) jiffies of a kernel with ``hz``
+    # ticks a second, woken at a tick (schedule_timeout), then ``wake_ns`` until it
+    # runs. hz=1000 with wake_ns=0 is a sleep of exactly sleep_millisecs.
+    hz: int = 1000
+    wake_ns: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("page_ns", "batch_ns"):
+        for name in ("page_ns", "batch_ns", "hz", "wake_ns"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"CostModel.{name} must be a non-negative int, not {value!r}")
         if self.batch_ns < 1:
             raise ValueError("CostModel.batch_ns must be at least 1 ns: a ksmd batch takes time")
+        if not 1 <= self.hz <= 10_000:
+            raise ValueError(f"CostModel.hz must be 1..10000, not {self.hz}")
 
     def batch(self, pages: int) -> int:
         """The cost in ns of one ksm_do_scan() that processed ``pages`` pages."""
         return self.batch_ns + pages * self.page_ns
+
+    @property
+    def jiffy_ns(self) -> int:
+        return NSEC_PER_SEC // self.hz
+
+    def jiffies(self, msecs: int) -> int:
+        """msecs_to_jiffies(): rounded up to whole jiffies."""
+        return -(-msecs * self.hz // 1000)
+
+    def wake(self, now_ns: int, sleep_millisecs: int) -> int:
+        """When ksmd, going to sleep at ``now_ns`` for ``sleep_millisecs``, runs again:
+        schedule_timeout(j) wakes at the tick that makes jiffies reach the jiffies
+        of now plus j (so the sleep lasts between j - 1 and j jiffies), plus wake_ns.
+        With hz 1000 and wake_ns 0: exactly now + sleep_millisecs."""
+        if self.hz == 1000 and self.wake_ns == 0:
+            return now_ns + sleep_millisecs * NSEC_PER_MSEC
+        j = self.jiffies(sleep_millisecs)
+        if j == 0:
+            return now_ns
+        jn = self.jiffy_ns
+        return (now_ns // jn + j) * jn + self.wake_ns
+
+    def period(self, pages: int, sleep_millisecs: int) -> float:
+        """The mean time (ns) from one batch of ``pages`` to the next, over the phases
+        of the batch's end against the ticks."""
+        work = self.batch(pages)
+        if self.hz == 1000 and self.wake_ns == 0:
+            return float(work + sleep_millisecs * NSEC_PER_MSEC)
+        j = self.jiffies(sleep_millisecs)
+        if j == 0:
+            return float(work)
+        jn = self.jiffy_ns
+        # a batch started wake_ns after a tick ends work later; it sleeps to the tick j
+        # after the tick it ends in
+        return float((((self.wake_ns + work) // jn) + j) * jn)
 
 
 def seconds_to_ns(seconds: float | int, what: str = "time") -> int:

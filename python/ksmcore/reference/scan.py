@@ -9,7 +9,6 @@ from __future__ import annotations
 import bisect
 
 from ..constants import KSM_RUN_UNMERGE, PAGE_SIZE, SKIP_MIN_AGE, ZERO_PFN
-from ..timing import NSEC_PER_MSEC
 from ..tracing import scan_event
 from .advisor import AdvisorOps
 from .ksm_structs import MmSlot, RmapItem
@@ -217,7 +216,7 @@ class ScanOps(AdvisorOps):
             if int(self.knobs["pages_to_scan"]) == 0 and self.ksmd_should_run():
                 # ksm_do_scan(0) changes nothing but time: all the wake-ups until the
                 # end at once (with sleep_millisecs 0 they would be countless)
-                period = self.cost.batch_ns + int(self.knobs["sleep_millisecs"]) * NSEC_PER_MSEC
+                period = round(self.cost.period(0, int(self.knobs["sleep_millisecs"])))
                 wakeups = max(1, -(-(end - self.clock_ns) // period))  # one is due now
                 self.ksmd_cpu_ns += wakeups * self.cost.batch_ns
                 last = self.clock_ns + (wakeups - 1) * period
@@ -228,7 +227,8 @@ class ScanOps(AdvisorOps):
                 self.ksm_do_scan(int(self.knobs["pages_to_scan"]))
             if self.ksmd_should_run():
                 sleep_ms = int(self.knobs["sleep_millisecs"])
-                self.ksmd_wake = self.clock_ns + sleep_ms * NSEC_PER_MSEC
+                # msecs_to_jiffies() and schedule_timeout() (CostModel.wake)
+                self.ksmd_wake = self.cost.wake(self.clock_ns, sleep_ms)
             else:
                 self.ksmd_wake = None
         self.clock_ns = max(self.clock_ns, end)

@@ -49,6 +49,7 @@ F_MAPS = 1  # the record carries the process's whole list of mappings
 F_EXITED = 2  # the process exited (at t_ns; nothing of it follows)
 MAX_RECORD = 1 << 31  # a length past this is damage, not a record
 LZMA_BIT = 0x80  # in the type byte: the body is lzma- (xz-) compressed, not zlib
+STORED_BIT = 0x40  # in the type byte: the body is stored as it is (incompressible)
 CODECS = ("zlib", "lzma")
 
 
@@ -105,8 +106,13 @@ class TraceWriter:
         body.setdefault("page_size", PAGE_SIZE)
         self._record(META, json.dumps(body).encode())
 
-    def _record(self, kind: int, body: bytes) -> None:
-        if self._codec == "lzma" and kind == CONTENT:
+    def _record(self, kind: int, body: bytes, sample: tuple[int, int] | None = None) -> None:
+        if sample is not None and len(body) > 4 * PAGE_SIZE and \
+                len(zlib.compress(body[sample[0] : sample[1]], 1)) > 0.97 * (sample[1] - sample[0]):
+            # random bytes: compressing them would cost time and save nothing
+            payload = body
+            kind |= STORED_BIT
+        elif self._codec == "lzma" and kind == CONTENT:
             payload = lzma.compress(body, preset=0)
             kind |= LZMA_BIT
         else:
@@ -157,7 +163,10 @@ class TraceWriter:
             body = (_CONTENT_HEAD.pack(first, len(new_pages))
                     + np.asarray(bases, np.uint32).tobytes()
                     + np.stack(new_pages).tobytes())
-            self._record(CONTENT, body)
+            # a sample of the pages (their first and last pages) tells incompressible ones
+            head = _CONTENT_HEAD.size + 4 * len(new_pages)
+            self._record(CONTENT, body, (head, head + PAGE_SIZE) if len(new_pages) < 3
+                         else (len(body) - 2 * PAGE_SIZE, len(body)))
         return ids
 
     def changes(self, t_ns: int, proc: int, vpns: Any = (), pages: np.ndarray | None = None,
@@ -292,7 +301,8 @@ def _frames(f: IO[bytes]) -> Iterator[tuple[int, bytes] | str]:
             return
         kind, length, crc = _FRAME.unpack(head)
         packed = bool(kind & LZMA_BIT)
-        kind &= ~LZMA_BIT
+        stored = bool(kind & STORED_BIT)
+        kind &= ~(LZMA_BIT | STORED_BIT)
         if kind not in RECORD_NAMES or length > MAX_RECORD:
             yield f"damaged: record {n + 1} has an unknown type {kind}"
             return
@@ -304,7 +314,8 @@ def _frames(f: IO[bytes]) -> Iterator[tuple[int, bytes] | str]:
             yield f"damaged: record {n + 1} ({RECORD_NAMES[kind]}) fails its checksum"
             return
         try:
-            body = lzma.decompress(payload) if packed else zlib.decompress(payload)
+            body = payload if stored else lzma.decompress(payload) if packed \
+                else zlib.decompress(payload)
         except (zlib.error, lzma.LZMAError):
             yield f"damaged: record {n + 1} ({RECORD_NAMES[kind]}) does not decompress"
             return
