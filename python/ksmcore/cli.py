@@ -78,6 +78,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import main as calibrate_main
+
+    return calibrate_main(args)
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -106,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--no-kernel", action="store_true", help="leave the real ksmd out")
     bench.add_argument("--no-reference", action="store_true", help="leave the reference out")
     bench.set_defaults(func=_bench)
+    cal = sub.add_parser("calibrate", help="measure this host's ksmd; write a cost model "
+                                           "for --cost-model (root, a KSM kernel)")
+    cal.add_argument("-o", "--output", metavar="FILE", help="write the cost-model file here")
+    cal.set_defaults(func=_calibrate)
     # estimate and tune (their modules load only when the command line is parsed)
     from .estimate.commands import add_parsers
 
