@@ -134,23 +134,25 @@ def test_engine_and_reference_replay_alike() -> None:
 
 def test_jiffy_sleeps() -> None:
     exact = CostModel()
-    assert exact.wake(1_234_567, 20) == 21_234_567
+    assert exact.wake(0, 1_234_567, 20) == 21_234_567
+    assert exact.period(100, 20) == 100 + 100 * 2600 + 20_000_000
     hz = CostModel(hz=250, wake_ns=0)
     assert hz.jiffies(20) == 5 and hz.jiffies(21) == 6 and hz.jiffies(1) == 1
-    assert hz.jiffies(0) == 0 and hz.wake(7_000_000, 0) == 7_000_000
-    # schedule_timeout(5) from anywhere in jiffy k wakes at the tick of jiffy k + 5
-    assert hz.wake(0, 20) == 20_000_000
-    assert hz.wake(3_999_999, 20) == 20_000_000
-    assert hz.wake(4_000_000, 20) == 24_000_000
-    late = CostModel(hz=250, wake_ns=30_000)
-    assert late.wake(100, 20) == 20_030_000
-    # a batch shorter than a jiffy: one batch every 5 jiffies
-    assert late.period(200, 20) == 20_000_000
-    # a batch of 3 ms that starts 30 us after a tick: still 5 jiffies; of 5 ms: 6
-    assert CostModel(page_ns=15_000, hz=250).period(200, 20) == 20_000_000
-    assert CostModel(page_ns=25_000, hz=250).period(200, 20) == 24_000_000
+    assert hz.jiffies(0) == 0 and hz.wake(5, 7_000_000, 0) == 7_000_000
+    # schedule_timeout(5): the timer wheel fires it at the 6th tick after the jiffy
+    # the batch ended in
+    assert hz.wake(0, 100, 20) == 24_000_000
+    assert hz.wake(0, 3_999_999, 20) == 24_000_000
+    assert hz.wake(0, 4_000_000, 20) == 28_000_000
+    assert hz.wake(1_000, 4_000_999, 20) == 24_001_000
+    assert hz.wake(1_000, 4_001_000, 20) == 28_001_000
+    late = CostModel(hz=250, wake_ns=1_500_000)
+    assert late.wake(0, 100, 20) == 25_500_000
+    # the 200 pages a batch at 2.6 us: 24 ms a batch (+ the wake-up)
+    assert CostModel(hz=250).period(200, 20) == 24_000_000
+    assert CostModel(page_ns=25_000, hz=250).period(200, 20) == 28_000_000
     with pytest.raises(ValueError, match="hz"):
-        CostModel(hz=0)
+        CostModel(hz=-1)
 
 
 def test_run_for_sleeps_in_jiffies(Machine) -> None:
@@ -160,15 +162,15 @@ def test_run_for_sleeps_in_jiffies(Machine) -> None:
     p.fill(a, np.random.default_rng(1).integers(0, 256, (50, PAGE), np.uint8))
     p.madvise(a, 50 * PAGE, MADV_MERGEABLE)
     m.ksm.pages_to_scan = 10
-    m.ksm.sleep_millisecs = 10  # 3 jiffies of 4 ms at HZ=250: 12 ms, not 10
+    m.ksm.sleep_millisecs = 10  # 3 jiffies of 4 ms at HZ=250, woken at the 4th tick
     m.ksm.smart_scan = 0
     m.cost_model = CostModel(page_ns=1000, batch_ns=1000, hz=250)
     m.ksm.run = 1
     m.run_for(1.2)
-    # a batch at 0, 12, ..., 1188 ms: 100 batches; a full scan is 5 batches (50 pages)
+    # a batch at 0, 16, ..., 1184 ms: 75 batches; a full scan is 5 batches (50 pages)
     # and the empty batch that ends it
-    assert m.ksm.pages_scanned == 10 * (100 - 100 // 6)
-    assert m.ksmd_cpu_ns == 100 * 1000 + m.ksm.pages_scanned * 1000
+    assert m.ksm.pages_scanned == 10 * (75 - 75 // 6)
+    assert m.ksmd_cpu_ns == 75 * 1000 + m.ksm.pages_scanned * 1000
 
 
 def test_steady_state_of_a_static_trace_is_the_converged_estimate(tmp_path) -> None:

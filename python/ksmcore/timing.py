@@ -31,10 +31,14 @@ class CostModel:
 
     page_ns: int = 2600
     batch_ns: int = 100
-    # ksmd's sleep: msecs_to_jiffies(sleep_millisecs) jiffies of a kernel with ``hz``
-    # ticks a second, woken at a tick (schedule_timeout), then ``wake_ns`` until it
-    # runs. hz=1000 with wake_ns=0 is a sleep of exactly sleep_millisecs.
-    hz: int = 1000
+    # ksmd's sleep. hz 0: exactly sleep_millisecs after the batch. Else as a kernel
+    # with ``hz`` ticks a second sleeps: msecs_to_jiffies() rounds up to whole jiffies
+    # j; schedule_timeout(j) arms a timer for jiffies + j, which the timer wheel files
+    # one jiffy later (calc_index() rounds up, so that no timer fires early): from a
+    # batch started at a tick, ksmd wakes at the tick j + 1 jiffies after the one its
+    # batch ended in. ``wake_ns`` is then the mean time until it runs (scheduling
+    # latency; on a busy machine it can exceed a jiffy), added to every period.
+    hz: int = 0
     wake_ns: int = 0
 
     def __post_init__(self) -> None:
@@ -44,8 +48,8 @@ class CostModel:
                 raise ValueError(f"CostModel.{name} must be a non-negative int, not {value!r}")
         if self.batch_ns < 1:
             raise ValueError("CostModel.batch_ns must be at least 1 ns: a ksmd batch takes time")
-        if not 1 <= self.hz <= 10_000:
-            raise ValueError(f"CostModel.hz must be 1..10000, not {self.hz}")
+        if not 0 <= self.hz <= 10_000:
+            raise ValueError(f"CostModel.hz must be 0 (exact sleeps) or 1..10000, not {self.hz}")
 
     def batch(self, pages: int) -> int:
         """The cost in ns of one ksm_do_scan() that processed ``pages`` pages."""
@@ -53,38 +57,27 @@ class CostModel:
 
     @property
     def jiffy_ns(self) -> int:
-        return NSEC_PER_SEC // self.hz
+        return NSEC_PER_SEC // self.hz if self.hz else NSEC_PER_MSEC
 
     def jiffies(self, msecs: int) -> int:
         """msecs_to_jiffies(): rounded up to whole jiffies."""
         return -(-msecs * self.hz // 1000)
 
-    def wake(self, now_ns: int, sleep_millisecs: int) -> int:
-        """When ksmd, going to sleep at ``now_ns`` for ``sleep_millisecs``, runs again:
-        schedule_timeout(j) wakes at the tick that makes jiffies reach the jiffies
-        of now plus j (so the sleep lasts between j - 1 and j jiffies), plus wake_ns.
-        With hz 1000 and wake_ns 0: exactly now + sleep_millisecs."""
-        if self.hz == 1000 and self.wake_ns == 0:
-            return now_ns + sleep_millisecs * NSEC_PER_MSEC
+    def wake(self, start_ns: int, end_ns: int, sleep_millisecs: int) -> int:
+        """When ksmd runs again after a batch from ``start_ns`` to ``end_ns`` and a sleep
+        of ``sleep_millisecs``."""
+        if not self.hz:
+            return end_ns + sleep_millisecs * NSEC_PER_MSEC
         j = self.jiffies(sleep_millisecs)
         if j == 0:
-            return now_ns
+            return end_ns  # wait_event_*_timeout(..., 0) does not sleep
         jn = self.jiffy_ns
-        return (now_ns // jn + j) * jn + self.wake_ns
+        return start_ns + ((end_ns - start_ns) // jn + j + 1) * jn + self.wake_ns
 
     def period(self, pages: int, sleep_millisecs: int) -> float:
-        """The mean time (ns) from one batch of ``pages`` to the next, over the phases
-        of the batch's end against the ticks."""
+        """The time (ns) from one batch of ``pages`` to the next: ksmd's rhythm."""
         work = self.batch(pages)
-        if self.hz == 1000 and self.wake_ns == 0:
-            return float(work + sleep_millisecs * NSEC_PER_MSEC)
-        j = self.jiffies(sleep_millisecs)
-        if j == 0:
-            return float(work)
-        jn = self.jiffy_ns
-        # a batch started wake_ns after a tick ends work later; it sleeps to the tick j
-        # after the tick it ends in
-        return float((((self.wake_ns + work) // jn) + j) * jn)
+        return float(self.wake(0, work, sleep_millisecs))
 
 
 def seconds_to_ns(seconds: float | int, what: str = "time") -> int:

@@ -460,11 +460,13 @@ class Ksm:
                 self._set_clock(self._clock_ns + (k - 1) * period + self._cost.batch_ns)
                 self._wake = self._clock_ns - self._cost.batch_ns + period
                 continue
+            start = self._clock_ns
             if self._ksmd_should_run():
                 self.do_scan(self._knobs["pages_to_scan"])
             if self._ksmd_should_run():
                 # msecs_to_jiffies() and schedule_timeout() (CostModel.wake)
-                self._wake = self._cost.wake(self._clock_ns, self._knobs["sleep_millisecs"])
+                self._wake = self._cost.wake(start, self._clock_ns,
+                                             self._knobs["sleep_millisecs"])
             else:
                 self._wake = None
         self._set_clock(max(self._clock_ns, end))

@@ -223,12 +223,13 @@ class ScanOps(AdvisorOps):
                 self.clock_ns = last + self.cost.batch_ns
                 self.ksmd_wake = last + period
                 continue
+            start = self.clock_ns
             if self.ksmd_should_run():
                 self.ksm_do_scan(int(self.knobs["pages_to_scan"]))
             if self.ksmd_should_run():
                 sleep_ms = int(self.knobs["sleep_millisecs"])
                 # msecs_to_jiffies() and schedule_timeout() (CostModel.wake)
-                self.ksmd_wake = self.cost.wake(self.clock_ns, sleep_ms)
+                self.ksmd_wake = self.cost.wake(start, self.clock_ns, sleep_ms)
             else:
                 self.ksmd_wake = None
         self.clock_ns = max(self.clock_ns, end)

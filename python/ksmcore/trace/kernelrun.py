@@ -136,3 +136,52 @@ def run(w: MovingWorkload, seconds: float, out: str | os.PathLike[str] | IO[byte
             kernel.restore_knobs(saved)
     res.load = (load0, os.getloadavg()[0])
     return res
+
+
+COMPARED = ("pages_sharing", "pages_volatile", "general_profit")
+FINAL = ("pages_shared", "pages_sharing", "pages_unshared")
+
+
+def compare(w: MovingWorkload, seconds: float, knobs: dict[str, int], cost: Any,
+            interval_ms: int = 100, machine_cls: Any = None) -> dict[str, Any]:
+    """``w`` under the real ksmd, recorded; the trace replayed with ``cost`` (a
+    CostModel); both timelines, both steady states (the second half), and the last
+    rows (the static tail, when the workload stops writing before the end)."""
+    from .format import read_trace
+    from .replay import replay, steady_state
+
+    if machine_cls is None:
+        from .. import Machine as machine_cls
+    kr = run(w, seconds, None, interval_ms, interval_ms, knobs)
+    assert kr.recording is not None and kr.recording.buffer is not None
+    trace = read_trace(kr.recording.buffer)
+    m = machine_cls()
+    for name, value in kr.knobs.items():
+        setattr(m.ksm, name, value)
+    m.cost_model = cost
+    rp = replay(trace, m, interval_ms)
+    duration = trace.duration
+    return {
+        "kernel": steady_state(kr.timeline, duration),
+        "replay": steady_state(rp.timeline, duration),
+        "kernel_last": kr.timeline[-1] if kr.timeline else {},
+        "replay_last": rp.timeline[-1] if rp.timeline else {},
+        "kernel_timeline": kr.timeline,
+        "replay_timeline": rp.timeline,
+        "disturbed": kr.disturbed,
+        "load": kr.load,
+        "late_samples": kr.recording.late_samples,
+        "samples": kr.recording.samples,
+        "duration": duration,
+        "knobs": kr.knobs,
+    }
+
+
+def wait_for_kernel(timeout: float) -> tuple[bool, str]:
+    """kernel_available(), waiting up to ``timeout`` seconds for other KSM users to go."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ok, why = kernel.kernel_available()
+        if ok or time.monotonic() > deadline:
+            return ok, why
+        time.sleep(1.0)
