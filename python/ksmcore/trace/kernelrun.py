@@ -36,6 +36,17 @@ def ksmd_pid() -> int | None:
     return None
 
 
+def cow_ksm() -> int:
+    """/proc/vmstat cow_ksm: copies of KSM pages on write, machine-wide (0 if absent)."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            if line.startswith("cow_ksm "):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def ksmd_cpu_ns(pid: int | None) -> int:
     """ksmd's time on a CPU so far (the first field of schedstat), or 0."""
     if pid is None:
@@ -104,6 +115,7 @@ def run(w: MovingWorkload, seconds: float, out: str | os.PathLike[str] | IO[byte
                         # pages_scanned is never reset: counted from run=1
                         row["pages_scanned"] = int(row["pages_scanned"]) - scanned0[0]
                         row["ksmd_cpu_ns"] = ksmd_cpu_ns(kpid) - cpu0[0]
+                        row["cow_ksm"] = cow_ksm() - cow0[0]
                         res.timeline.append(row)
                         if k % 10 == 0:
                             others = set(kernel._other_ksm_users()) - set(procs.pids)
@@ -113,7 +125,10 @@ def run(w: MovingWorkload, seconds: float, out: str | os.PathLike[str] | IO[byte
                 cpu0 = [0]
                 scanned0 = [0]
 
+                cow0 = [0]
+
                 def start() -> None:
+                    cow0[0] = cow_ksm()
                     cpu0[0] = ksmd_cpu_ns(kpid)
                     scanned0[0] = int(kernel._read("pages_scanned"))
                     kernel._write("run", 1)

@@ -14,7 +14,8 @@ How changes are found, at each sample:
   are invisible to a hash. As root (pfns visible in pagemap) one such write is seen
   anyway: a page that was mapped more than once (merged by the running kernel's KSM,
   or shared with a forked process) and is now an exclusive page at another pfn was
-  copied on write.
+  copied on write; pagemap alone is read every 20 ms between samples for those, so
+  that a copy merged again before the next sample is seen too.
 - ``"soft-dirty"`` (opt-in: **writes /proc/PID/clear_refs**, clearing the soft-dirty
   bits, which write-protects the target's page table entries): a page whose
   soft-dirty bit is set was written since the last sample, whatever it wrote; only
@@ -62,6 +63,7 @@ from .format import TraceWriter
 PM_SOFT_DIRTY = 1 << 55
 METHODS = ("hash", "soft-dirty")
 DEFAULT_INTERVAL_MS = 100
+POLL_S = 0.02  # pagemap polls between samples (copies on write, as root)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class _State:
     hashes: np.ndarray  # uint64 per present page
     entries: np.ndarray  # uint64 pagemap entries per present page
     alive: bool = True
+    cow: set[int] = field(default_factory=set)  # copies on write seen by poll()
 
 
 @dataclass
@@ -262,6 +265,30 @@ class Recorder:
         self.last_t = t
         return t
 
+    def poll(self) -> None:
+        """Between two samples (pfns visible, hash method): read only pagemap, and note
+        the pages copied on write since the last look (shared, now exclusive at another
+        pfn), so that a copy that ksmd merges again before the next sample is seen."""
+        if not self.pfns or self.method != "hash":
+            return
+        excl, pfn = np.uint64(PM_EXCLUSIVE), np.uint64(PM_PFN_MASK)
+        for st in self.states:
+            if not st.alive or not len(st.vpns):
+                continue
+            try:
+                vpns, entries = _entries(st.pid, st.maps)
+            except ProcessUnreadable:
+                continue  # the next sample tells
+            pos = np.minimum(np.searchsorted(st.vpns, vpns), len(st.vpns) - 1)
+            old = st.vpns[pos] == vpns
+            oe = st.entries[pos]
+            cow = old & ((oe & excl) == 0) & ((entries & excl) != 0) \
+                & ((oe & pfn) != (entries & pfn))
+            st.cow.update(vpns[cow].tolist())
+            # what is mapped now is the reference for the next look
+            st.entries = st.entries.copy()
+            st.entries[pos[old]] = entries[old]
+
     def _exit(self, st: _State, t: int) -> None:
         st.alive = False
         self.w.changes(t, st.index, exited=True)
@@ -306,6 +333,9 @@ class Recorder:
                 excl, pfn = np.uint64(PM_EXCLUSIVE), np.uint64(PM_PFN_MASK)
                 changed |= read & old & ((oe & excl) == 0) & ((ne & excl) != 0) \
                     & ((oe & pfn) != (ne & pfn))
+        if st.cow:
+            changed |= read & np.isin(snap.vpns, np.fromiter(st.cow, np.int64, len(st.cow)))
+            st.cow = set()
         rows = np.zeros(n, np.int64)
         rows[idx] = np.arange(len(idx))
         emit = np.flatnonzero(changed)
@@ -357,6 +387,10 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
             if due > rec.t0 + seconds + 1e-9:
                 break
             now = time.monotonic()
+            while due - now > POLL_S:  # pagemap alone, between two samples
+                time.sleep(POLL_S)
+                rec.poll()
+                now = time.monotonic()
             if due > now:
                 time.sleep(due - now)
             elif now - due > step:
