@@ -200,3 +200,23 @@ def wait_for_kernel(timeout: float) -> tuple[bool, str]:
         if ok or time.monotonic() > deadline:
             return ok, why
         time.sleep(1.0)
+
+
+def compare_with_trace(w: MovingWorkload, seconds: float, knobs: dict[str, int], trace: Any,
+                       cost: Any, sample_ms: int = 100) -> dict[str, Any]:
+    """``w`` under the real ksmd (recorded too, for the same load on the machine) next to
+    the replay of ``trace``, a trace of the same workload made otherwise (e.g. with
+    every write, as soft-dirty bits would record it)."""
+    from .. import Machine
+    from .replay import replay, steady_state
+
+    kr = run(w, seconds, None, sample_ms, sample_ms, knobs)
+    m = Machine()
+    for name, value in kr.knobs.items():
+        setattr(m.ksm, name, value)
+    m.cost_model = cost
+    rp = replay(trace, m, sample_ms)
+    return {"kernel": steady_state(kr.timeline, seconds),
+            "replay": steady_state(rp.timeline, seconds),
+            "disturbed": kr.disturbed, "kernel_timeline": kr.timeline,
+            "replay_timeline": rp.timeline}
