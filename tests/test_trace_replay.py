@@ -315,3 +315,22 @@ def test_steady_state_means() -> None:
     assert st["rows"] == 6 and st["pages_sharing"] == 15.0 and st["saved_pages"] == 15.0
     assert st["cpu_fraction"] == pytest.approx(0.1) and st["cow_per_s"] == pytest.approx(3)
     assert st["full_scans_per_s"] == pytest.approx(1) and st["pages_scanned_per_s"] == 100
+
+
+def test_calibration_fit_recovers_a_known_model(monkeypatch) -> None:
+    from ksmcore import calibrate
+
+    monkeypatch.setattr(calibrate, "config_hz", lambda: None)  # fit HZ too
+    true = CostModel(page_ns=2900, batch_ns=60_000, hz=250, wake_ns=1_500_000)
+    rows = []
+    for pts, sleep in calibrate.SETTINGS:
+        rp = 6000
+        b = calibrate._batches(rp, pts) * 3
+        rows.append({"pages_to_scan": pts, "sleep_millisecs": sleep, "rounds": 3,
+                     "round_pages": rp, "batches": b,
+                     "cpu_ns": 3 * rp * true.page_ns + b * true.batch_ns,
+                     "period_ns": true.period(pts, sleep)})
+    got = calibrate.fit(rows)["cost_model"]
+    assert got["hz"] == 250 and got["page_ns"] == 2900 and got["batch_ns"] == 60_000
+    assert abs(got["wake_ns"] - 1_500_000) < 1000
+    assert calibrate._batches(6000, 200) == 31 and calibrate._batches(6100, 200) == 31

@@ -45,6 +45,7 @@ import xxhash
 from ..constants import PAGE_SHIFT, PAGE_SIZE
 from ..estimate.errors import EstimateError
 from ..estimate.procmem import (
+    HEADROOM,
     PM_EXCLUSIVE,
     PM_FILE,
     PM_PFN_MASK,
@@ -54,6 +55,7 @@ from ..estimate.procmem import (
     _proc_error,
     _read_pages,
     _read_text,
+    mem_available,
     parse_smaps,
     select_vmas,
     zero_pfn,
@@ -222,6 +224,7 @@ class Recorder:
         self.skip_unreadable = skip_unreadable  # --all: leave out what cannot be read
         self.skipped: dict[str, int] = {}
         self.last_t = 0
+        self.pages = 0
 
     def _now_ns(self) -> int:
         return max(0, round((time.monotonic() - self.t0) * 1e9))
@@ -244,6 +247,13 @@ class Recorder:
             if self.skip_unreadable and not got.any():
                 self.skipped["empty"] = self.skipped.get("empty", 0) + 1
                 continue
+            # the recorder keeps a copy of every distinct page, and reads a process
+            # whole at every sample
+            self.pages += int(got.sum())
+            if self.pages * PAGE_SIZE * 2 > mem_available() - HEADROOM:
+                raise EstimateError(
+                    f"recording {self.pages * PAGE_SIZE >> 20} MiB of candidate memory "
+                    f"needs about twice that, more than this machine has available")
             keep = got & ~_zero_unknown(snap.entries, pages)
             first.append((pid, node, comm, Snapshot(snap.maps, snap.vpns[keep],
                                                     snap.entries[keep]), pages[keep],
