@@ -138,6 +138,8 @@ def test_record_command(tmp_path) -> None:
     (["--pid", "1@3", "--seconds", "1", "-o", "X"], 2, "node"),
     (["--pid", "999999999", "--seconds", "1", "-o", "X"], 1, "no such process"),
     (["--pid", "1"], 2, "required"),
+    (["--all", "--user", "65534", "--mergeable-only", "--seconds", "1", "-o", "X"], 1,
+     "nothing to record"),
 ])
 def test_record_refuses_bad_input_in_one_line(tmp_path, capsys, argv, code, message) -> None:
     argv = [str(tmp_path / "o.trace") if a == "X" else a for a in argv]

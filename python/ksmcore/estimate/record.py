@@ -11,7 +11,7 @@ from typing import Any
 from ..trace.format import CODECS
 from ..trace.recorder import DEFAULT_INTERVAL_MS, record
 from .errors import EXIT_USAGE, EstimateError
-from .procmem import ProcessUnreadable, readable_pids
+from .procmem import readable_pids
 from .sources import check_node
 
 
@@ -85,7 +85,7 @@ def record_report(args: argparse.Namespace) -> str:
         res = record(pids, args.seconds, args.output, args.interval_ms, args.mergeable_only,
                      method, meta={"command": " ".join(sys.argv[1:])}, codec=args.compress,
                      skip_unreadable=args.all)
-    except ProcessUnreadable:
+    except EstimateError:  # ProcessUnreadable too: nothing half-written is left
         with contextlib.suppress(OSError):
             os.unlink(args.output)
         raise

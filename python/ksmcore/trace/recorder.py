@@ -258,6 +258,10 @@ class Recorder:
             first.append((pid, node, comm, Snapshot(snap.maps, snap.vpns[keep],
                                                     snap.entries[keep]), pages[keep],
                           _hashes(pages[keep])))
+        if not first:
+            why = ", ".join(f"{n} {r}" for r, n in self.skipped.items()) or "no process"
+            raise EstimateError(f"nothing to record ({why}: none with candidate memory "
+                                f"this user may read)")
         self.t0 = time.monotonic()
         for pid, node, comm, snap, pages, hashes in first:
             idx = self.w.process(pid, f"pid {pid} ({comm})", node, 0)
