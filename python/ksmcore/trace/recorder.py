@@ -80,6 +80,7 @@ class _State:
     entries: np.ndarray  # uint64 pagemap entries per present page
     alive: bool = True
     cow: set[int] = field(default_factory=set)  # copies on write seen by poll()
+    cache: _MapsCache = field(default_factory=lambda: _MapsCache())
 
 
 @dataclass
@@ -137,16 +138,41 @@ def _entries(pid: int, maps: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndar
     return np.concatenate(vp), np.concatenate(en)
 
 
-def snapshot(pid: int, mergeable_only: bool) -> Snapshot:
+SMAPS_EVERY_S = 1.0  # smaps (VmFlags) at least this often; /proc/PID/maps at every sample
+
+
+class _MapsCache:
+    """The chosen mappings of one process: /proc/PID/smaps is long to read and parse
+    (most of a sample's time for a small process), so it is read again only when
+    /proc/PID/maps changed, or SMAPS_EVERY_S after the last read (VmFlags such as
+    VM_MERGEABLE can change without a new line in maps)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.when = -1e9
+        self.maps: list[tuple[int, int]] = []
+
+    def chosen(self, pid: int, mergeable_only: bool) -> list[tuple[int, int]]:
+        text = _read_text(pid, "maps")
+        if not text:
+            raise ProcessUnreadable(f"process {pid} has no user memory (exited?)", "empty")
+        now = time.monotonic()
+        if text != self.text or now - self.when >= SMAPS_EVERY_S:
+            all_vmas = parse_smaps(_read_text(pid, "smaps"))
+            if not all_vmas:
+                raise ProcessUnreadable(f"process {pid} has no user memory (exited?)",
+                                        "empty")
+            self.maps = [(v.start, v.end) for v in select_vmas(all_vmas, mergeable_only)]
+            self.text, self.when = text, now
+        return self.maps
+
+
+def snapshot(pid: int, mergeable_only: bool, cache: _MapsCache | None = None) -> Snapshot:
     """The chosen mappings of ``pid`` and its present pages in them (ProcessUnreadable
     "gone" or "empty" once it has exited)."""
-    all_vmas = parse_smaps(_read_text(pid, "smaps"))
-    if not all_vmas:
-        raise ProcessUnreadable(f"process {pid} has no user memory (exited?)", "empty")
-    vmas = select_vmas(all_vmas, mergeable_only)
-    maps = [(v.start, v.end) for v in vmas]
+    maps = (cache or _MapsCache()).chosen(pid, mergeable_only)
     vpns, entries = _entries(pid, maps)
-    return Snapshot(maps, vpns, entries)
+    return Snapshot(list(maps), vpns, entries)
 
 
 def _hashes(pages: np.ndarray) -> np.ndarray:
@@ -231,13 +257,15 @@ class Recorder:
 
     def start(self) -> None:
         """The initial pages of every process (t = 0); the clock starts here."""
-        first: list[tuple[int, int | None, str, Snapshot, np.ndarray, np.ndarray]] = []
+        first: list[tuple[int, int | None, str, Snapshot, np.ndarray, np.ndarray,
+                          _MapsCache]] = []
         for pid, node in self.pids:
             try:
                 comm = _read_text(pid, "comm").strip()
                 if self.method == "soft-dirty":
                     clear_soft_dirty(pid)  # before reading: no write after it is missed
-                snap = snapshot(pid, self.mergeable_only)
+                cache = _MapsCache()
+                snap = snapshot(pid, self.mergeable_only, cache)
                 pages, got = _read(pid, snap.vpns)
             except ProcessUnreadable as e:
                 if not self.skip_unreadable:
@@ -257,16 +285,17 @@ class Recorder:
             keep = got & ~_zero_unknown(snap.entries, pages)
             first.append((pid, node, comm, Snapshot(snap.maps, snap.vpns[keep],
                                                     snap.entries[keep]), pages[keep],
-                          _hashes(pages[keep])))
+                          _hashes(pages[keep]), cache))
         if not first:
             why = ", ".join(f"{n} {r}" for r, n in self.skipped.items()) or "no process"
             raise EstimateError(f"nothing to record ({why}: none with candidate memory "
                                 f"this user may read)")
         self.t0 = time.monotonic()
-        for pid, node, comm, snap, pages, hashes in first:
+        for pid, node, comm, snap, pages, hashes, cache in first:
             idx = self.w.process(pid, f"pid {pid} ({comm})", node, 0)
             self.w.changes(0, idx, snap.vpns, pages, maps=snap.maps)
-            self.states.append(_State(pid, idx, snap.maps, snap.vpns, hashes, snap.entries))
+            self.states.append(_State(pid, idx, snap.maps, snap.vpns, hashes, snap.entries,
+                                      cache=cache))
         self.w.tick(0)
 
     def sample(self) -> int:
@@ -310,7 +339,7 @@ class Recorder:
 
     def _sample_one(self, st: _State, t: int) -> None:
         try:
-            snap = snapshot(st.pid, self.mergeable_only)
+            snap = snapshot(st.pid, self.mergeable_only, st.cache)
             dirty = None
             if self.method == "soft-dirty":
                 dirty = (snap.entries & np.uint64(PM_SOFT_DIRTY)) != 0
