@@ -10,7 +10,7 @@ process truncates or rewrites:
 - **truncated**: a read past the new end would raise SIGBUS. The C core's image guard
   (csrc/image_guard.c) maps a zero page there instead, and the machine refuses the
   call and every later one with ``OSError(ESTALE)``;
-- **rewritten** (size, mtime or ctime moved): the machine checks before and after
+- **rewritten** (size or mtime moved): the machine checks before and after
   every call and refuses in the same way. The model no longer describes the file:
   map it again on a new machine. A file replaced by rename is not a change: the
   mapping still reads the old file.
@@ -37,7 +37,7 @@ from .errors import ksm_error
 
 @dataclass(frozen=True)
 class FileState:
-    """What must not change while a file is mapped."""
+    """What must not change while a file is mapped (ctime is kept for the record)."""
 
     dev: int
     ino: int
@@ -67,7 +67,7 @@ def _difference(path: str, was: FileState, now: FileState) -> str | None:
         return f"{path} was replaced by another file"
     if now.size != was.size:
         return f"{path} changed size from {was.size} to {now.size} bytes"
-    if (now.mtime_ns, now.ctime_ns) != (was.mtime_ns, was.ctime_ns):
+    if now.mtime_ns != was.mtime_ns:  # not ctime: unlinking the file moves it too
         return f"{path} was modified"
     return None
 
