@@ -153,3 +153,24 @@ def test_max_memory_refuses_before_starting(image: Path) -> None:
     assert out.returncode == 1
     assert "model memory" in one_line(out.stderr)
     assert out.stdout == ""
+
+
+def test_image_truncated_during_the_run(image: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Another process truncates the image while ksmd runs on it (the README suggests a
+    VM's RAM file): one line and exit 1, where it used to die of SIGBUS (exit 135)."""
+    from ksmcore import cli
+    from ksmcore.estimate import commands
+
+    real = commands.run_ksmd
+
+    def truncate_then_run(*args: object, **kw: object) -> object:
+        os.truncate(image, 8 * PAGE_SIZE)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(commands, "run_ksmd", truncate_then_run)
+    assert cli.main(["estimate", str(image), "--no-progress"]) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert "memory image changed underneath" in one_line(out.err)
+    assert "changed size from 262144 to 32768 bytes" in out.err

@@ -16,9 +16,11 @@ U32_MAX = (1 << 32) - 1
 TASK_SIZE = 1 << 47  # x86-64 user address space (4-level page tables)
 # A machine maps at most this many pages over all its processes: mmap beyond it is
 # refused with ENOMEM (as the kernel's overcommit heuristic refuses a mapping larger
-# than the machine), before anything is allocated. 1 TiB of mapped memory; the engine
-# keeps about 20 bytes a mapped page (20 GiB at the limit). Machine(max_pages=...).
-MAX_PAGES = 1 << 28
+# than the machine), before anything is allocated. The engine keeps 20 bytes for each
+# mapped page from the mmap on, so the default, 256 GiB of mapped memory, costs it up
+# to 1.3 GiB; Machine(max_pages=...) sets another limit (ksmcore estimate sets it from
+# its sources, after checking the memory the run needs).
+MAX_PAGES = 1 << 26
 
 
 def as_int(value: object, what: str) -> int:

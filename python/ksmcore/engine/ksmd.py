@@ -318,6 +318,8 @@ class Ksm:
         full_scans = as_int(full_scans, "full_scans")
         if full_scans < 0:
             raise ValueError(f"full_scans must not be negative, not {full_scans}")
+        # a full scan takes at least one batch: so many would pass ktime_t's range
+        check_clock(self._clock_ns + full_scans * self._cost.batch_ns, "the clock after them")
         if self._knobs["run"] != KSM_RUN_MERGE:
             raise KsmdNotRunning(f"ksmd is not running (run = {self._knobs['run']}); set run = 1")
         c = self._m.ctx

@@ -7,6 +7,7 @@ gives one line on stderr and a non-zero exit (1: a file or process; 2: an option
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import pwd
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, NoReturn, TextIO
 
+from ..guard import MachineBroken
 from ..knobs import kstrtoull
 from . import plot, report, samples, tune
 from .errors import EXIT_USAGE, EstimateError
@@ -425,6 +427,14 @@ def _run(args: argparse.Namespace, make: Any) -> int:
         return e.exit_code
     except MemoryError:
         print(f"ksmcore {args.command}: out of memory", file=sys.stderr)
+        return 1
+    except MachineBroken as e:
+        print(f"ksmcore {args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno != errno.ESTALE:  # a memory image changed under the run (images.py)
+            raise
+        print(f"ksmcore {args.command}: {e.strerror}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"ksmcore {args.command}: interrupted", file=sys.stderr)

@@ -439,6 +439,8 @@ class KsmSysfs:
         full_scans = as_int(full_scans, "full_scans")
         if full_scans < 0:
             raise ValueError(f"full_scans must not be negative, not {full_scans}")
+        # a full scan takes at least one batch: so many would pass ktime_t's range
+        check_clock(ksm.clock_ns + full_scans * ksm.cost.batch_ns, "the clock after them")
         target = ksm.ksm_scan.seqnr + full_scans
         self._check_ksmd()
         while ksm.ksm_scan.seqnr < target:
