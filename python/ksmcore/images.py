@@ -90,9 +90,10 @@ def map_file(path: str | os.PathLike[str]) -> np.ndarray:
     return np.frombuffer(fm, dtype=np.uint8)
 
 
-def file_watch(image: np.ndarray) -> Any:
-    """A zero-argument callable saying why the file behind ``image`` changed (None
-    while it has not), or None for memory that is no file."""
+def file_watch(image: np.ndarray) -> tuple[object, Any] | None:
+    """(key, watch) for the file behind ``image``: ``watch()`` says why the file changed
+    (None while it has not); images of one file share the key, so a caller watching
+    many segments of one file checks it once. None for memory that is no file."""
     obj: Any = image
     memmap_name = None
     while isinstance(obj, np.ndarray):
@@ -102,7 +103,7 @@ def file_watch(image: np.ndarray) -> Any:
     if isinstance(obj, memoryview):
         obj = obj.obj
     if isinstance(obj, FileMap):
-        return obj.changed
+        return ("map", id(obj)), obj.changed
     if memmap_name is not None:
         name = str(memmap_name)
         was = FileState.of(os.stat(name))
@@ -114,7 +115,7 @@ def file_watch(image: np.ndarray) -> Any:
                 return f"{name}: {e.strerror}"
             return _difference(name, was, now)
 
-        return changed
+        return ("path", name), changed
     return None
 
 
