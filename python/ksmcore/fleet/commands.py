@@ -61,7 +61,9 @@ def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
     sk.add_argument("--json", action="store_true", help="print the summary as JSON")
     sk.set_defaults(func=run_sketch)
     _one_line_errors(sk)
-    return {"sketch": sk}
+    from .fleetcmd import add_parser
+
+    return {"sketch": sk, "fleet": add_parser(sub, _add_sketch_params, _one_line_errors)}
 
 
 def sketch_params(args: argparse.Namespace) -> dict[str, int]:
