@@ -110,6 +110,13 @@ def _hosts_report(sketches: Sequence[Sketch], where: Sequence[int], hosts: int,
     return {"assignment": list(where), "hosts": rows, "total": total}
 
 
+def _max_rss() -> int:
+    """The driver's peak resident memory (it holds sketches, never pages)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def _verifiable(sketches: Sequence[Sketch]) -> str | None:
     gone = [s.name for s in sketches if not s.source]
     return (f"{len(gone)} sources cannot be read again (live processes, merged sketches): "
@@ -213,6 +220,7 @@ def fleet(args: argparse.Namespace) -> dict[str, Any]:
         "random": _hosts_report(sketches, rand, args.hosts, args.use_zero_pages, None),
         "seconds": {"sketch": t_sketch, "place": placed.seconds, "verify": t_verify,
                     "total": time.perf_counter() - t0},
+        "max_rss_bytes": {"driver": _max_rss()},
         "remarks": remarks,
     })
     result["random"]["seed"] = args.seed
@@ -240,7 +248,8 @@ def text(r: dict[str, Any]) -> str:
            f"{r['seconds']['sketch']:.1f} s on the workers",
            f"placement: greedy + local search on predicted savings ({r['local_search_moves']} "
            f"moves, {r['seconds']['place']:.2f} s); verified on the workers in "
-           f"{r['seconds']['verify']:.1f} s",
+           f"{r['seconds']['verify']:.1f} s; total {r['seconds']['total']:.1f} s, driver peak "
+           f"memory {r['max_rss_bytes']['driver'] / MIB:.0f} MiB",
            "",
            f"  {'':<12} {'predicted saved':>22} {'exact saved':>14} {'exact general_profit':>21}"]
     for label, key in (("placement", "placement"), ("given order", "given_order"),

@@ -6,12 +6,17 @@ merging (a host must be able to hold its sources before ksmd has merged anything
 
 **Algorithm**: a greedy placement followed by local search.
 
-1. Greedy: sources in decreasing size (then in the given order) each go to the host
-   where they add the most predicted savings and still fit; ties go to the emptiest
-   host (so the first sources spread out and seed the groups).
+1. Greedy: at each step, of all the sources not yet placed and the hosts they fit
+   on, the pair where the source adds the most predicted savings; when nothing adds
+   anything, the largest source goes to the emptiest host (a new seed). So a group
+   grows with what shares with it before new groups are started.
 2. Local search: moves of one source to another host and swaps of two sources on
    different hosts, each taken when it raises the predicted total, in passes until a
    pass finds nothing (or ``max_passes``, or ``time_limit`` seconds).
+
+A gain counts only above three standard errors of the overlap estimate of the host
+it lands on (:meth:`Placer.noise`): otherwise the largest of many noisy zero gains
+would pull unrelated sources together.
 
 Each host keeps its group's state incrementally: per bit of the linear-counting
 bitmaps (all folded to the fleet's smallest size), how many of its members set it;
@@ -58,6 +63,8 @@ class _Host:
         self.counts = np.zeros(1 << m_log2 if m_log2 else 0, np.int32)
         self.set_bits = 0
         self.sample: dict[int, list[int]] = {}  # hash -> [pages, members, own corr sum]
+        self.extra = 0  # sum over sampled contents of (members - 1)
+        self.gain = 0  # sum over sampled contents of chain_correction(pages) - own corr
 
 
 class Placer:
@@ -80,6 +87,7 @@ class Placer:
         self.m = float(1 << self.m_log2) if self.use_bitmap else 0.0
         limit = (1 << (64 - self.shift)) if self.shift else None
         self.items = []
+        self.alone: list[float] = []
         for s in sketches:
             if self.use_bitmap:
                 f = fold(s.bitmap, s.bits_log2, self.m_log2)
@@ -107,11 +115,28 @@ class Placer:
         return max(0.0, nz + z)
 
     def value(self, h: _Host) -> float:
-        over = sum(v[1] - 1 for v in h.sample.values()) / self.p
-        gain = sum(int(chain_correction(np.int64(v[0]), self.mps)) - v[2]
-                   for v in h.sample.values() if v[0] > self.mps) / self.p
         return self._saved(h.pages, h.zero, h.distinct, h.chain_corr, h.lc_sum, h.set_bits,
-                           over, gain)
+                           h.extra / self.p, h.gain / self.p)
+
+    def _corr(self, c: int) -> int:
+        return int(chain_correction(np.int64(c), self.mps)) if c > self.mps else 0
+
+    def _sample_update(self, h: _Host, it: _Item, sign: int) -> None:
+        for k, c in it.sample.items():
+            v = h.sample.get(k)
+            if v is None:
+                v = h.sample[k] = [0, 0, 0]
+            # take the content's old terms out, update it, put the new terms in
+            h.extra -= max(v[1] - 1, 0)
+            h.gain -= self._corr(v[0]) - v[2]
+            v[0] += sign * c
+            v[1] += sign
+            v[2] += sign * self._corr(c)
+            if v[1] == 0:
+                del h.sample[k]
+                continue
+            h.extra += v[1] - 1
+            h.gain += self._corr(v[0]) - v[2]
 
     def add(self, h: _Host, i: int) -> None:
         it = self.items[i]
@@ -124,11 +149,7 @@ class Placer:
         if self.use_bitmap:
             h.set_bits += int(np.count_nonzero(h.counts[it.bits] == 0))
             h.counts[it.bits] += 1
-        for k, c in it.sample.items():
-            v = h.sample.setdefault(k, [0, 0, 0])
-            v[0] += c
-            v[1] += 1
-            v[2] += int(chain_correction(np.int64(c), self.mps))
+        self._sample_update(h, it, 1)
 
     def remove(self, h: _Host, i: int) -> None:
         it = self.items[i]
@@ -141,13 +162,7 @@ class Placer:
         if self.use_bitmap:
             h.counts[it.bits] -= 1
             h.set_bits -= int(np.count_nonzero(h.counts[it.bits] == 0))
-        for k, c in it.sample.items():
-            v = h.sample[k]
-            v[0] -= c
-            v[1] -= 1
-            v[2] -= int(chain_correction(np.int64(c), self.mps))
-            if v[1] == 0:
-                del h.sample[k]
+        self._sample_update(h, it, -1)
 
     def _new_hosts(self) -> list[_Host]:
         return [_Host(self.m_log2) for _ in range(self.hosts)]
@@ -161,28 +176,59 @@ class Placer:
 
     # ---- the search -----------------------------------------------------------
 
+    def noise(self, h: _Host) -> float:
+        """Three standard errors of the host's predicted overlap: gains under this are
+        not told apart from the sketches' noise (so they count as none)."""
+        if self.use_bitmap:
+            t = -math.log(max(self.m - h.set_bits, 0.5) / self.m)
+            return 3 * math.sqrt(self.m * (math.exp(t) - t - 1))
+        return 3 * math.sqrt((h.extra + 1) * (1 - self.p)) / self.p
+
+    def _gain(self, h: _Host, i: int) -> float:
+        """What placing ``i`` on ``h`` adds to the savings beyond what ``i`` saves alone
+        (the sharing it finds there)."""
+        before = self.value(h)
+        self.add(h, i)
+        gain = self.value(h) - before - self.alone[i]
+        noise = self.noise(h)
+        self.remove(h, i)
+        return gain if gain > noise else 0.0
+
     def greedy(self) -> tuple[list[_Host], list[int]]:
+        """At each step the (source, host) pair with the largest predicted gain among
+        the sources not yet placed; with no gain anywhere, the largest source goes to
+        the emptiest host. A host's gains change only when it does, so only its column
+        is computed again: O(sources x hosts) at first, then O(sources) a step."""
         hosts = self._new_hosts()
-        where = [-1] * len(self.items)
-        order = sorted(range(len(self.items)), key=lambda i: (-self.items[i].pages, i))
-        for i in order:
-            best: tuple[float, int, int] | None = None  # (gain, -pages, -host)
-            for j, h in enumerate(hosts):
-                if h.pages + self.items[i].pages > self.capacity:
-                    continue
-                before = self.value(h)
-                self.add(h, i)
-                gain = self.value(h) - before
-                self.remove(h, i)
-                key = (round(gain, 6), -h.pages, -j)
-                if best is None or key > best:
-                    best = key
-            if best is None:
+        n = len(self.items)
+        where = [-1] * n
+        scratch = _Host(self.m_log2)
+        self.alone = []
+        for i in range(n):
+            self.add(scratch, i)
+            self.alone.append(self.value(scratch))
+            self.remove(scratch, i)
+        sizes = np.array([it.pages for it in self.items], np.int64)
+        gains = np.zeros((n, self.hosts))
+        placed = np.zeros(n, bool)
+        for _ in range(n):
+            room = np.array([self.capacity - h.pages for h in hosts], np.int64)
+            fits = (sizes[:, None] <= room[None, :]) & ~placed[:, None]
+            if not fits.any(axis=1)[~placed].all():
+                i = int(np.flatnonzero(~placed & ~fits.any(axis=1))[0])
                 raise PlacementError(
                     f"{self.sketches[i].name} ({self.items[i].pages} pages) fits on no host "
                     f"of {self.capacity} pages; raise --host-capacity or --hosts")
-            self.add(hosts[-best[2]], i)
-            where[i] = -best[2]
+            g = np.where(fits, gains, -np.inf)
+            best = g.max()
+            cand = np.argwhere(g >= best - 1e-6)
+            i, j = min(((int(a), int(b)) for a, b in cand),
+                       key=lambda ab: (-sizes[ab[0]], hosts[ab[1]].pages, ab[0], ab[1]))
+            self.add(hosts[j], i)
+            where[i] = j
+            placed[i] = True
+            for k in np.flatnonzero(~placed):
+                gains[k, j] = self._gain(hosts[j], int(k))
         return hosts, where
 
     def local_search(self, hosts: list[_Host], where: list[int], max_passes: int = 20,
@@ -206,8 +252,9 @@ class Placer:
                     if hb.pages + self.items[i].pages <= self.capacity:
                         self.add(hb, i)
                         gain = va_without + self.value(hb) - values[a] - values[b]
+                        noise = max(self.noise(hb), self.noise(ha))
                         self.remove(hb, i)
-                        if gain > best_gain:
+                        if gain > max(best_gain, noise):
                             best_gain, best_move = gain, (b, None)
                     for t in list(hb.members):  # swap i and t
                         if (ha.pages + self.items[t].pages > self.capacity or
@@ -218,10 +265,11 @@ class Placer:
                         self.add(hb, i)
                         self.add(ha, t)
                         gain = self.value(ha) + self.value(hb) - values[a] - values[b]
+                        noise = max(self.noise(ha), self.noise(hb))
                         self.remove(ha, t)
                         self.remove(hb, i)
                         self.add(hb, t)
-                        if gain > best_gain:
+                        if gain > max(best_gain, noise):
                             best_gain, best_move = gain, (b, t)
                 if best_move is None:
                     self.add(ha, i)
