@@ -92,6 +92,21 @@ def test_placement_recovers_the_families() -> None:
     assert sum(Placer(sks, 4, 3 * 512).evaluate(given)) < 0.7 * sum(pl.predicted)
 
 
+def test_local_search_repairs_a_mixed_placement() -> None:
+    """From the interleaved given order (every host mixing families), moves and swaps
+    alone bring each family together."""
+    fleet = synth.Fleet(3, 3, 512, seed=6)
+    sks = [sketch_source(s) for s in fleet.members()]
+    p = Placer(sks, 3, 3 * 512)
+    where = in_order([s.pages for s in sks], 3, 3 * 512)
+    hosts = p._new_hosts()
+    for i, h in enumerate(where):
+        p.add(hosts[h], i)
+    assert all(len({fleet.family(i) for i in h.members}) == 3 for h in hosts)
+    assert p.local_search(hosts, where) > 0
+    assert all(len({fleet.family(i) for i in h.members}) == 1 for h in hosts)
+
+
 def test_within_five_percent_of_the_best_placement() -> None:
     """8 sources (families of 3, 3 and 2), 2 hosts of 4: every split verified by the
     engine; the placement's exact savings reach 95% of the best."""

@@ -3,6 +3,7 @@ convergence (as ``ksmcore estimate`` does), on the worker that reads them."""
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -48,4 +49,9 @@ def verify_group(specs: Sequence[str], max_page_sharing: int = 256,
     if not specs:
         return {"pages": 0, "saved_pages": 0, "saved_bytes": 0, "general_profit": 0,
                 "converged": True, "seconds": 0.0}
-    return exact_savings([open_source(s) for s in specs], max_page_sharing, use_zero_pages)
+    try:
+        return exact_savings([open_source(s) for s in specs], max_page_sharing, use_zero_pages)
+    finally:
+        # the machine and its processes refer to each other: collect them now, or a
+        # worker keeps every host's pages it verified until the collector runs
+        gc.collect()

@@ -101,6 +101,12 @@ class Placer:
             self.items.append(_Item(s.pages, s.zero_pages, s.distinct, s.chain_corr, lc,
                                     bits, sample))
 
+        scratch = _Host(self.m_log2)
+        for i in range(len(self.items)):  # what each saves alone
+            self.add(scratch, i)
+            self.alone.append(self.value(scratch))
+            self.remove(scratch, i)
+
     def _lc(self, set_bits: int) -> float:
         unset = max(self.m - set_bits, 0.5)  # a full map: the largest count it can say
         return -self.m * math.log(unset / self.m)
@@ -202,12 +208,6 @@ class Placer:
         hosts = self._new_hosts()
         n = len(self.items)
         where = [-1] * n
-        scratch = _Host(self.m_log2)
-        self.alone = []
-        for i in range(n):
-            self.add(scratch, i)
-            self.alone.append(self.value(scratch))
-            self.remove(scratch, i)
         sizes = np.array([it.pages for it in self.items], np.int64)
         gains = np.zeros((n, self.hosts))
         placed = np.zeros(n, bool)
@@ -231,25 +231,42 @@ class Placer:
                 gains[k, j] = self._gain(hosts[j], int(k))
         return hosts, where
 
+    def _shares(self, hosts: list[_Host], where: list[int], share: np.ndarray,
+                columns: Sequence[int]) -> None:
+        """share[i, b]: the sharing source i finds on host b (0 on its own host)."""
+        for b in columns:
+            for i in range(len(self.items)):
+                share[i, b] = 0.0 if where[i] == b else self._gain(hosts[b], i)
+
     def local_search(self, hosts: list[_Host], where: list[int], max_passes: int = 20,
                      time_limit: float = 60.0) -> int:
-        """Improving moves and swaps until none is left; returns how many were made."""
+        """Improving moves and swaps until none is left; returns how many were made.
+
+        Only candidates that can gain are tried: moving ``i`` to ``b`` needs ``i`` to
+        share something on ``b``, and swapping ``i`` (on ``a``) with ``t`` (on ``b``)
+        needs ``i`` to share on ``b`` or ``t`` on ``a`` (sharing with a subset of a
+        host is never more than with the host), so a pass over a settled placement
+        costs O(sources x hosts) estimates, not O(sources**2)."""
         t_end = time.monotonic() + time_limit
         values = [self.value(h) for h in hosts]
+        share = np.zeros((len(self.items), self.hosts))
         made = 0
         eps = 1e-6
         for _ in range(max_passes):
             improved = False
+            self._shares(hosts, where, share, range(self.hosts))
             for i in range(len(self.items)):
                 a = where[i]
                 ha = hosts[a]
+                if not (share[i] > 0).any() and not (share[:, a] > 0).any():
+                    continue
                 self.remove(ha, i)
                 va_without = self.value(ha)
                 best_gain, best_move = eps, None
                 for b, hb in enumerate(hosts):
                     if b == a:
                         continue
-                    if hb.pages + self.items[i].pages <= self.capacity:
+                    if share[i, b] > 0 and hb.pages + self.items[i].pages <= self.capacity:
                         self.add(hb, i)
                         gain = va_without + self.value(hb) - values[a] - values[b]
                         noise = max(self.noise(hb), self.noise(ha))
@@ -257,6 +274,8 @@ class Placer:
                         if gain > max(best_gain, noise):
                             best_gain, best_move = gain, (b, None)
                     for t in list(hb.members):  # swap i and t
+                        if not (share[i, b] > 0 or share[t, a] > 0):
+                            continue
                         if (ha.pages + self.items[t].pages > self.capacity or
                                 hb.pages - self.items[t].pages + self.items[i].pages
                                 > self.capacity):
@@ -283,6 +302,7 @@ class Placer:
                 self.add(hb, i)
                 where[i] = b
                 values[a], values[b] = self.value(ha), self.value(hb)
+                self._shares(hosts, where, share, (a, b))
                 made += 1
                 improved = True
                 if time.monotonic() > t_end:
