@@ -8,7 +8,8 @@ time, the driver's peak memory (from the report) and the largest peak of any pro
 of the run (the workers: a host's sources and the engine's model of them).
 
 ``KSMCORE_FLEET_FAMILIES`` / ``KSMCORE_FLEET_PER_FAMILY`` / ``KSMCORE_FLEET_HOSTS``
-shrink it for a quick run. Run it under ``nice`` on a shared machine.
+shrink it for a quick run; ``KSMCORE_FLEET_PLOT=FILE.png`` keeps the plot.
+Run it under ``nice`` on a shared machine.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ HOSTS = int(os.environ.get("KSMCORE_FLEET_HOSTS", str(FAMILIES)))
 
 def test_fleet_200_sources_of_64mib(benchmark, tmp_path: Path) -> None:
     spec = f"synth:{FAMILIES}x{PER_FAMILY}x64MiB@1"
-    plot = tmp_path / "fleet-scale.png"
+    plot = Path(os.environ.get("KSMCORE_FLEET_PLOT", tmp_path / "fleet-scale.png"))
     out: dict = {}
 
     def run() -> None:

@@ -57,12 +57,13 @@ def scheduler(tmp_path_factory) -> Iterator[str]:
     try:
         procs.append(subprocess.Popen(
             [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-             "--no-dashboard"], cwd=work, env=env,
+             "--no-dashboard", "--dashboard-address", "127.0.0.1:0"], cwd=work, env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for k in range(2):
             procs.append(subprocess.Popen(
                 [str(BIN / "dask"), "worker", address, "--host", "127.0.0.1", "--nthreads",
-                 "1", "--no-nanny", "--no-dashboard", "--name", f"w{k}",
+                 "1", "--no-nanny", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
+                 "--name", f"w{k}",
                  "--local-directory", str(work)], cwd=work, env=env,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 60
@@ -198,3 +199,15 @@ def test_fleet_errors(capsys, tmp_path) -> None:
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 4
+
+
+def test_fleet_on_a_local_cluster(capsys) -> None:
+    """The default: a LocalCluster (one worker here), started and closed by the command."""
+    rc = main(["fleet", "synth:2x2x64@3", "--hosts", "2", "--workers", "1", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    r = json.loads(captured.out)
+    assert r["dask"]["scheduler"] == "LocalCluster" and r["dask"]["workers"] == 1
+    groups = [set(h["index"]) for h in r["placement"]["hosts"]]
+    assert sorted(map(sorted, groups)) == [[0, 2], [1, 3]]
+    assert all(h["exact"]["pages"] == 128 for h in r["placement"]["hosts"])

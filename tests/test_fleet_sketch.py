@@ -157,3 +157,16 @@ def test_sketch_command(tmp_path, capsys) -> None:
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 3
+
+
+def test_sources_of_different_sizes(fleet) -> None:
+    """Bitmaps of different sizes are folded onto the smaller; the error stated then
+    covers the larger noise (3 standard errors)."""
+    sources, sketches = fleet
+    small = np.ascontiguousarray(sources[3].segments[0][:512])  # same family as 0
+    sk_small = sketch_pages([small], "small")
+    assert sk_small.bits_log2 < sketches[0].bits_log2
+    exact = exact_savings([sources[0], Source("small", "image", [small])])["saved_pages"]
+    est = estimate([sketches[0], sk_small])
+    assert abs(est.saved - exact) <= 3 * est.stderr
+    assert abs(est.saved - exact) <= 0.05 * exact

@@ -52,8 +52,11 @@ def connect(scheduler: str | None = None, workers: int | None = None,
             client.close()
         return
     n = workers or os.cpu_count() or 1
+    # no dashboard; the scheduler's HTTP endpoints on a free port of 127.0.0.1 (not 8787,
+    # which another cluster may hold)
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                            host="127.0.0.1", dashboard_address=None,
+                           scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                            silence_logs=logging.ERROR)
     try:
         client = Client(cluster)
