@@ -170,3 +170,29 @@ def test_sources_of_different_sizes(fleet) -> None:
     est = estimate([sketches[0], sk_small])
     assert abs(est.saved - exact) <= 3 * est.stderr
     assert abs(est.saved - exact) <= 0.05 * exact
+
+
+def test_sketch_of_a_live_process(tmp_path, capsys) -> None:
+    """--pid: a snapshot (it cannot be read again, so its source is empty)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "b = bytearray(4 << 20)\n"
+         "for i in range(0, len(b), 4096): b[i] = 1\n"
+         "print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        out = tmp_path / "p.ksk"
+        assert main(["sketch", "--pid", str(child.pid), "-o", str(out)]) == 0
+        capsys.readouterr()
+        (sk,) = fileformat.load(out)
+        assert sk.kind == "process" and sk.source == ""
+        # the 4 MiB buffer: 1024 pages that are all the same (one byte set, at offset 0)
+        assert sk.pages >= 1024
+        assert estimate([sk]).saved >= 1000
+    finally:
+        child.kill()
+        child.wait()
