@@ -157,6 +157,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from .estimate.commands import add_parsers
 
     commands = add_parsers(sub)
+    # sketch and fleet (ksmcore.fleet)
+    from .fleet.commands import add_parsers as add_fleet_parsers
+
+    commands.update(add_fleet_parsers(sub))
     args, extra = parser.parse_known_args(argv)
     if extra and args.command in commands:
         # sources after an option ("a.img --json b.img") are sources too
