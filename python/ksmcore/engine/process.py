@@ -404,27 +404,41 @@ class Process:
             raise ksm_error(errno.EINVAL, "move_pages takes a page-aligned address")
         pte = m.mem.slots["pte"]
         frames = m.mem.frames
-        status: list[int] = []
-        moving: dict[int, list[int]] = {}  # old pfn -> indices in status
+        # do_pages_move(): pages are queued (isolated) one by one; any page that is not
+        # queued stores its status and migrates the queue so far. A second address of a
+        # page already queued finds it isolated: -EBUSY.
+        status = [0] * npages
+        queue: dict[int, int] = {}  # old pfn -> its index in status
+
+        def flush() -> None:
+            m._migrate(list(queue), node)
+            for j in queue.values():
+                status[j] = node
+            queue.clear()
+
         for i in range(npages):
             a = addr + i * PAGE_SIZE
             v = next((v for v in self.vmas if v.start <= a < v.end), None)
             if v is None:
-                status.append(-errno.EFAULT)
-                continue
-            p = int(pte[v.slot(a)])
-            if p == lib.KSM_PTE_NONE:
-                status.append(-errno.ENOENT)
-            elif p == lib.KSM_PTE_ZERO:
-                status.append(-errno.EFAULT)
-            elif m.mem.frame_nid(p) == node:
-                status.append(node)
-            elif frames["frame_mapcount"][p] > 1 and not flags & MPOL_MF_MOVE_ALL:
-                status.append(-errno.EACCES)
+                err = -errno.EFAULT
             else:
-                moving.setdefault(p, []).append(i)
-                status.append(node)
-        m._migrate(list(moving), node)
+                p = int(pte[v.slot(a)])
+                if p == lib.KSM_PTE_NONE:
+                    err = -errno.ENOENT
+                elif p == lib.KSM_PTE_ZERO:
+                    err = -errno.EFAULT  # the zero page does not move
+                elif m.mem.frame_nid(p) == node:
+                    err = node
+                elif frames["frame_mapcount"][p] > 1 and not flags & MPOL_MF_MOVE_ALL:
+                    err = -errno.EACCES  # mapped by others: needs MOVE_ALL
+                elif p in queue:
+                    err = -errno.EBUSY  # isolated already, by an earlier address
+                else:
+                    queue[p] = i
+                    continue
+            status[i] = err
+            flush()
+        flush()
         return status
 
     def ksm_stat(self) -> dict[str, int | bool]:

@@ -336,29 +336,46 @@ class Process:
             raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
         if addr % PAGE_SIZE or npages < 0:
             raise ksm_error(errno.EINVAL, "move_pages takes a page-aligned address")
-        status: list[int] = []
-        to_move: list[int] = []
+        # do_pages_move(): add_page_for_migration() isolates the pages one by one onto
+        # a list; a page that is not queued stores its status, then the list so far
+        # migrates (move_pages_and_store_status). An address whose page an earlier
+        # address queued finds it isolated already: -EBUSY.
+        status = [0] * npages
+        queued: list[int] = []  # pfns on the list, in order
+        queued_at: list[int] = []  # their indices in status
+
+        def flush() -> None:
+            for pfn in queued:
+                machine._migrate(pfn, node)
+            for j in queued_at:
+                status[j] = node
+            queued.clear()
+            queued_at.clear()
+
         for i in range(npages):
             a = addr + i * PAGE_SIZE
             pfn = mm.pte.get(a)
             if mm.vma_lookup(a) is None:
-                status.append(-errno.EFAULT)
+                err = -errno.EFAULT
             elif pfn is None:
-                status.append(-errno.ENOENT)
+                err = -errno.ENOENT
             elif pfn == ZERO_PFN:
-                status.append(-errno.EFAULT)  # the zero page does not move
+                err = -errno.EFAULT  # the zero page does not move
             else:
                 frame = machine._mem.frames[pfn]
                 if frame.nid == node:
-                    status.append(node)
+                    err = node
                 elif frame.mapcount > 1 and not flags & MPOL_MF_MOVE_ALL:
-                    status.append(-errno.EACCES)  # mapped by others: needs MOVE_ALL
+                    err = -errno.EACCES  # mapped by others: needs MOVE_ALL
+                elif pfn in queued:
+                    err = -errno.EBUSY  # isolate_lru_page() fails: on the list already
                 else:
-                    if pfn not in to_move:
-                        to_move.append(pfn)
-                    status.append(node)
-        for pfn in to_move:
-            machine._migrate(pfn, node)
+                    queued.append(pfn)
+                    queued_at.append(i)
+                    continue
+            status[i] = err
+            flush()
+        flush()
         return status
 
     def ksm_stat(self) -> dict[str, int | bool]:
