@@ -14,6 +14,8 @@ from .._native import lib, ptr
 from ..constants import FIRST_PID
 from ..errors import ksm_error
 from ..numa import check_distances
+from ..profiles import Profile
+from ..profiles import resolve as resolve_profile
 from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
 from ..tracing import Event, Tracer, tracing
 from .ksmd import Ksm
@@ -24,11 +26,14 @@ from .process import Process
 class Machine:
     """A machine with ``nodes`` NUMA nodes, its processes and its ksmd (``m.ksm``)."""
 
-    def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None) -> None:
+    def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None,
+                 kernel: str | Profile | None = None) -> None:
         if not isinstance(nodes, int) or not 1 <= nodes <= 64:
             raise ksm_error(errno.EINVAL, f"nodes must be 1..64, not {nodes!r}")
         self.nodes = nodes
         self.distances = check_distances(nodes, distances)
+        # the kernel whose KSM this is (ksmcore.profiles): the running one by default
+        self.profile = resolve_profile(kernel)
         self.mem = Memory(nodes)
         self.ctx: Any = self.mem.ctx
         self.ksm = Ksm(self)

@@ -138,7 +138,7 @@ class Process:
         if self.merge_any:
             # ksm_vma_flags() (6.17+): a new VMA of a MERGE_ANY mm is VM_MERGEABLE from
             # the start; 6.18 re-enters the mm if ksmd dropped it meanwhile
-            if not self.ksm_registered:
+            if not self.ksm_registered and self.machine.profile.has("merge_any_kept"):
                 self.machine.ksm._ksm_enter(self)
             self.vmas[-1].mergeable = True
             self.machine.mem.set_mergeable(base, base + npages, True)
@@ -330,9 +330,10 @@ class Process:
         self.dead = []
         self.next_addr = MMAP_BASE
         self.ksm_registered = False
-        self.merge_any = old.merge_any
-        if self.merge_any:
-            m.ksm._ksm_enter(self)  # ksm_execve()
+        # MERGE_ANY survives exec from 6.7, and ksm_execve() enters the mm from 6.10
+        self.merge_any = old.merge_any and m.profile.has("merge_any_exec")
+        if self.merge_any and m.profile.has("ksm_execve"):
+            m.ksm._ksm_enter(self)
         old._exit_mm()  # exec_mmap(): mmput() of the old mm
 
     # ---- prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE)
@@ -346,6 +347,7 @@ class Process:
         for arg in (value, arg3, arg4, arg5):
             if not isinstance(arg, int):
                 raise TypeError("prctl arguments are ints")
+        self._check_prctl()
         if arg3 or arg4 or arg5:
             raise ksm_error(errno.EINVAL, "PR_SET_MEMORY_MERGE takes no arg3..arg5")
         m = self.machine
@@ -376,9 +378,14 @@ class Process:
         for arg in (arg2, arg3, arg4, arg5):
             if not isinstance(arg, int):
                 raise TypeError("prctl arguments are ints")
+        self._check_prctl()
         if arg2 or arg3 or arg4 or arg5:
             raise ksm_error(errno.EINVAL, "PR_GET_MEMORY_MERGE takes no arguments")
         return int(self.merge_any)
+
+    def _check_prctl(self) -> None:
+        if not self.machine.profile.has("prctl_memory_merge"):
+            raise ksm_error(errno.EINVAL, f"{self.machine.profile} has no PR_SET_MEMORY_MERGE")
 
     # ---- NUMA
 
@@ -408,6 +415,7 @@ class Process:
         # queued stores its status and migrates the queue so far. A second address of a
         # page already queued finds it isolated: -EBUSY.
         status = [0] * npages
+        enoent = m.profile.has("move_pages_enoent")
         queue: dict[int, int] = {}  # old pfn -> its index in status
 
         def flush() -> None:
@@ -424,7 +432,8 @@ class Process:
             else:
                 p = int(pte[v.slot(a)])
                 if p == lib.KSM_PTE_NONE:
-                    err = -errno.ENOENT
+                    # follow_page(FOLL_DUMP) before 6.12 made a non-present page -EFAULT
+                    err = -errno.ENOENT if enoent else -errno.EFAULT
                 elif p == lib.KSM_PTE_ZERO:
                     err = -errno.EFAULT  # the zero page does not move
                 elif m.mem.frame_nid(p) == node:
@@ -447,7 +456,7 @@ class Process:
         rmap_items = int(mm["mm_rmap_items"][self.mm_id])
         zero = int(mm["mm_zero_pages"][self.mm_id])
         merging = int(mm["mm_merging_pages"][self.mm_id])
-        return {
+        stat: dict[str, int | bool] = {
             "ksm_rmap_items": rmap_items,
             "ksm_zero_pages": zero,
             "ksm_merging_pages": merging,
@@ -455,3 +464,4 @@ class Process:
             "ksm_merge_any": self.merge_any,
             "ksm_mergeable": any(v.mergeable for v in self.vmas),
         }
+        return {name: stat[name] for name in self.machine.profile.ksm_stat_fields}

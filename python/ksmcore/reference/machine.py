@@ -14,9 +14,7 @@ from typing import IO, Any
 import numpy as np
 
 from ..constants import (
-    COUNTERS,
     FIRST_PID,
-    KNOB_DEFAULTS,
     MADV_DONTNEED,
     MADV_MERGEABLE,
     MADV_UNMERGEABLE,
@@ -25,13 +23,14 @@ from ..constants import (
     MPOL_MF_MOVE_ALL,
     PAGE_SIZE,
     SIZEOF_RMAP_ITEM,
-    SYSFS_FILES,
     ZERO_PFN,
 )
 from ..errors import KsmdNotRunning, ksm_error
 from ..images import open_image
 from ..knobs import check_file, format_sysfs, knob_text
 from ..numa import check_distances, check_policy
+from ..profiles import Profile
+from ..profiles import resolve as resolve_profile
 from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
 from ..tracing import Event, Tracer, tracing
 from .invariants import check_invariants
@@ -266,7 +265,7 @@ class Process:
         mm.mempolicy = old.mempolicy  # a task attribute: exec keeps it
         mm.mmf_vm_merge_any = old.mmf_vm_merge_any
         machine._all_mms.append(mm)
-        machine._ksm.ksm_execve(mm)
+        machine._ksm.ksm_execve(mm)  # by the profile: keeps MERGE_ANY, enters the mm
         self.mm = mm
         self._exit_mm(old)
 
@@ -277,6 +276,7 @@ class Process:
         for arg in (value, arg3, arg4, arg5):
             if not isinstance(arg, int):
                 raise TypeError("prctl arguments are ints")
+        self._check_prctl()
         if arg3 or arg4 or arg5:
             raise ksm_error(errno.EINVAL, "PR_SET_MEMORY_MERGE: arg3..arg5 must be 0")
         if value:
@@ -291,9 +291,14 @@ class Process:
         for arg in (arg2, arg3, arg4, arg5):
             if not isinstance(arg, int):
                 raise TypeError("prctl arguments are ints")
+        self._check_prctl()
         if arg2 or arg3 or arg4 or arg5:
             raise ksm_error(errno.EINVAL, "PR_GET_MEMORY_MERGE: arg2..arg5 must be 0")
         return int(mm.mmf_vm_merge_any)
+
+    def _check_prctl(self) -> None:
+        if not self._machine.profile.has("prctl_memory_merge"):
+            raise ksm_error(errno.EINVAL, f"{self._machine.profile} has no PR_SET_MEMORY_MERGE")
 
     # ---- inspection ---------------------------------------------------------------
 
@@ -341,6 +346,7 @@ class Process:
         # migrates (move_pages_and_store_status). An address whose page an earlier
         # address queued finds it isolated already: -EBUSY.
         status = [0] * npages
+        enoent = machine.profile.has("move_pages_enoent")
         queued: list[int] = []  # pfns on the list, in order
         queued_at: list[int] = []  # their indices in status
 
@@ -358,7 +364,8 @@ class Process:
             if mm.vma_lookup(a) is None:
                 err = -errno.EFAULT
             elif pfn is None:
-                err = -errno.ENOENT
+                # follow_page(FOLL_DUMP) before 6.12 made a non-present page -EFAULT
+                err = -errno.ENOENT if enoent else -errno.EFAULT
             elif pfn == ZERO_PFN:
                 err = -errno.EFAULT  # the zero page does not move
             else:
@@ -382,7 +389,7 @@ class Process:
         mm = self._live()
         profit = ((mm.ksm_merging_pages + mm.ksm_zero_pages) * PAGE_SIZE
                   - mm.ksm_rmap_items * SIZEOF_RMAP_ITEM)
-        return {
+        stat: dict[str, int | bool] = {
             "ksm_rmap_items": mm.ksm_rmap_items,
             "ksm_zero_pages": mm.ksm_zero_pages,
             "ksm_merging_pages": mm.ksm_merging_pages,
@@ -390,6 +397,7 @@ class Process:
             "ksm_merge_any": mm.mmf_vm_merge_any,
             "ksm_mergeable": any(vma.mergeable for vma in mm.vmas),
         }
+        return {name: stat[name] for name in self._machine.profile.ksm_stat_fields}
 
 
 class KsmSysfs:
@@ -401,24 +409,25 @@ class KsmSysfs:
         object.__setattr__(self, "_ksm", ksm)
 
     def __getattr__(self, name: str) -> int | str:
-        if name in KNOB_DEFAULTS or name in COUNTERS:
+        if not name.startswith("_") and name in self._ksm.mem.profile.sysfs_files:
             return self._ksm.value(name)
         raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name not in KNOB_DEFAULTS and name not in COUNTERS:
+        if name not in self._ksm.mem.profile.sysfs_files:
             raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
         self._ksm.store(name, knob_text(value))
 
     def __dir__(self) -> list[str]:
-        return [*SYSFS_FILES, "sysfs_write", "sysfs_read", "do_scan", "scan", "stats"]
+        return [*self._ksm.mem.profile.sysfs_files, "sysfs_write", "sysfs_read", "do_scan",
+                "scan", "stats"]
 
     def sysfs_write(self, name: str, text: str) -> None:
         self._ksm.store(name, text)
 
     def sysfs_read(self, name: str) -> str:
         """The file's contents as the kernel prints them (with the newline)."""
-        check_file(name, write=False)
+        check_file(name, write=False, files=self._ksm.mem.profile.sysfs_files)
         return format_sysfs(name, self._ksm.value(name))
 
     def do_scan(self, n: int) -> int:
@@ -447,7 +456,7 @@ class KsmSysfs:
             raise KsmdNotRunning("pages_to_scan is 0")
 
     def stats(self) -> dict[str, int | str]:
-        return {name: self._ksm.value(name) for name in SYSFS_FILES}
+        return {name: self._ksm.value(name) for name in self._ksm.mem.profile.sysfs_files}
 
     def stable_nodes(self) -> list[dict[str, Any]]:
         """Every stable node naming a live KSM page: the trees by nid, in order (a
@@ -494,12 +503,15 @@ class KsmSysfs:
 class Machine:
     """A machine: NUMA nodes of frames, processes, and KSM."""
 
-    def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None) -> None:
+    def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None,
+                 kernel: str | Profile | None = None) -> None:
         if not isinstance(nodes, int) or not 1 <= nodes <= 64:
             raise ksm_error(errno.EINVAL, f"nodes must be 1..64, not {nodes!r}")
         self.nodes = nodes
         self.distances = check_distances(nodes, distances)
-        self._mem = PhysMem(nodes, self.distances)
+        # the kernel whose KSM this is (ksmcore.profiles): the running one by default
+        self.profile = resolve_profile(kernel)
+        self._mem = PhysMem(nodes, self.distances, self.profile)
         self._ksm = Ksm(self._mem)
         self.ksm = KsmSysfs(self._ksm)
         self.processes: list[Process] = []
