@@ -210,3 +210,42 @@ def test_move_pages_of_a_page_not_present(Machine: type, kernel: str, status: in
     addr = p.mmap(2)
     p.write(addr, b"x")
     assert p.move_pages(addr, 2, 1, MPOL_MF_MOVE) == [1, status]
+
+
+# ---- the command line: --kernel beside the knobs, and the report names the profile
+
+
+def test_estimate_and_tune_take_kernel(tmp_path: Any, capsys: Any) -> None:
+    import json
+
+    from ksmcore.cli import main
+
+    image = tmp_path / "a.img"
+    pages = np.zeros((64, PAGE_SIZE), np.uint8)
+    pages[::2] = 7  # half the pages equal, half zero
+    pages.tofile(image)
+    assert main(["estimate", str(image), str(image), "--kernel", "6.1.0-28-amd64", "--json",
+                 "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kernel"] == "6.1"
+    assert out["ksm"]["pages_sharing"] == 2 * 64 - 2  # the zero and the 7 pages
+    assert main(["estimate", str(image), "--kernel", "6.18", "--no-progress"]) == 0
+    assert "kernel: the KSM of Linux 6.18" in capsys.readouterr().out
+    assert main(["tune", str(image), "--kernel", "6.6", "--pages-to-scan-values", "100",
+                 "--sleep-millisecs-values", "20", "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kernel"] == "6.6"
+    assert {r["smart_scan"] for r in out["settings"]} == {0}  # no smart scan before 6.7
+    assert not out["advisor"]["included"]
+    assert main(["estimate", str(image), "--kernel", "5.10", "--no-progress"]) == 2
+    assert "--kernel 5.10" in capsys.readouterr().err
+
+
+def test_docs_table_names_every_change() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "kernel-profiles.md").read_text()
+    for c in CHANGES:
+        assert f"| `{c.name}` |" in doc, c.name
+        assert c.commits[0].replace('"', '\\"') in doc or c.commits[0] in doc, c.name
+        assert f"{c.version[0]}.{c.version[1]}, " in doc

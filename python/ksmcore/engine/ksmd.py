@@ -22,6 +22,7 @@ from ..constants import (
     PAGE_SHIFT,
     PAGE_SIZE,
     SIZEOF_RMAP_ITEM,
+    SYSFS_FILES,
     ZERO_CHECKSUM,
 )
 from ..errors import KsmdNotRunning, ksm_error
@@ -167,7 +168,9 @@ class Ksm:
         if name in _CTX_KNOBS:
             setattr(c, _CTX_KNOBS[name], int(value))
 
-    def stats(self) -> dict[str, int | str]:
+    def stats(self, every: bool = False) -> dict[str, int | str]:
+        """Every file of this kernel's /sys/kernel/mm/ksm; ``every``: also the values
+        the model keeps for files the kernel profile does not have."""
         c = self._m.ctx
         k = self._knobs
         counters: dict[str, int | str] = {
@@ -186,7 +189,8 @@ class Ksm:
             "general_profit": (c.pages_sharing + c.ksm_zero_pages) * PAGE_SIZE
             - c.rmap_items * SIZEOF_RMAP_ITEM,
         }
-        return {name: (k[name] if name in k else counters[name]) for name in self._files}
+        files = SYSFS_FILES if every else self._files
+        return {name: (k[name] if name in k else counters[name]) for name in files}
 
     # ---- introspection
 

@@ -450,7 +450,9 @@ class Process:
         flush()
         return status
 
-    def ksm_stat(self) -> dict[str, int | bool]:
+    def ksm_stat(self, every: bool = False) -> dict[str, int | bool]:
+        """/proc/PID/ksm_stat as this kernel prints it; ``every``: every field the
+        model keeps, whatever the kernel profile prints."""
         self._alive()
         mm = self.machine.mem.mm
         rmap_items = int(mm["mm_rmap_items"][self.mm_id])
@@ -464,4 +466,6 @@ class Process:
             "ksm_merge_any": self.merge_any,
             "ksm_mergeable": any(v.mergeable for v in self.vmas),
         }
+        if every:
+            return stat
         return {name: stat[name] for name in self.machine.profile.ksm_stat_fields}

@@ -92,9 +92,10 @@ class Ksm(ScanOps):
                     - self.ksm_rmap_items * SIZEOF_RMAP_ITEM)
         raise ksm_error(errno.ENOENT, f"no such file /sys/kernel/mm/ksm/{name}")
 
-    def value(self, name: str) -> int | str:
-        """The value of any sysfs file (knob or counter)."""
-        if name not in self.mem.profile.sysfs_files:
+    def value(self, name: str, every: bool = False) -> int | str:
+        """The value of any sysfs file (knob or counter); ``every``: files the kernel
+        profile does not have too (the model keeps them all)."""
+        if not every and name not in self.mem.profile.sysfs_files:
             raise ksm_error(errno.ENOENT, f"no such file /sys/kernel/mm/ksm/{name}")
         if name in COUNTERS:
             return self.counter(name)

@@ -23,6 +23,7 @@ from ..constants import (
     MPOL_MF_MOVE_ALL,
     PAGE_SIZE,
     SIZEOF_RMAP_ITEM,
+    SYSFS_FILES,
     ZERO_PFN,
 )
 from ..errors import KsmdNotRunning, ksm_error
@@ -385,7 +386,9 @@ class Process:
         flush()
         return status
 
-    def ksm_stat(self) -> dict[str, int | bool]:
+    def ksm_stat(self, every: bool = False) -> dict[str, int | bool]:
+        """/proc/PID/ksm_stat as this kernel prints it; ``every``: every field the
+        model keeps, whatever the kernel profile prints."""
         mm = self._live()
         profit = ((mm.ksm_merging_pages + mm.ksm_zero_pages) * PAGE_SIZE
                   - mm.ksm_rmap_items * SIZEOF_RMAP_ITEM)
@@ -397,6 +400,8 @@ class Process:
             "ksm_merge_any": mm.mmf_vm_merge_any,
             "ksm_mergeable": any(vma.mergeable for vma in mm.vmas),
         }
+        if every:
+            return stat
         return {name: stat[name] for name in self._machine.profile.ksm_stat_fields}
 
 
@@ -455,7 +460,11 @@ class KsmSysfs:
         if int(ksm.knobs["pages_to_scan"]) == 0:
             raise KsmdNotRunning("pages_to_scan is 0")
 
-    def stats(self) -> dict[str, int | str]:
+    def stats(self, every: bool = False) -> dict[str, int | str]:
+        """Every file of this kernel's /sys/kernel/mm/ksm; ``every``: also the values
+        the model keeps for files the kernel profile does not have."""
+        if every:
+            return {name: self._ksm.value(name, every=True) for name in SYSFS_FILES}
         return {name: self._ksm.value(name) for name in self._ksm.mem.profile.sysfs_files}
 
     def stable_nodes(self) -> list[dict[str, Any]]:
