@@ -71,6 +71,15 @@ CHANGES: tuple[Change, ...] = (
         "before it, break_ksm() leaves a KSM zero PTE in place",
     ),
     Change(
+        "fork_resets_ksm_counters", (6, 6),
+        ("mm/ksm: fix incorrect KSM counter handling in mm_struct during fork",),
+        "a child's ksm_rmap_items and ksm_merging_pages start at 0; before, dup_mm() "
+        "copied the parent's, and the child's counts stay off by them",
+        "before it, the child's ksm_stat starts from the parent's values; mainline took "
+        "the fix in 6.17, the 6.6.y and 6.12.y stable series have it, 6.1.y does not",
+        checked="6.1: the child starts from the parent's counts (QEMU)",
+    ),
+    Change(
         "pages_scanned", (6, 6),
         ("mm/ksm: add pages scanned metric",),
         "/sys/kernel/mm/ksm/pages_scanned",

@@ -55,6 +55,9 @@ class Process:
         self.exited = False
         self.ksm_registered = False  # MMF_VM_MERGEABLE
         self.merge_any = False  # MMF_VM_MERGE_ANY
+        # what ksm_stat adds to the mm's counts: before 6.6 (profiles) a forked mm
+        # starts from its parent's counts (dup_mm() copies them)
+        self.ksm_stat_base = (0, 0)
 
     def __repr__(self) -> str:
         return f"<ksmcore.Process pid={self.pid}{' exited' if self.exited else ''}>"
@@ -290,6 +293,10 @@ class Process:
             child.vmas.append(Region(v.start, v.end, base, v.mergeable, True, v.node))
         child.next_addr = self.next_addr
         child.merge_any = self.merge_any
+        if not m.profile.has("fork_resets_ksm_counters"):
+            parent = self.ksm_stat(every=True)
+            child.ksm_stat_base = (int(parent["ksm_rmap_items"]),
+                                   int(parent["ksm_merging_pages"]))
         child.mempolicy = self.mempolicy
         if self.ksm_registered:
             m.ksm._ksm_enter(child)
@@ -330,6 +337,7 @@ class Process:
         self.dead = []
         self.next_addr = MMAP_BASE
         self.ksm_registered = False
+        self.ksm_stat_base = (0, 0)
         # MERGE_ANY survives exec from 6.7, and ksm_execve() enters the mm from 6.10
         self.merge_any = old.merge_any and m.profile.has("merge_any_exec")
         if self.merge_any and m.profile.has("ksm_execve"):
@@ -455,9 +463,9 @@ class Process:
         model keeps, whatever the kernel profile prints."""
         self._alive()
         mm = self.machine.mem.mm
-        rmap_items = int(mm["mm_rmap_items"][self.mm_id])
+        rmap_items = int(mm["mm_rmap_items"][self.mm_id]) + self.ksm_stat_base[0]
         zero = int(mm["mm_zero_pages"][self.mm_id])
-        merging = int(mm["mm_merging_pages"][self.mm_id])
+        merging = int(mm["mm_merging_pages"][self.mm_id]) + self.ksm_stat_base[1]
         stat: dict[str, int | bool] = {
             "ksm_rmap_items": rmap_items,
             "ksm_zero_pages": zero,

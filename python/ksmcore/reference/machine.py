@@ -233,6 +233,10 @@ class Process:
         child_mm.ksm_zero_pages = zero
         machine._mem.ksm_zero_pages += zero
         child_mm.mmf_vm_merge_any = mm.mmf_vm_merge_any
+        if not machine.profile.has("fork_resets_ksm_counters"):
+            parent = self.ksm_stat(every=True)
+            child_mm.ksm_stat_base = (int(parent["ksm_rmap_items"]),
+                                      int(parent["ksm_merging_pages"]))
         child_mm.node = mm.node
         child_mm.mempolicy = mm.mempolicy
         child = machine._new_process(child_mm)
@@ -390,12 +394,13 @@ class Process:
         """/proc/PID/ksm_stat as this kernel prints it; ``every``: every field the
         model keeps, whatever the kernel profile prints."""
         mm = self._live()
-        profit = ((mm.ksm_merging_pages + mm.ksm_zero_pages) * PAGE_SIZE
-                  - mm.ksm_rmap_items * SIZEOF_RMAP_ITEM)
+        rmap_items = mm.ksm_rmap_items + mm.ksm_stat_base[0]
+        merging = mm.ksm_merging_pages + mm.ksm_stat_base[1]
+        profit = (merging + mm.ksm_zero_pages) * PAGE_SIZE - rmap_items * SIZEOF_RMAP_ITEM
         stat: dict[str, int | bool] = {
-            "ksm_rmap_items": mm.ksm_rmap_items,
+            "ksm_rmap_items": rmap_items,
             "ksm_zero_pages": mm.ksm_zero_pages,
-            "ksm_merging_pages": mm.ksm_merging_pages,
+            "ksm_merging_pages": merging,
             "ksm_process_profit": profit,
             "ksm_merge_any": mm.mmf_vm_merge_any,
             "ksm_mergeable": any(vma.mergeable for vma in mm.vmas),

@@ -135,6 +135,9 @@ class Mm:
         self.ksm_slot: MmSlot | None = None  # mm_slots_hash lookup
         self.ksm_rmap_items = 0
         self.ksm_merging_pages = 0
+        # what ksm_stat adds to them: before 6.6 (profiles) a forked mm starts from
+        # its parent's counts (dup_mm() copies them)
+        self.ksm_stat_base = (0, 0)
         self.ksm_zero_pages = 0
 
     # ---- VMAs -------------------------------------------------------------------
