@@ -19,10 +19,12 @@
  *   C                 one full scan of ksmd (parked with a long sleep_millisecs)
  *
  * Output lines: "O <n>" (operation n begins), "R ..." (its result), "K name value",
- * "W w pid rmap_items merging_pages", "L w v status... ; pfn..." then "D" (done).
+ * "W w pid rmap_items merging_pages ksm_stat_lines", "L w v status... ; pfn..." then
+ * "D" (done).
  * Every failure of the harness itself prints "FATAL ..." and powers off.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -289,7 +291,7 @@ static void observe(void)
         if (!W[w].live)
             continue;
         char path[64], buf[512];
-        long rmap = -1, merging;
+        long rmap = -1, merging, lines = 0;
         snprintf(path, sizeof(path), "/proc/%d/ksm_stat", (int)W[w].pid);
         int fd = open(path, O_RDONLY);
         if (fd >= 0) {
@@ -299,10 +301,12 @@ static void observe(void)
             char *p = strstr(buf, "ksm_rmap_items ");
             if (p)
                 rmap = strtol(p + 15, NULL, 10);
+            for (p = buf; *p; p++)
+                lines += *p == '\n';
         }
         snprintf(path, sizeof(path), "/proc/%d/ksm_merging_pages", (int)W[w].pid);
         merging = read_long(path);
-        fprintf(out, "W %d %d %ld %ld\n", w, (int)W[w].pid, rmap, merging);
+        fprintf(out, "W %d %d %ld %ld %ld\n", w, (int)W[w].pid, rmap, merging, lines);
         snprintf(path, sizeof(path), "/proc/%d/pagemap", (int)W[w].pid);
         int pm = open(path, O_RDONLY);
         for (int v = 0; v < W[w].nv; v++) {
@@ -335,20 +339,79 @@ static void observe(void)
     fflush(out);
 }
 
-/* one full scan: the batch (pages_to_scan larger than any program) ends where the
- * scan ends; ksmd then sleeps for an hour until sleep_millisecs changes */
-static int one_full_scan(void)
+static int ksmd_pid;
+
+static void find_ksmd(void)
 {
-    long before = ksm_counter("full_scans");
+    DIR *d = opendir("/proc");
+    struct dirent *e;
+    while (d && (e = readdir(d))) {
+        char path[300], comm[32] = "";
+        snprintf(path, sizeof(path), "/proc/%s/comm", e->d_name);
+        int fd = open(path, O_RDONLY);
+        if (fd < 0)
+            continue;
+        ssize_t n = read(fd, comm, sizeof(comm) - 1);
+        close(fd);
+        if (n > 0 && !strncmp(comm, "ksmd\n", 5))
+            ksmd_pid = atoi(e->d_name);
+    }
+    if (d)
+        closedir(d);
+}
+
+/* the state letter of ksmd in /proc/PID/stat ('S' while it sleeps) */
+static char ksmd_state(void)
+{
+    char path[64], buf[256];
+    snprintf(path, sizeof(path), "/proc/%d/stat", ksmd_pid);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return '?';
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    buf[n > 0 ? n : 0] = 0;
+    char *p = strrchr(buf, ')');
+    return p ? p[2] : '?';
+}
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void wake_ksmd(void)
+{
     char v[32];
     scan_sleep = scan_sleep == 3600000 ? 3600001 : 3600000;
     snprintf(v, sizeof(v), "%d", scan_sleep);
     sysfs_write("sleep_millisecs", v); /* wakes ksmd from its sleep */
     sysfs_write("run", "1");           /* wakes ksmd waiting for work */
-    for (int tries = 0; tries < 100000; tries++) {
+}
+
+/* one full scan: the batch (pages_to_scan larger than any program) ends where the
+ * scan ends; ksmd then sleeps for an hour until sleep_millisecs changes. A ksmd
+ * that read the new sleep_millisecs before it went to sleep (it was still finishing
+ * the previous scan when we woke it) sleeps on: wake it again after 2 s with no
+ * progress - it is asleep then, so this starts no second scan. */
+static int one_full_scan(void)
+{
+    long before = ksm_counter("full_scans");
+    double start = now(), woken = start;
+    wake_ksmd();
+    while (now() - start < 120) {
         if (ksm_counter("full_scans") > before) {
             sysfs_write("run", "0");
+            /* until ksmd sleeps again, so that the next wake finds it asleep */
+            for (double t = now(); ksmd_pid && ksmd_state() != 'S' && now() - t < 2;)
+                usleep(200);
             return 0;
+        }
+        if (now() - woken > 2) {
+            wake_ksmd();
+            woken = now();
         }
         usleep(200);
     }
@@ -438,6 +501,7 @@ int main(void)
         fprintf(out, "H %s nodes %s zero_pfn %llu\n", rel, nodes,
                 (unsigned long long)zero_pfn);
     }
+    find_ksmd();
     /* ksmd parked: batches larger than any program, an hour of sleep in between */
     sysfs_write("run", "2");
     sysfs_write("run", "0");

@@ -151,7 +151,8 @@ class Step:
     op: str
     reply: str = ""
     counters: dict[str, int] = field(default_factory=dict)
-    workers: dict[int, tuple[int, int]] = field(default_factory=dict)  # rmap, merging
+    # rmap_items, merging_pages, lines of /proc/PID/ksm_stat
+    workers: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     status: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
     frames: dict[tuple[int, int], tuple[str, ...]] = field(default_factory=dict)
 
@@ -189,8 +190,8 @@ def parse(text: str) -> tuple[str, list[Step]]:
             name, value = rest.split()
             steps[-1].counters[name] = int(value)
         elif kind == "W":
-            w, _pid, rmap, merging = map(int, rest.split())
-            steps[-1].workers[w] = (rmap, merging)
+            w, _pid, rmap, merging, lines = map(int, rest.split())
+            steps[-1].workers[w] = (rmap, merging, lines)
         elif kind == "L":
             head, _, pfns = rest.partition(";")
             w, v, *status = map(int, head.split())
@@ -290,7 +291,8 @@ class Runner:
             if p.exited:
                 continue
             st = p.ksm_stat(every=True)
-            step.workers[w] = (int(st["ksm_rmap_items"]), int(st["ksm_merging_pages"]))
+            step.workers[w] = (int(st["ksm_rmap_items"]), int(st["ksm_merging_pages"]),
+                               len(p.ksm_stat()))
             for v, (addr, npages) in enumerate(self.vmas[w]):
                 status, frames = [], []
                 for i in range(npages):
@@ -473,7 +475,8 @@ def run_programs(seeds: list[int], kernel_version: str = "6.1", per_boot: int = 
     header = ""
     seen = {"EBUSY statuses": 0, "move_pages calls": 0, "full scans": 0,
             "merge_across_nodes=0 programs": 0, "steps with pages_sharing > 0": 0,
-            "steps with KSM zero pages": 0}
+            "steps with KSM zero pages": 0, "unmerges of KSM zero pages": 0,
+            "forks of KSM processes": 0}
     t0 = time.monotonic()
     for b in range(0, len(programs), per_boot):
         batch = programs[b:b + per_boot]
@@ -481,8 +484,16 @@ def run_programs(seeds: list[int], kernel_version: str = "6.1", per_boot: int = 
         header, steps = parse(text)
         for d in compare(batch, steps, profile):
             diffs.append(Difference(d.program + b, d.step, d.op, d.what))
+        prev: Step | None = None
         for s in steps:
-            kind = s.op.split()[0]
+            kind, *a = s.op.split()
+            if prev is not None and kind == "A" and a[4] == "13":
+                w, v, first, count = map(int, a[:4])
+                frames = prev.frames.get((w, v), ())[first:first + count]
+                seen["unmerges of KSM zero pages"] += "z" in frames
+            if prev is not None and kind == "X":
+                seen["forks of KSM processes"] += prev.workers.get(int(a[0]), (0,))[0] > 0
+            prev = s
             seen["move_pages calls"] += kind == "V"
             seen["EBUSY statuses"] += s.reply.split().count(str(-errno.EBUSY)) * (kind == "V")
             seen["full scans"] += kind == "C"

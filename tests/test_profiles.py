@@ -249,3 +249,23 @@ def test_docs_table_names_every_change() -> None:
         assert f"| `{c.name}` |" in doc, c.name
         assert c.commits[0].replace('"', '\\"') in doc or c.commits[0] in doc, c.name
         assert f"{c.version[0]}.{c.version[1]}, " in doc
+
+
+@pytest.mark.parametrize(("kernel", "inherited"), [("6.1", True), ("6.6", False),
+                                                   ("6.18", False)])
+def test_fork_and_the_childs_ksm_counters(Machine: type, kernel: str, inherited: bool) -> None:
+    """Before "mm/ksm: fix incorrect KSM counter handling in mm_struct during fork"
+    dup_mm() copied the parent's ksm_rmap_items and ksm_merging_pages into the child,
+    and the child's own items count from there. Measured on a real 6.1 (QEMU)."""
+    m = Machine(kernel=kernel)
+    p, _ = merged_process(m, [4] * 5)
+    m.ksm.run = 1
+    m.ksm.scan(full_scans=2)
+    child = p.fork()
+    base = (5, 5) if inherited else (0, 0)
+    stat = child.ksm_stat(every=True)
+    assert (stat["ksm_rmap_items"], stat["ksm_merging_pages"]) == base
+    m.ksm.scan(full_scans=1)  # the child's 5 pages join the KSM page
+    stat = child.ksm_stat(every=True)
+    assert (stat["ksm_rmap_items"], stat["ksm_merging_pages"]) == (base[0] + 5, base[1] + 5)
+    m.check_invariants()

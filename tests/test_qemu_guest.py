@@ -20,6 +20,10 @@ MERGE_ORDER = ["P", "K merge_across_nodes 1", "K use_zero_pages 0", "S 0", "M 0 
 MOVE_PAGES = ["P", "K merge_across_nodes 1", "K use_zero_pages 0", "S 1", "M 0 26 -1",
               "F 0 0 0 " + " ".join(["9"] * 26), "A 0 0 0 26 12", "C", "C",
               "V 0 0 0 3 0 4"]
+# sysfs files 6.1 does not have: writing them fails as a missing file does (ENOENT)
+MISSING_FILES = ["P", "S 0", "K smart_scan 0", "K pages_skipped 0", "K advisor_mode none",
+                 "K advisor_max_cpu 70", "K pages_scanned 0", "K ksm_zero_pages 0",
+                 "K general_profit 0", "K use_zero_pages 0"]
 RANDOM_SEEDS = (7, 8, 9)
 
 
@@ -27,7 +31,8 @@ RANDOM_SEEDS = (7, 8, 9)
 def guest() -> tuple[str, list[list[str]], list[qemu_guest.Step]]:
     if REASON:
         pytest.skip(f"the QEMU guest cannot run: {REASON}")
-    programs = [MERGE_ORDER, MOVE_PAGES] + [qemu_guest.generate(s) for s in RANDOM_SEEDS]
+    programs = [MERGE_ORDER, MOVE_PAGES, MISSING_FILES] + [qemu_guest.generate(s)
+                                                          for s in RANDOM_SEEDS]
     image = qemu_guest.find_kernel("6.1")
     assert image is not None
     header, steps = qemu_guest.parse(qemu_guest.boot(
@@ -47,6 +52,11 @@ def test_issue_minimal_cases_on_the_real_kernel(guest: tuple) -> None:
             merge.counters["pages_volatile"]) == (1, 49, 0)
     move = steps[len(MERGE_ORDER) + len(MOVE_PAGES) - 1]
     assert move.reply.split() == ["0", "0", str(-errno.EBUSY), "0"]
+    first = len(MERGE_ORDER) + len(MOVE_PAGES)
+    missing = steps[first:first + len(MISSING_FILES)]
+    assert [s.reply for s in missing[2:-1]] == [str(-errno.ENOENT)] * 7
+    assert missing[-1].reply == "0"
+    assert missing[-1].workers[0][2] == 1  # /proc/PID/ksm_stat: ksm_rmap_items alone
 
 
 def test_model_matches_the_kernel_op_by_op(guest: tuple) -> None:
