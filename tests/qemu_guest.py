@@ -121,7 +121,10 @@ def boot(lines: list[str], kernel: Path, timeout: float = 900.0,
         out = d / "observations.txt"
         console = d / "console.txt"
         cmd = [
-            qemu() or "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2",
+            # mem-merge=off: the guest's RAM is not MADV_MERGEABLE, so the host's KSM
+            # never sees this process (the host's ksmd belongs to kernel_lock holders)
+            qemu() or "qemu-system-x86_64", "-accel", "tcg", "-machine", "pc,mem-merge=off",
+            "-m", "1024", "-smp", "2",
             "-object", "memory-backend-ram,id=m0,size=512M",
             "-object", "memory-backend-ram,id=m1,size=512M",
             "-numa", "node,nodeid=0,cpus=0,memdev=m0",
