@@ -269,3 +269,10 @@ def test_fork_and_the_childs_ksm_counters(Machine: type, kernel: str, inherited:
     stat = child.ksm_stat(every=True)
     assert (stat["ksm_rmap_items"], stat["ksm_merging_pages"]) == (base[0] + 5, base[1] + 5)
     m.check_invariants()
+
+
+def test_an_unknown_change_name_is_an_error() -> None:
+    with pytest.raises(KeyError):
+        Profile("6.18").has("no_such_change")
+    assert Profile("6.1").has("checksum_first") is False
+    assert Profile("6.12").has("checksum_first") is True

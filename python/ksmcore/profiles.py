@@ -15,7 +15,7 @@ import os
 import platform
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .constants import SYSFS_FILES
 from .errors import ksm_error
@@ -180,13 +180,24 @@ class Profile:
     """One kernel's KSM: ``has(name)`` tells whether a change of ``CHANGES`` is in it."""
 
     name: str  # one of PROFILES
+    # the changes in it, by name (computed once: the scan asks for every page)
+    changes: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        version = parse_version(self.name)
+        object.__setattr__(self, "changes",
+                           frozenset(c.name for c in CHANGES if c.version <= version))
 
     @property
     def version(self) -> Version:
         return parse_version(self.name)
 
     def has(self, change: str) -> bool:
-        return CHANGES_BY_NAME[change].version <= self.version
+        if change in self.changes:
+            return True
+        if change not in CHANGES_BY_NAME:
+            raise KeyError(f"no change {change!r} in ksmcore.profiles.CHANGES")
+        return False
 
     @property
     def sysfs_files(self) -> tuple[str, ...]:
