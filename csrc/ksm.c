@@ -303,6 +303,8 @@ int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, const 
         int32_t p = c->pte[s];
         if (p == KSM_PTE_NONE || (p >= 0 && !frame_is_ksm(c, p)))
             continue;
+        if (p == KSM_PTE_ZERO && !c->unshare_zero_pages)
+            continue; /* before 6.6 break_ksm() left KSM-placed zero pages mapped */
         used++;
         if (dry_run)
             continue;
@@ -1058,6 +1060,27 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
     return NIL;
 }
 
+/* The checksum test of cmp_and_merge_page(): 1 when there is nothing more to do,
+ * because the page changed since its last visit (volatile) or was merged with the
+ * zero page. */
+static int volatile_or_zero(struct ksm_ctx *c, int64_t s, int32_t page)
+{
+    uint32_t checksum;
+    if (c->ri_flags[s] & KSM_SLOT_CSUM_FRESH) {
+        /* nothing wrote this page since its checksum was taken: a cache, the value
+         * is the one calc_checksum() would return */
+        checksum = c->ri_oldchecksum[s];
+    } else {
+        checksum = calc_checksum(page_address(c, page));
+        c->ri_flags[s] |= KSM_SLOT_CSUM_FRESH;
+    }
+    if (c->ri_oldchecksum[s] != checksum) {
+        c->ri_oldchecksum[s] = checksum;
+        return 1;
+    }
+    return !try_to_merge_with_zero_page(c, s, page);
+}
+
 static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
 {
     int32_t page = c->pte[s];
@@ -1075,23 +1098,10 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
             return; /* already accounted */
         if (!is_page_sharing_candidate(c, stable_node))
             bypass = 1;
-    } else {
+    } else if (c->checksum_first) {
+        /* 6.11+: a page that is not a KSM page meets the checksum first */
         remove_rmap_item_from_tree(c, s);
-        /* a page whose checksum changed since the last visit is volatile */
-        uint32_t checksum;
-        if (c->ri_flags[s] & KSM_SLOT_CSUM_FRESH) {
-            /* nothing wrote this page since its checksum was taken: a cache, the
-             * value is the one calc_checksum() would return */
-            checksum = c->ri_oldchecksum[s];
-        } else {
-            checksum = calc_checksum(page_address(c, page));
-            c->ri_flags[s] |= KSM_SLOT_CSUM_FRESH;
-        }
-        if (c->ri_oldchecksum[s] != checksum) {
-            c->ri_oldchecksum[s] = checksum;
-            return;
-        }
-        if (!try_to_merge_with_zero_page(c, s, page))
+        if (volatile_or_zero(c, s, page))
             return;
     }
     (void)bypass;
@@ -1108,6 +1118,9 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
             stable_tree_append(c, s, c->frame_stable[kfolio]);
         return;
     }
+    /* before 6.11 every page searched the stable tree first, then the checksum */
+    if (!c->checksum_first && volatile_or_zero(c, s, page))
+        return;
 
     int32_t tree_page = NIL;
     int32_t t = unstable_tree_search_insert(c, s, page, &tree_page);

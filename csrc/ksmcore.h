@@ -145,6 +145,10 @@ struct ksm_ctx {
     int32_t merge_across_nodes;
     int32_t use_zero_pages;
     int32_t smart_scan;
+    /* the kernel profile (python/ksmcore/profiles.py): cmp_and_merge_page() checks the
+     * checksum before the stable tree (6.11+); break_ksm() unshares KSM zero pages (6.6+) */
+    int32_t checksum_first;
+    int32_t unshare_zero_pages;
     int32_t ksm_nr_node_ids;
     uint64_t stable_node_chains_prune_millisecs;
     uint64_t jiffies; /* the simulated clock, in ms */

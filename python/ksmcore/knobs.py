@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import errno
 import operator
+from collections.abc import Collection
 
-from .constants import COUNTERS, KNOB_DEFAULTS, PAGE_SIZE
+from .constants import COUNTERS, KNOB_DEFAULTS, PAGE_SIZE, SYSFS_FILES
 from .errors import ksm_error
 
 U32_MAX = (1 << 32) - 1
@@ -107,10 +108,11 @@ def _einval(parse, text: str) -> int:
         raise ksm_error(errno.EINVAL, str(e.strerror)) from None
 
 
-def check_file(name: str, write: bool) -> None:
-    """What open(2) of /sys/kernel/mm/ksm/``name`` says: ENOENT for no such file,
-    EACCES when opening a read-only file (mode 0444, no store) for writing."""
-    if name not in KNOB_DEFAULTS and name not in COUNTERS:
+def check_file(name: str, write: bool, files: Collection[str] = SYSFS_FILES) -> None:
+    """What open(2) of /sys/kernel/mm/ksm/``name`` says: ENOENT for no such file (the
+    kernel's ``files``: a profile's), EACCES when opening a read-only file (mode 0444,
+    no store) for writing."""
+    if name not in files or (name not in KNOB_DEFAULTS and name not in COUNTERS):
         raise ksm_error(errno.ENOENT, f"no such file /sys/kernel/mm/ksm/{name}")
     if write and name in COUNTERS:
         raise ksm_error(errno.EACCES, f"/sys/kernel/mm/ksm/{name} is read-only")

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from .._native import ffi, lib
 from ..checks import U32_MAX, as_count, as_int, check_clock
 from ..constants import (
-    COUNTERS,
     EWMA_WEIGHT,
     KNOB_DEFAULTS,
     KSM_ADVISOR_MIN_CPU,
@@ -77,11 +76,17 @@ class Ksm:
         object.__setattr__(self, "_m", machine)
         object.__setattr__(self, "_guard", machine._guard)
         object.__setattr__(self, "_knobs", dict(KNOB_DEFAULTS))
+        profile = machine.profile
+        object.__setattr__(self, "_files", profile.sysfs_files)
         c = machine.ctx
         c.max_page_sharing = 256
         c.merge_across_nodes = 1
         c.use_zero_pages = 0
-        c.smart_scan = 1
+        if not profile.has("smart_scan"):
+            self._knobs["smart_scan"] = 0  # a ksmd without smart scan never skips
+        c.smart_scan = int(self._knobs["smart_scan"])
+        c.checksum_first = int(profile.has("checksum_first"))
+        c.unshare_zero_pages = int(profile.has("unshare_zero_pages"))
         c.ksm_nr_node_ids = 1
         c.stable_node_chains_prune_millisecs = 2000
         c.zero_checksum = ZERO_CHECKSUM
@@ -103,30 +108,30 @@ class Ksm:
     # ---- sysfs
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in self._files:
+            raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
         if name in KNOB_DEFAULTS:
             return self._knobs[name]
-        if name in COUNTERS:
-            return self.stats()[name]
-        raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
+        return self.stats()[name]
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_"):
             object.__setattr__(self, name, value)
-        elif name in KNOB_DEFAULTS or name in COUNTERS:
+        elif name in self._files:
             self.sysfs_write(name, knob_text(value))
         else:
             raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
 
     def sysfs_read(self, name: str) -> str:
         """The file's contents as the kernel prints them (with the newline)."""
-        check_file(name, write=False)
+        check_file(name, write=False, files=self._files)
         return format_sysfs(name, self.stats()[name])
 
     def sysfs_write(self, name: str, text: str | bytes) -> None:
         """write(2) of ``text`` to /sys/kernel/mm/ksm/``name``: the store's parsing and
         checks in the kernel's order; a rejected write raises OSError and changes
         nothing (an EBUSY keeps the stale-node removals the kernel makes too)."""
-        check_file(name, write=True)
+        check_file(name, write=True, files=self._files)
         buf = sysfs_buffer(text)
         if buf is None:
             return  # an empty write never reaches the store
@@ -167,7 +172,9 @@ class Ksm:
         if name in _CTX_KNOBS:
             setattr(c, _CTX_KNOBS[name], int(value))
 
-    def stats(self) -> dict[str, int | str]:
+    def stats(self, every: bool = False) -> dict[str, int | str]:
+        """Every file of this kernel's /sys/kernel/mm/ksm; ``every``: also the values
+        the model keeps for files the kernel profile does not have."""
         c = self._m.ctx
         k = self._knobs
         counters: dict[str, int | str] = {
@@ -186,7 +193,8 @@ class Ksm:
             "general_profit": (c.pages_sharing + c.ksm_zero_pages) * PAGE_SIZE
             - c.rmap_items * SIZEOF_RMAP_ITEM,
         }
-        return {name: (k[name] if name in k else counters[name]) for name in SYSFS_FILES}
+        files = SYSFS_FILES if every else self._files
+        return {name: (k[name] if name in k else counters[name]) for name in files}
 
     # ---- introspection
 
@@ -405,6 +413,8 @@ class Ksm:
                 # a whole pass found no VM_MERGEABLE VMA: drop the mm, as __ksm_exit would
                 self._slots.remove(slot)
                 mm.ksm_registered = False
+                if not self._m.profile.has("merge_any_kept"):
+                    mm.merge_any = False
             if self._cursor is None:
                 self._stop_round(processed)
                 return processed

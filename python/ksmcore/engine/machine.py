@@ -16,6 +16,8 @@ from ..constants import FIRST_PID
 from ..errors import ksm_error
 from ..guard import Guard, serialized
 from ..numa import check_distances
+from ..profiles import Profile
+from ..profiles import resolve as resolve_profile
 from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
 from ..tracing import Event, Tracer, tracing
 from .ksmd import Ksm
@@ -30,7 +32,7 @@ class Machine:
     Thread-safe: calls on one machine are serialized by its lock (ksmcore/guard.py)."""
 
     def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None,
-                 max_pages: int = MAX_PAGES) -> None:
+                 max_pages: int = MAX_PAGES, kernel: str | Profile | None = None) -> None:
         nodes = as_int(nodes, "nodes")
         if not 1 <= nodes <= 64:
             raise ksm_error(errno.EINVAL, f"nodes must be 1..64, not {nodes!r}")
@@ -41,6 +43,8 @@ class Machine:
         self.nodes = nodes
         self.max_pages = max_pages  # mmap beyond this many pages in all: ENOMEM
         self.distances = check_distances(nodes, distances)
+        # the kernel whose KSM this is (ksmcore.profiles): the running one by default
+        self.profile = resolve_profile(kernel)
         self.mem = Memory(nodes)
         self._guard.checks.append(self._check_images)
         self.ctx: Any = self.mem.ctx

@@ -65,6 +65,9 @@ class Process:
         self.exited = False
         self.ksm_registered = False  # MMF_VM_MERGEABLE
         self.merge_any = False  # MMF_VM_MERGE_ANY
+        # what ksm_stat adds to the mm's counts: before 6.6 (profiles) a forked mm
+        # starts from its parent's counts (dup_mm() copies them)
+        self.ksm_stat_base = (0, 0)
 
     def __repr__(self) -> str:
         return f"<ksmcore.Process pid={self.pid}{' exited' if self.exited else ''}>"
@@ -169,7 +172,7 @@ class Process:
         if self.merge_any:
             # ksm_vma_flags() (6.17+): a new VMA of a MERGE_ANY mm is VM_MERGEABLE from
             # the start; 6.18 re-enters the mm if ksmd dropped it meanwhile
-            if not self.ksm_registered:
+            if not self.ksm_registered and self.machine.profile.has("merge_any_kept"):
                 self.machine.ksm._ksm_enter(self)
             self.vmas[-1].mergeable = True
             self.machine.mem.set_mergeable(base, base + npages, True)
@@ -330,6 +333,10 @@ class Process:
             child.vmas.append(Region(v.start, v.end, base, v.mergeable, True, v.node))
         child.next_addr = self.next_addr
         child.merge_any = self.merge_any
+        if not m.profile.has("fork_resets_ksm_counters"):
+            parent = self.ksm_stat(every=True)
+            child.ksm_stat_base = (int(parent["ksm_rmap_items"]),
+                                   int(parent["ksm_merging_pages"]))
         child.mempolicy = self.mempolicy
         if self.ksm_registered:
             m.ksm._ksm_enter(child)
@@ -370,9 +377,11 @@ class Process:
         self.dead = []
         self.next_addr = MMAP_BASE
         self.ksm_registered = False
-        self.merge_any = old.merge_any
-        if self.merge_any:
-            m.ksm._ksm_enter(self)  # ksm_execve()
+        self.ksm_stat_base = (0, 0)
+        # MERGE_ANY survives exec from 6.7, and ksm_execve() enters the mm from 6.10
+        self.merge_any = old.merge_any and m.profile.has("merge_any_exec")
+        if self.merge_any and m.profile.has("ksm_execve"):
+            m.ksm._ksm_enter(self)
         old._exit_mm()  # exec_mmap(): mmput() of the old mm
 
     # ---- prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE)
@@ -384,6 +393,7 @@ class Process:
         VM_MERGEABLE VMA, madvised ones too (ksm_disable_merge_any)."""
         self._alive()
         value, arg3, arg4, arg5 = (as_int(a, "a prctl argument") for a in (value, arg3, arg4, arg5))
+        self._check_prctl()
         if arg3 or arg4 or arg5:
             raise ksm_error(errno.EINVAL, "PR_SET_MEMORY_MERGE takes no arg3..arg5")
         m = self.machine
@@ -411,9 +421,15 @@ class Process:
                                arg5: int = 0) -> int:
         """PR_GET_MEMORY_MERGE: 1 while MMF_VM_MERGE_ANY is set, else 0."""
         self._alive()
-        if any(as_int(a, "a prctl argument") for a in (arg2, arg3, arg4, arg5)):
+        args = [as_int(a, "a prctl argument") for a in (arg2, arg3, arg4, arg5)]
+        self._check_prctl()
+        if any(args):
             raise ksm_error(errno.EINVAL, "PR_GET_MEMORY_MERGE takes no arguments")
         return int(self.merge_any)
+
+    def _check_prctl(self) -> None:
+        if not self.machine.profile.has("prctl_memory_merge"):
+            raise ksm_error(errno.EINVAL, f"{self.machine.profile} has no PR_SET_MEMORY_MERGE")
 
     # ---- NUMA
 
@@ -434,36 +450,54 @@ class Process:
         addr, npages, node, flags = check_move_pages(addr, npages, node, flags, m.nodes)
         pte = m.mem.slots["pte"]
         frames = m.mem.frames
-        status: list[int] = []
-        moving: dict[int, list[int]] = {}  # old pfn -> indices in status
+        # do_pages_move(): pages are queued (isolated) one by one; any page that is not
+        # queued stores its status and migrates the queue so far. A second address of a
+        # page already queued finds it isolated: -EBUSY.
+        status = [0] * npages
+        enoent = m.profile.has("move_pages_enoent")
+        queue: dict[int, int] = {}  # old pfn -> its index in status
+
+        def flush() -> None:
+            m._migrate(list(queue), node)
+            for j in queue.values():
+                status[j] = node
+            queue.clear()
+
         for i in range(npages):
             a = addr + i * PAGE_SIZE
             v = next((v for v in self.vmas if v.start <= a < v.end), None)
             if v is None:
-                status.append(-errno.EFAULT)
-                continue
-            p = int(pte[v.slot(a)])
-            if p == lib.KSM_PTE_NONE:
-                status.append(-errno.ENOENT)
-            elif p == lib.KSM_PTE_ZERO:
-                status.append(-errno.EFAULT)
-            elif m.mem.frame_nid(p) == node:
-                status.append(node)
-            elif frames["frame_mapcount"][p] > 1 and not flags & MPOL_MF_MOVE_ALL:
-                status.append(-errno.EACCES)
+                err = -errno.EFAULT
             else:
-                moving.setdefault(p, []).append(i)
-                status.append(node)
-        m._migrate(list(moving), node)
+                p = int(pte[v.slot(a)])
+                if p == lib.KSM_PTE_NONE:
+                    # follow_page(FOLL_DUMP) before 6.12 made a non-present page -EFAULT
+                    err = -errno.ENOENT if enoent else -errno.EFAULT
+                elif p == lib.KSM_PTE_ZERO:
+                    err = -errno.EFAULT  # the zero page does not move
+                elif m.mem.frame_nid(p) == node:
+                    err = node
+                elif frames["frame_mapcount"][p] > 1 and not flags & MPOL_MF_MOVE_ALL:
+                    err = -errno.EACCES  # mapped by others: needs MOVE_ALL
+                elif p in queue:
+                    err = -errno.EBUSY  # isolated already, by an earlier address
+                else:
+                    queue[p] = i
+                    continue
+            status[i] = err
+            flush()
+        flush()
         return status
 
-    def ksm_stat(self) -> dict[str, int | bool]:
+    def ksm_stat(self, every: bool = False) -> dict[str, int | bool]:
+        """/proc/PID/ksm_stat as this kernel prints it; ``every``: every field the
+        model keeps, whatever the kernel profile prints."""
         self._alive()
         mm = self.machine.mem.mm
-        rmap_items = int(mm["mm_rmap_items"][self.mm_id])
+        rmap_items = int(mm["mm_rmap_items"][self.mm_id]) + self.ksm_stat_base[0]
         zero = int(mm["mm_zero_pages"][self.mm_id])
-        merging = int(mm["mm_merging_pages"][self.mm_id])
-        return {
+        merging = int(mm["mm_merging_pages"][self.mm_id]) + self.ksm_stat_base[1]
+        stat: dict[str, int | bool] = {
             "ksm_rmap_items": rmap_items,
             "ksm_zero_pages": zero,
             "ksm_merging_pages": merging,
@@ -471,3 +505,6 @@ class Process:
             "ksm_merge_any": self.merge_any,
             "ksm_mergeable": any(v.mergeable for v in self.vmas),
         }
+        if every:
+            return stat
+        return {name: stat[name] for name in self.machine.profile.ksm_stat_fields}

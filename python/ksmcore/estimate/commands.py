@@ -132,6 +132,9 @@ def _add_sources(p: argparse.ArgumentParser) -> None:
 def _add_machine(p: argparse.ArgumentParser, swept: bool) -> None:
     g = p.add_argument_group("the simulated machine (/sys/kernel/mm/ksm knobs; kernel defaults)")
     g.add_argument("--nodes", type=_nonneg, default=1, help="NUMA nodes (default 1)")
+    g.add_argument("--kernel", metavar="VERSION", default=None,
+                   help="the kernel whose KSM to model: 6.1, 6.6, 6.8, 6.12, 6.18 or a "
+                        "release such as 6.1.0-28-amd64 (default: the running kernel)")
     g.add_argument("--merge-across-nodes", type=_nonneg, default=1, metavar="0|1")
     g.add_argument("--max-page-sharing", type=_nonneg, default=256, metavar="N")
     g.add_argument("--use-zero-pages", type=_nonneg, default=0, metavar="0|1")
@@ -331,6 +334,7 @@ def _knobs(args: argparse.Namespace) -> Knobs:
         sleep_millisecs=getattr(args, "sleep_millisecs", 20),
         smart_scan=getattr(args, "smart_scan", 1),
         use_zero_pages=args.use_zero_pages,
+        kernel=args.kernel,
     )
 
 
@@ -385,6 +389,8 @@ def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     sleeps = tune.parse_values(args.sleep_millisecs_values, "--sleep-millisecs-values", 0)
     smart = tune.parse_values(args.smart_scan_values, "--smart-scan-values", 0)
     base = _knobs(args)
+    if "smart_scan" not in new_machine(args.nodes, base).profile.sysfs_files:
+        smart = (0,)  # a kernel without smart scan (before 6.7) has one setting
     for p in pts:  # every setting must be one the kernel takes
         for s in smart:
             for sl in sleeps:
@@ -393,7 +399,7 @@ def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     cost = args.cost_per_page_us * 1e-6
     sources, remarks = gather(args)
     check_memory(args, sources, remarks)
-    advisor = tune.advisor_status(args.nodes)
+    advisor = tune.advisor_status(args.nodes, args.kernel)
     bar = None
     hook = None
     if _progress_wanted(args):

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..constants import KSM_STAT_FIELDS, PAGE_SIZE, SIZEOF_RMAP_ITEM
+from ..profiles import Profile
 from .simulate import (
     Knobs,
     Run,
@@ -49,8 +50,10 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
           cost_per_page_s: float) -> dict[str, Any]:
     """The --json object: every sysfs file, per-process ksm_stat, per-node figures and
     the simulated time."""
-    ksm = m.ksm.stats()
-    stats = [{k: p.ksm_stat()[k] for k in KSM_STAT_FIELDS} for p in procs]
+    # every counter and ksm_stat field the model keeps, also where this kernel has no
+    # file for it (ksm_zero_pages before 6.6, ...): what KSM saves there all the same
+    ksm = m.ksm.stats(every=True)
+    stats = [{k: p.ksm_stat(every=True)[k] for k in KSM_STAT_FIELDS} for p in procs]
     times = ksmd_times(run.processed, knobs.sleep_millisecs, cost_per_page_s)
     total = sum(s.npages for s in sources)
     saved = int(ksm["pages_sharing"]) + int(ksm["ksm_zero_pages"])
@@ -68,6 +71,7 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
                                       "pages_volatile", "ksm_zero_pages", "general_profit")},
         })
     return {
+        "kernel": m.profile.name,
         "ksm": dict(ksm),
         "processes": [
             {
@@ -130,6 +134,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) 
     return out
 
 
+def kernel_line(kernel: str) -> str:
+    """Which kernel's KSM the report models (--kernel, else the running kernel)."""
+    return f"kernel: the KSM of Linux {kernel} (ksmcore profile {kernel}; --kernel)"
+
+
 def text(result: dict[str, Any]) -> str:
     """The readable report."""
     k = result["ksm"]
@@ -144,6 +153,7 @@ def text(result: dict[str, Any]) -> str:
         f"knobs: pages_to_scan {k['pages_to_scan']}, sleep_millisecs {k['sleep_millisecs']}, "
         f"smart_scan {k['smart_scan']}, use_zero_pages {k['use_zero_pages']}, "
         f"max_page_sharing {k['max_page_sharing']}, merge_across_nodes {k['merge_across_nodes']}",
+        kernel_line(result["kernel"]),
         "",
     ]
     if not total:
@@ -191,7 +201,10 @@ def text(result: dict[str, Any]) -> str:
     shown = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
              "pages_skipped", "pages_scanned", "ksm_zero_pages", "full_scans",
              "stable_node_chains", "stable_node_dups", "general_profit")
-    lines += [f"  {name:<20} {k[name]}" for name in shown]
+    files = Profile(result["kernel"]).sysfs_files
+    lines += [f"  {name:<20} {k[name]}" + ("" if name in files else
+                                            f"  (no such file in Linux {result['kernel']})")
+              for name in shown]
 
     lines += ["", "per source (/proc/<pid>/ksm_stat):"]
     rows = []

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..constants import MADV_MERGEABLE, PAGE_SIZE
+from ..profiles import resolve as resolve_profile
 from ..timing import CostModel
 from .errors import EXIT_USAGE, EstimateError
 from .sources import Source, check_node
@@ -54,6 +55,7 @@ class Knobs:
     sleep_millisecs: int = 20
     smart_scan: int = 1
     use_zero_pages: int = 0
+    kernel: str | None = None  # the kernel profile (ksmcore.profiles); None: the running one
 
     def as_dict(self) -> dict[str, int]:
         # merge_across_nodes and max_page_sharing first: the kernel takes them only
@@ -98,12 +100,18 @@ def new_machine(nodes: int, knobs: Knobs, machine_cls: Any = None) -> Any:
     if machine_cls is None:
         from .. import Machine as machine_cls
     try:
-        m = machine_cls(nodes=nodes)
+        profile = resolve_profile(knobs.kernel)
+    except OSError as e:
+        raise EstimateError(f"--kernel {knobs.kernel}: {e.strerror}", EXIT_USAGE) from None
+    try:
+        m = machine_cls(nodes=nodes, kernel=profile)
     except OSError:
         raise EstimateError(f"--nodes {nodes}: expected 1..64", EXIT_USAGE) from None
     if knobs.pages_to_scan == 0:
         raise EstimateError("--pages-to-scan 0: ksmd would never scan a page", EXIT_USAGE)
     for name, value in knobs.as_dict().items():
+        if name not in profile.sysfs_files:
+            continue  # a knob this kernel does not have (smart_scan before 6.7)
         try:
             setattr(m.ksm, name, value)
         except OSError as e:
@@ -181,7 +189,7 @@ def run_ksmd(m: Any, max_scans: int = 50, on_batch: BatchHook | None = None) -> 
     pts = int(m.ksm.pages_to_scan)
     while len(scans) < max_scans:
         n = m.ksm.do_scan(pts)
-        s = m.ksm.stats()
+        s = m.ksm.stats(every=True)  # with what the model keeps beyond this kernel's files
         processed.append(n)
         saved.append(int(s["pages_sharing"]) + int(s["ksm_zero_pages"]))
         profit.append(int(s["general_profit"]))

@@ -19,8 +19,9 @@ import numpy as np
 
 from ..constants import PAGE_SIZE
 from ..knobs import kstrtoull
+from ..profiles import resolve as resolve_profile
 from .errors import EXIT_USAGE, EstimateError
-from .report import _table, duration, mib
+from .report import _table, duration, kernel_line, mib
 from .simulate import (
     Knobs,
     converged_at_scan,
@@ -63,11 +64,13 @@ def parse_values(text: str, option: str, low: int = 0) -> tuple[int, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def advisor_status(nodes: int) -> tuple[bool, str]:
+def advisor_status(nodes: int, kernel: str | None = None) -> tuple[bool, str]:
     """Whether the scan-time advisor can join the sweep (it runs on the machine's
     simulated clock, ``Machine.run_for``, since it sets pages_to_scan from how long
     full scans take), and what its rows mean."""
-    m = new_machine(nodes, Knobs())
+    m = new_machine(nodes, Knobs(kernel=kernel))
+    if not m.profile.has("advisor"):
+        return False, f"Linux {m.profile.name} has no scan-time advisor (6.8+)"
     try:
         m.ksm.advisor_mode = "scan-time"
     except OSError as e:
@@ -105,7 +108,7 @@ def _advisor_row(sources: Sequence[Source], base: Knobs, nodes: int, cost_per_pa
             pts = max(1, int(m.ksm.pages_to_scan))
             scan_s = (total / pts + 1) * (sleep / 1000 + pts * cost_per_page_s)
             m.run_for(max(scan_s / 10, 1e-3))
-            s = m.ksm.stats()
+            s = m.ksm.stats(every=True)
             times.append(m.clock - t0)
             saved.append(int(s["pages_sharing"]) + int(s["ksm_zero_pages"]))
             while len(scans) < int(s["full_scans"]):
@@ -113,7 +116,7 @@ def _advisor_row(sources: Sequence[Source], base: Knobs, nodes: int, cost_per_pa
             converged_at = converged_at_scan(scans)
     elapsed = times[-1] if times else 0.0
     cpu_s = getattr(m, "ksmd_cpu_ns", 0) / 1e9
-    s = m.ksm.stats()
+    s = m.ksm.stats(every=True)
     row = {
         "advisor": True,
         "smart_scan": 1,
@@ -198,6 +201,7 @@ def build(sources: Sequence[Source], rows: list[dict[str, Any]], within_s: float
     total = sum(s.npages for s in sources)
     reference = max((r["saved_pages"] for r in rows), default=0)
     return {
+        "kernel": resolve_profile(base.kernel).name,
         "sources": [s.name for s in sources],
         "pages": total,
         "reference_saved_pages": reference,
@@ -223,6 +227,7 @@ def text(result: dict[str, Any]) -> str:
         f"= {result['reference_saved_mib']:.1f} MiB",
         "fixed knobs: " + ", ".join(f"{k} {v}" for k, v in result["knobs"].items())
         + f"; cost model {result['cost_per_page_us']:.2f} us per page",
+        kernel_line(result["kernel"]),
         "",
     ]
     table = []

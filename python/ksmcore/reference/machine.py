@@ -26,9 +26,7 @@ from ..checks import (
     check_move_pages,
 )
 from ..constants import (
-    COUNTERS,
     FIRST_PID,
-    KNOB_DEFAULTS,
     MADV_DONTNEED,
     MADV_MERGEABLE,
     MADV_UNMERGEABLE,
@@ -45,6 +43,8 @@ from ..guard import Guard, serialized
 from ..images import read_image
 from ..knobs import check_file, format_sysfs, knob_text
 from ..numa import check_distances, check_policy
+from ..profiles import Profile
+from ..profiles import resolve as resolve_profile
 from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
 from ..tracing import Event, Tracer, tracing
 from .invariants import check_invariants
@@ -262,6 +262,10 @@ class Process:
         child_mm.ksm_zero_pages = zero
         machine._mem.ksm_zero_pages += zero
         child_mm.mmf_vm_merge_any = mm.mmf_vm_merge_any
+        if not machine.profile.has("fork_resets_ksm_counters"):
+            parent = self.ksm_stat(every=True)
+            child_mm.ksm_stat_base = (int(parent["ksm_rmap_items"]),
+                                      int(parent["ksm_merging_pages"]))
         child_mm.node = mm.node
         child_mm.mempolicy = mm.mempolicy
         child = machine._new_process(child_mm)
@@ -295,7 +299,7 @@ class Process:
         mm.mempolicy = old.mempolicy  # a task attribute: exec keeps it
         mm.mmf_vm_merge_any = old.mmf_vm_merge_any
         machine._all_mms.append(mm)
-        machine._ksm.ksm_execve(mm)
+        machine._ksm.ksm_execve(mm)  # by the profile: keeps MERGE_ANY, enters the mm
         self.mm = mm
         self._exit_mm(old)
 
@@ -304,6 +308,7 @@ class Process:
         """prctl(PR_SET_MEMORY_MERGE, value, arg3, arg4, arg5) (kernel/sys.c)."""
         mm = self._live()
         value, arg3, arg4, arg5 = (as_int(a, "a prctl argument") for a in (value, arg3, arg4, arg5))
+        self._check_prctl()
         if arg3 or arg4 or arg5:
             raise ksm_error(errno.EINVAL, "PR_SET_MEMORY_MERGE: arg3..arg5 must be 0")
         if value:
@@ -315,9 +320,15 @@ class Process:
                                arg5: int = 0) -> int:
         """prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0): 1 if MMF_VM_MERGE_ANY is set."""
         mm = self._live()
-        if any(as_int(a, "a prctl argument") for a in (arg2, arg3, arg4, arg5)):
+        args = [as_int(a, "a prctl argument") for a in (arg2, arg3, arg4, arg5)]
+        self._check_prctl()
+        if any(args):
             raise ksm_error(errno.EINVAL, "PR_GET_MEMORY_MERGE: arg2..arg5 must be 0")
         return int(mm.mmf_vm_merge_any)
+
+    def _check_prctl(self) -> None:
+        if not self._machine.profile.has("prctl_memory_merge"):
+            raise ksm_error(errno.EINVAL, f"{self._machine.profile} has no PR_SET_MEMORY_MERGE")
 
     # ---- inspection ---------------------------------------------------------------
 
@@ -354,43 +365,68 @@ class Process:
         mm = self._live()
         machine = self._machine
         addr, npages, node, flags = check_move_pages(addr, npages, node, flags, machine.nodes)
-        status: list[int] = []
-        to_move: list[int] = []
+        # do_pages_move(): add_page_for_migration() isolates the pages one by one onto
+        # a list; a page that is not queued stores its status, then the list so far
+        # migrates (move_pages_and_store_status). An address whose page an earlier
+        # address queued finds it isolated already: -EBUSY.
+        status = [0] * npages
+        enoent = machine.profile.has("move_pages_enoent")
+        queued: list[int] = []  # pfns on the list, in order
+        queued_at: list[int] = []  # their indices in status
+
+        def flush() -> None:
+            for pfn in queued:
+                machine._migrate(pfn, node)
+            for j in queued_at:
+                status[j] = node
+            queued.clear()
+            queued_at.clear()
+
         for i in range(npages):
             a = addr + i * PAGE_SIZE
             pfn = mm.pte.get(a)
             if mm.vma_lookup(a) is None:
-                status.append(-errno.EFAULT)
+                err = -errno.EFAULT
             elif pfn is None:
-                status.append(-errno.ENOENT)
+                # follow_page(FOLL_DUMP) before 6.12 made a non-present page -EFAULT
+                err = -errno.ENOENT if enoent else -errno.EFAULT
             elif pfn == ZERO_PFN:
-                status.append(-errno.EFAULT)  # the zero page does not move
+                err = -errno.EFAULT  # the zero page does not move
             else:
                 frame = machine._mem.frames[pfn]
                 if frame.nid == node:
-                    status.append(node)
+                    err = node
                 elif frame.mapcount > 1 and not flags & MPOL_MF_MOVE_ALL:
-                    status.append(-errno.EACCES)  # mapped by others: needs MOVE_ALL
+                    err = -errno.EACCES  # mapped by others: needs MOVE_ALL
+                elif pfn in queued:
+                    err = -errno.EBUSY  # isolate_lru_page() fails: on the list already
                 else:
-                    if pfn not in to_move:
-                        to_move.append(pfn)
-                    status.append(node)
-        for pfn in to_move:
-            machine._migrate(pfn, node)
+                    queued.append(pfn)
+                    queued_at.append(i)
+                    continue
+            status[i] = err
+            flush()
+        flush()
         return status
 
-    def ksm_stat(self) -> dict[str, int | bool]:
+    def ksm_stat(self, every: bool = False) -> dict[str, int | bool]:
+        """/proc/PID/ksm_stat as this kernel prints it; ``every``: every field the
+        model keeps, whatever the kernel profile prints."""
         mm = self._live()
-        profit = ((mm.ksm_merging_pages + mm.ksm_zero_pages) * PAGE_SIZE
-                  - mm.ksm_rmap_items * SIZEOF_RMAP_ITEM)
-        return {
-            "ksm_rmap_items": mm.ksm_rmap_items,
+        rmap_items = mm.ksm_rmap_items + mm.ksm_stat_base[0]
+        merging = mm.ksm_merging_pages + mm.ksm_stat_base[1]
+        profit = (merging + mm.ksm_zero_pages) * PAGE_SIZE - rmap_items * SIZEOF_RMAP_ITEM
+        stat: dict[str, int | bool] = {
+            "ksm_rmap_items": rmap_items,
             "ksm_zero_pages": mm.ksm_zero_pages,
-            "ksm_merging_pages": mm.ksm_merging_pages,
+            "ksm_merging_pages": merging,
             "ksm_process_profit": profit,
             "ksm_merge_any": mm.mmf_vm_merge_any,
             "ksm_mergeable": any(vma.mergeable for vma in mm.vmas),
         }
+        if every:
+            return stat
+        return {name: stat[name] for name in self._machine.profile.ksm_stat_fields}
 
 
 @serialized
@@ -404,24 +440,25 @@ class KsmSysfs:
         object.__setattr__(self, "_guard", guard)
 
     def __getattr__(self, name: str) -> int | str:
-        if name in KNOB_DEFAULTS or name in COUNTERS:
+        if not name.startswith("_") and name in self._ksm.mem.profile.sysfs_files:
             return self._ksm.value(name)
         raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name not in KNOB_DEFAULTS and name not in COUNTERS:
+        if name not in self._ksm.mem.profile.sysfs_files:
             raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
         self.sysfs_write(name, knob_text(value))
 
     def __dir__(self) -> list[str]:
-        return [*SYSFS_FILES, "sysfs_write", "sysfs_read", "do_scan", "scan", "stats"]
+        return [*self._ksm.mem.profile.sysfs_files, "sysfs_write", "sysfs_read", "do_scan",
+                "scan", "stats"]
 
     def sysfs_write(self, name: str, text: str) -> None:
         self._ksm.store(name, text)
 
     def sysfs_read(self, name: str) -> str:
         """The file's contents as the kernel prints them (with the newline)."""
-        check_file(name, write=False)
+        check_file(name, write=False, files=self._ksm.mem.profile.sysfs_files)
         return format_sysfs(name, self._ksm.value(name))
 
     def do_scan(self, n: int) -> int:
@@ -456,8 +493,12 @@ class KsmSysfs:
         if int(ksm.knobs["pages_to_scan"]) == 0:
             raise KsmdNotRunning("pages_to_scan is 0")
 
-    def stats(self) -> dict[str, int | str]:
-        return {name: self._ksm.value(name) for name in SYSFS_FILES}
+    def stats(self, every: bool = False) -> dict[str, int | str]:
+        """Every file of this kernel's /sys/kernel/mm/ksm; ``every``: also the values
+        the model keeps for files the kernel profile does not have."""
+        if every:
+            return {name: self._ksm.value(name, every=True) for name in SYSFS_FILES}
+        return {name: self._ksm.value(name) for name in self._ksm.mem.profile.sysfs_files}
 
     def stable_nodes(self) -> list[dict[str, Any]]:
         """Every stable node naming a live KSM page: the trees by nid, in order (a
@@ -508,7 +549,7 @@ class Machine:
     Thread-safe: calls on one machine are serialized by its lock (ksmcore/guard.py)."""
 
     def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None,
-                 max_pages: int = MAX_PAGES) -> None:
+                 max_pages: int = MAX_PAGES, kernel: str | Profile | None = None) -> None:
         nodes = as_int(nodes, "nodes")
         if not 1 <= nodes <= 64:
             raise ksm_error(errno.EINVAL, f"nodes must be 1..64, not {nodes!r}")
@@ -519,7 +560,9 @@ class Machine:
         self.nodes = nodes
         self.max_pages = max_pages  # mmap beyond this many pages in all: ENOMEM
         self.distances = check_distances(nodes, distances)
-        self._mem = PhysMem(nodes, self.distances)
+        # the kernel whose KSM this is (ksmcore.profiles): the running one by default
+        self.profile = resolve_profile(kernel)
+        self._mem = PhysMem(nodes, self.distances, self.profile)
         self._ksm = Ksm(self._mem)
         self.ksm = KsmSysfs(self._ksm, self._guard)
         self.processes: list[Process] = []

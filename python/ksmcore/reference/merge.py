@@ -187,6 +187,15 @@ class MergeOps(StableTreeOps):
 
     # ---- the heart of ksmd --------------------------------------------------------
 
+    def volatile_or_zero(self, rmap_item: RmapItem, page: Frame) -> bool:
+        """The checksum test: True when there is nothing more to do, because the page
+        changed since its last visit (volatile) or was merged with the zero page."""
+        checksum = calc_checksum(page)
+        if rmap_item.oldchecksum != checksum:
+            rmap_item.oldchecksum = checksum
+            return True
+        return not self.try_to_merge_with_zero_page(rmap_item, page)
+
     def cmp_and_merge_page(self, page: Frame, rmap_item: RmapItem) -> None:
         """First try the stable tree; else, if the checksum held since last time,
         the unstable tree, merging with an identical page found there."""
@@ -202,13 +211,10 @@ class MergeOps(StableTreeOps):
             # A KSM fork may go over the sharing limit.
             if not self.is_page_sharing_candidate(stable_node):
                 max_page_sharing_bypass = True
-        else:
+        elif self.mem.profile.has("checksum_first"):
+            # 6.11+: a page that is not a KSM page meets the checksum first
             self.remove_rmap_item_from_tree(rmap_item)
-            checksum = calc_checksum(page)
-            if rmap_item.oldchecksum != checksum:
-                rmap_item.oldchecksum = checksum
-                return  # volatile this round
-            if not self.try_to_merge_with_zero_page(rmap_item, page):
+            if self.volatile_or_zero(rmap_item, page):
                 return
 
         kfolio = self.stable_tree_search(page)
@@ -223,6 +229,10 @@ class MergeOps(StableTreeOps):
                 knode = kfolio.folio_stable_node()
                 assert knode is not None
                 self.stable_tree_append(rmap_item, knode, max_page_sharing_bypass)
+            return
+
+        # before 6.11 every page searched the stable tree first, then the checksum
+        if not self.mem.profile.has("checksum_first") and self.volatile_or_zero(rmap_item, page):
             return
 
         found = self.unstable_tree_search_insert(rmap_item, page)

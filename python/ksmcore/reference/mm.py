@@ -14,6 +14,7 @@ from ..constants import MPOL_DEFAULT, PAGE_SIZE, ZERO_PFN
 from ..numa import policy_node
 
 if TYPE_CHECKING:
+    from ..profiles import Profile
     from .ksm_structs import MmSlot, StableNode
 
 PAGE_MASK = ~(PAGE_SIZE - 1)
@@ -49,9 +50,10 @@ class PhysMem:
     """All frames, with one LIFO free list per NUMA node, and the global
     ``ksm_zero_pages`` atomic (the zap and COW paths of the mm update it)."""
 
-    def __init__(self, nodes: int, distances: list[list[int]]) -> None:
+    def __init__(self, nodes: int, distances: list[list[int]], profile: Profile) -> None:
         self.nodes = nodes
         self.distances = distances
+        self.profile = profile  # the kernel version whose KSM this is
         self.frames: list[Frame] = [Frame(ZERO_PFN, 0)]
         self.free_lists: list[list[int]] = [[] for _ in range(nodes)]
         self.ksm_zero_pages = 0
@@ -133,6 +135,9 @@ class Mm:
         self.ksm_slot: MmSlot | None = None  # mm_slots_hash lookup
         self.ksm_rmap_items = 0
         self.ksm_merging_pages = 0
+        # what ksm_stat adds to them: before 6.6 (profiles) a forked mm starts from
+        # its parent's counts (dup_mm() copies them)
+        self.ksm_stat_base = (0, 0)
         self.ksm_zero_pages = 0
 
     # ---- VMAs -------------------------------------------------------------------
@@ -277,7 +282,8 @@ class Mm:
         if pfn is None:
             return
         if pfn == ZERO_PFN:
-            self._replace_with_new_frame(addr, vma, None)
+            if self.mem.profile.has("unshare_zero_pages"):  # before 6.6 it stays mapped
+                self._replace_with_new_frame(addr, vma, None)
             return
         frame = self.mem.frames[pfn]
         if frame.ksm:

@@ -86,6 +86,8 @@ class ScanOps(AdvisorOps):
         mm_slot.list_del()
         mm.ksm_slot = None
         mm.mmf_vm_mergeable = False
+        if not self.mem.profile.has("merge_any_kept"):
+            mm.mmf_vm_merge_any = False
 
     def _scan_mm(self, mm_slot: MmSlot, mm: Mm) -> tuple[RmapItem, Frame] | None:
         """Resume the walk of mm's mergeable VMAs at ksm_scan.address; return the
@@ -276,8 +278,12 @@ class ScanOps(AdvisorOps):
 
     def ksm_execve(self, mm: Mm) -> None:
         """``ksm_execve``: the new mm of an exec keeps MMF_VM_MERGE_ANY (it is in
-        MMF_INIT_MASK) and is entered with KSM."""
-        if mm.mmf_vm_merge_any:
+        MMF_INIT_MASK) and is entered with KSM. Before 6.7 the flag does not survive
+        exec; 6.7-6.9 keep it without entering the mm."""
+        profile = self.mem.profile
+        if not profile.has("merge_any_exec"):
+            mm.mmf_vm_merge_any = False
+        elif mm.mmf_vm_merge_any and profile.has("ksm_execve"):
             self.__ksm_enter(mm)
 
     def ksm_vma_flags(self, mm: Mm) -> bool:
@@ -285,7 +291,7 @@ class ScanOps(AdvisorOps):
         its creation; 6.18 re-enters an mm whose slot ksmd dropped meanwhile."""
         if not mm.mmf_vm_merge_any:
             return False
-        if not mm.mmf_vm_mergeable:
+        if not mm.mmf_vm_mergeable and self.mem.profile.has("merge_any_kept"):
             self.__ksm_enter(mm)
         return True
 
