@@ -1085,7 +1085,6 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
 {
     int32_t page = c->pte[s];
     int32_t stable_node = c->frame_stable[page] >= 0 ? c->frame_stable[page] : NIL;
-    int bypass = 0; /* a KSM fork may go over max_page_sharing; only the kernel's WARN cares */
 
     if (stable_node != NIL) {
         struct ksm_stable_node *sn = &c->stable[stable_node];
@@ -1096,15 +1095,14 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
         if (c->stable[stable_node].head != KSM_HEAD_MIGRATE &&
             (c->ri_flags[s] & KSM_STABLE_FLAG) && c->ri_head[s] == stable_node)
             return; /* already accounted */
-        if (!is_page_sharing_candidate(c, stable_node))
-            bypass = 1;
+        /* the kernel notes here whether a KSM fork took the chain past
+         * max_page_sharing (max_page_sharing_bypass); it only feeds a WARN */
     } else if (c->checksum_first) {
         /* 6.11+: a page that is not a KSM page meets the checksum first */
         remove_rmap_item_from_tree(c, s);
         if (volatile_or_zero(c, s, page))
             return;
     }
-    (void)bypass;
 
     int64_t kfolio = stable_tree_search(c, page);
     if (kfolio == page && stable_node != NIL && (c->ri_flags[s] & KSM_STABLE_FLAG) &&

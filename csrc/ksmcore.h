@@ -18,6 +18,10 @@
 #include <stdint.h>
 
 /* CFFI-BEGIN */
+/* The version of this API: raise it with every change between CFFI-BEGIN and
+ * CFFI-END that Python must follow; python/ksmcore/_native.py refuses a library
+ * built for another. */
+#define KSMCORE_ABI_VERSION 2
 #define KSM_PAGE_SIZE 4096
 #define KSM_MAX_NUMNODES 64
 #define KSM_NIL -1

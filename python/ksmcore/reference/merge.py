@@ -1,6 +1,8 @@
 """Merging: rmap_item removal, the unstable tree, and cmp_and_merge_page.
 
-Sections 5.1, 5.2, 5.4-5.7 and 5.9 of the algorithm reference, ported from mm/ksm.c.
+Ported from mm/ksm.c: remove_rmap_item_from_tree, unstable_tree_search_insert,
+try_to_merge_one_page, try_to_merge_with_ksm_page, try_to_merge_two_pages and
+cmp_and_merge_page.
 """
 
 from __future__ import annotations

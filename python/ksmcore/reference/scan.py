@@ -1,7 +1,8 @@
 """ksmd's scan: the cursor walk over mm_slots, smart scan, batches, registration,
 and ksmd's thread loop on the simulated clock.
 
-Sections 3, 4, 9.3 and 9.6 of the algorithm reference, ported from mm/ksm.c.
+Ported from mm/ksm.c: scan_get_next_rmap_item, should_skip_rmap_item (smart scan),
+ksm_do_scan, ksm_scan_thread, __ksm_enter and __ksm_exit.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""KSM's global state (section 1 of the algorithm reference) and its small helpers."""
+"""KSM's global state (the file-scope variables of mm/ksm.c) and its small helpers."""
 
 from __future__ import annotations
 
