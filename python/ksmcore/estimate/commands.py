@@ -17,6 +17,7 @@ from typing import Any, NoReturn, TextIO
 
 from . import plot, report, samples, tune
 from .errors import EXIT_USAGE, EstimateError
+from .extents import ZERO_PAGES
 from .procmem import ProcessUnreadable, mem_available, read_process, readable_pids
 from .samples import sample_sources
 from .simulate import DEFAULT_COST_PER_PAGE_US, Knobs, load, new_machine, run_ksmd
@@ -68,6 +69,11 @@ def _add_sources(p: argparse.ArgumentParser) -> None:
                    help="the built-in sample: 4 generated VM-like images of 64 MiB")
     g.add_argument("--format", choices=FORMATS, default="auto",
                    help="how to read SOURCE files (auto: ELF cores by their magic, else raw)")
+    g.add_argument("--zero-pages", choices=ZERO_PAGES, default="absent",
+                   help="all-zero pages of a core (gcore, the kernel's, a VM dump): absent "
+                        "(default: a core cannot tell them from memory never touched, which "
+                        "ksmd never visits; in a sparse core, such as the kernel's, only its "
+                        "holes) or present (counted as memory ksmd scans)")
     g.add_argument("--allow-partial", action="store_true",
                    help="pad a file (or core segment) whose size is not a whole number of "
                         "pages with zeros, instead of refusing it")
@@ -189,7 +195,7 @@ def gather(args: argparse.Namespace) -> tuple[list[Source], list[str]]:
         sources += sample_sources()
         remarks.append(samples.describe())
     for path, node in files:
-        src = open_file(path, args.format, args.allow_partial)
+        src = open_file(path, args.format, args.allow_partial, args.zero_pages)
         src.node = node
         sources.append(src)
     budget = mem_available() - HEADROOM
@@ -297,7 +303,7 @@ def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     finally:
         if bar is not None:
             bar.close()
-    result = report.build(m, procs, sources, run, knobs, cost)
+    result = report.build(m, procs, sources, run, knobs, cost, args.zero_pages)
     result["remarks"] = remarks
     if args.plot:
         plot.savings(args.plot, result, run, cost)

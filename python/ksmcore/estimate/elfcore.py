@@ -27,7 +27,8 @@ from elftools.construct.core import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from .errors import EstimateError
-from .sources import Source, check_file, map_file, page_rows
+from .extents import data_extents, holes_within
+from .sources import Source, check_file, map_file, present_rows
 
 AT_SYSINFO_EHDR = 33  # auxv: address of the vDSO
 # Segments shorter than this are copied into one array instead of being mapped on
@@ -134,8 +135,9 @@ def _pack(segments: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def open_core(path: str, allow_partial: bool = False) -> Source:
-    """An ELF core as one process: its anonymous memory segments in address order."""
+def open_core(path: str, allow_partial: bool = False, zero_pages: str = "absent") -> Source:
+    """An ELF core as one process: its anonymous memory segments in address order.
+    ``zero_pages="absent"``: all-zero pages (holes too) count as never touched."""
     size = check_file(path)
     try:
         loads, files, vdso, origin = _parse(path, size)
@@ -152,6 +154,16 @@ def open_core(path: str, allow_partial: bool = False) -> Source:
     segments: list[np.ndarray] = []
     notes: list[str] = []
     left_out = {"file-backed": 0, "vDSO": 0, "not dumped": 0}
+    zeros = holes = 0
+    # A core with holes (the kernel's: dump_skip() seeks over every page that was not
+    # present or was the zero page) says which pages were untouched: its holes. Its
+    # all-zero pages written as data were present (zero-filled) and count as such.
+    # A core without holes (gcore, or a pipe) cannot tell, so all its zero pages
+    # count as untouched.
+    extents = data_extents(path, 0, size)
+    sparse = any(holes_within(extents, ld.offset, ld.offset + ld.filesz) for ld in loads
+                 if ld.filesz)
+    absent = zero_pages == "absent"
     for ld in sorted(loads, key=lambda x: x.vaddr):
         if ld.filesz == 0:
             left_out["not dumped"] += ld.memsz
@@ -164,11 +176,21 @@ def open_core(path: str, allow_partial: bool = False) -> Source:
             continue
         left_out["not dumped"] += max(0, ld.memsz - ld.filesz)
         what = f"{path}: segment at {ld.vaddr:#x}"
-        segments.extend(page_rows(data, ld.offset, ld.filesz, allow_partial, what))
-    if not segments:
+        got = present_rows(path, data, ld.offset, ld.filesz, allow_partial, what,
+                           drop_holes=absent and sparse, drop_zero=absent and not sparse)
+        segments.extend(got.segments)
+        zeros += got.zero_pages + got.hole_pages
+        holes += got.hole_pages
+    if not segments and not zeros:
         raise EstimateError(f"{path}: the core holds no anonymous memory to scan ({origin})")
     for why, nbytes in left_out.items():
         if nbytes:
             notes.append(f"{nbytes / 2**20:.1f} MiB {why} left out")
-    return Source(path, "core", _pack(segments), notes=[origin, *notes])
+    if zeros and sparse:
+        notes.append(f"{zeros} pages ({zeros * 4096 / 2**20:.1f} MiB) in holes of the core "
+                     "left out as never touched (--zero-pages present counts them)")
+    elif zeros:
+        notes.append(f"{zeros} all-zero pages ({zeros * 4096 / 2**20:.1f} MiB) left out as "
+                     "never touched (--zero-pages present counts them)")
+    return Source(path, "core", _pack(segments), notes=[origin, *notes], zero_pages=zeros)
 

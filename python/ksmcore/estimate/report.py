@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..constants import KSM_STAT_FIELDS, PAGE_SIZE, SIZEOF_RMAP_ITEM
+from .extents import zero_merge_savings
 from .simulate import (
     Knobs,
     Run,
@@ -45,8 +46,32 @@ def _nodes(m: Any, sources: Sequence[Source], stats: list[dict[str, Any]]) -> li
     return out
 
 
+def zero_pages_section(sources: Sequence[Source], knobs: Knobs, saved: int,
+                       mode: str) -> dict[str, Any]:
+    """What the pages left out as never touched would change: the all-zero pages of
+    cores (counted as present with ``--zero-pages present``) and the holes of images
+    (never written, always left out). Zero pages merge only with zero pages, so what
+    they would save follows from their number in each tree (one tree, or one per node
+    with merge_across_nodes=0)."""
+    per_tree: dict[int, int] = {}
+    for s in sources:
+        tree = 0 if knobs.merge_across_nodes else (s.node or 0)
+        per_tree[tree] = per_tree.get(tree, 0) + s.zero_pages
+    more = sum(zero_merge_savings(z, knobs.max_page_sharing, knobs.use_zero_pages)
+               for z in per_tree.values())
+    left_out = sum(s.zero_pages for s in sources)
+    return {
+        "mode": mode,
+        "left_out": left_out,
+        "hole_pages": sum(s.hole_pages for s in sources),
+        "saved_if_present": more,
+        "saved_pages_if_present": saved + more,
+        "saved_mib_if_present": round(mib(saved + more), 3),
+    }
+
+
 def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, knobs: Knobs,
-          cost_per_page_s: float) -> dict[str, Any]:
+          cost_per_page_s: float, zero_pages: str = "absent") -> dict[str, Any]:
     """The --json object: every sysfs file, per-process ksm_stat, per-node figures and
     the simulated time."""
     ksm = m.ksm.stats()
@@ -92,6 +117,7 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
             "mib": round(mib(saved), 3),
             "fraction": saved / total if total else 0.0,
         },
+        "zero_pages": zero_pages_section(sources, knobs, saved, zero_pages),
         "savings_time_s": milestone_times(run.saved, times, saved),
         "full_scans": scans,
         "time_model": {
@@ -153,6 +179,16 @@ def text(result: dict[str, Any]) -> str:
         f"memory saved      {saved['pages']} pages = {saved['mib']:.1f} MiB"
         f"  (pages_sharing {k['pages_sharing']} + ksm_zero_pages {k['ksm_zero_pages']}){pct}"
     )
+    zp = result.get("zero_pages", {})
+    if zp.get("left_out"):
+        lines.append(
+            f"zero pages        {zp['left_out']} all-zero pages of cores left out as never "
+            f"touched; counted as present (--zero-pages present): "
+            f"{zp['saved_pages_if_present']} pages = {zp['saved_mib_if_present']:.1f} MiB saved"
+        )
+    if zp.get("hole_pages"):
+        lines.append(f"holes             {zp['hole_pages']} pages of images in holes (never "
+                     "written) left out")
     lines.append(
         f"general_profit    {int(k['general_profit']) / MIB:.1f} MiB  (saved memory less "
         f"{SIZEOF_RMAP_ITEM} bytes per rmap_item)"
