@@ -18,7 +18,13 @@ from typing import Any, NoReturn, TextIO
 from . import plot, report, samples, tune
 from .errors import EXIT_USAGE, EstimateError
 from .extents import ZERO_PAGES
-from .procmem import ProcessUnreadable, mem_available, read_process, readable_pids
+from .procmem import (
+    ProcessUnreadable,
+    mem_available,
+    process_node,
+    read_process,
+    readable_pids,
+)
 from .samples import sample_sources
 from .simulate import DEFAULT_COST_PER_PAGE_US, Knobs, load, new_machine, run_ksmd
 from .sources import FORMATS, Source, check_node, open_file, split_node
@@ -174,6 +180,15 @@ def _pid_spec(spec: str) -> tuple[int, int | None]:
     return int(m.group(1)), (int(m.group(2)) if m.group(2) else None)
 
 
+def _numa_node(pid: int, nodes: int) -> int | None:
+    """With --nodes N > 1 and no @NODE: the node of most of the process's anonymous
+    memory on this host (/proc/PID/numa_maps)."""
+    if nodes <= 1:
+        return None
+    node = process_node(pid)
+    return node if node is not None and node < nodes else None
+
+
 def gather(args: argparse.Namespace) -> tuple[list[Source], list[str]]:
     """Every source, in order: the sample, files, --pid, --all. Also remarks on what
     was left out (printed with the report)."""
@@ -202,7 +217,7 @@ def gather(args: argparse.Namespace) -> tuple[list[Source], list[str]]:
     for pid, node in pids:
         src = read_process(pid, args.mergeable_only, budget=budget)
         budget -= src.npages * 4096
-        src.node = node
+        src.node = node if node is not None else _numa_node(pid, args.nodes)
         sources.append(src)
     if args.all:
         skipped: dict[str, list[int]] = {"denied": [], "gone": [], "empty": []}
@@ -214,6 +229,7 @@ def gather(args: argparse.Namespace) -> tuple[list[Source], list[str]]:
                 skipped[e.reason].append(pid)
                 continue
             budget -= src.npages * 4096
+            src.node = _numa_node(pid, args.nodes)
             if src.npages:
                 sources.append(src)
             else:
@@ -357,7 +373,11 @@ def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     finally:
         if bar is not None:
             bar.close()
-    result = tune.build(sources, rows, within, advisor, base, cost)
+    numa = None
+    if len({s.node or 0 for s in sources}) > 1:
+        numa = tune.numa_tradeoff(sources, base, args.nodes, max(pts), args.max_scans)
+    result = tune.build(sources, rows, within, advisor, base, cost, grid=(pts, sleeps),
+                        advisor_knobs=tune.advisor_settings(args.nodes), numa=numa)
     result["remarks"] = remarks
     if args.plot:
         plot.tune(args.plot, rows, within, result["cheapest"])

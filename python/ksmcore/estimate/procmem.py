@@ -400,3 +400,26 @@ def readable_pids(uid: int | None = None) -> list[int]:
             continue
         pids.append(int(entry))
     return sorted(pids)
+
+
+def parse_numa_maps(text: str) -> dict[int, int]:
+    """Anonymous pages per node, from /proc/PID/numa_maps (``anon=`` lines, ``N<k>=``)."""
+    pages: dict[int, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if not any(f.startswith("anon=") for f in fields):
+            continue
+        for f in fields:
+            m = re.fullmatch(r"N(\d+)=(\d+)", f)
+            if m:
+                pages[int(m.group(1))] = pages.get(int(m.group(1)), 0) + int(m.group(2))
+    return pages
+
+
+def process_node(pid: int) -> int | None:
+    """The NUMA node holding most of the process's anonymous memory (None: unknown)."""
+    try:
+        pages = parse_numa_maps(Path(f"/proc/{pid}/numa_maps").read_text())
+    except OSError:
+        return None
+    return max(pages, key=lambda n: (pages[n], -n)) if pages else None
