@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, NoReturn, TextIO
 
-from . import plot, report, samples, tune
+from . import export, plot, report, samples, tune
 from .errors import EXIT_USAGE, EstimateError
+from .export import OUTPUT_FORMATS
 from .extents import ZERO_PAGES
 from .procmem import (
     ProcessUnreadable,
@@ -103,8 +104,14 @@ def _add_machine(p: argparse.ArgumentParser, swept: bool) -> None:
                    help="give up after N full scans without convergence (default %(default)s)")
 
 
-def _add_output(p: argparse.ArgumentParser) -> None:
+def _add_output(p: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
     g = p.add_argument_group("output")
+    g.add_argument("--output-format", choices=formats, default="text",
+                   help="text (default), json (as --json), "
+                        + ("prometheus (node_exporter's textfile-collector format), "
+                           if "prometheus" in formats else "")
+                        + "csv (one row per " + ("source" if "prometheus" in formats
+                                                 else "setting") + ")")
     g.add_argument("--json", action="store_true", help="print one JSON object instead")
     g.add_argument("--plot", metavar="FILE.png", help="draw a PNG plot (matplotlib)")
     g.add_argument("--no-progress", action="store_true",
@@ -131,7 +138,7 @@ def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
     )
     _add_sources(est)
     _add_machine(est, swept=False)
-    _add_output(est)
+    _add_output(est, OUTPUT_FORMATS)
     est.set_defaults(func=run_estimate)
     _one_line_errors(est)
 
@@ -153,7 +160,7 @@ def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
                    metavar="0,1")
     g.add_argument("--within", default=tune.DEFAULT_WITHIN, metavar="DURATION",
                    help="target time to 90%% of the savings (10m, 90s, 1h; default %(default)s)")
-    _add_output(tn)
+    _add_output(tn, ("text", "json", "csv"))
     tn.set_defaults(func=run_tune)
     _one_line_errors(tn)
     return {"estimate": est, "tune": tn}
@@ -213,6 +220,7 @@ def gather(args: argparse.Namespace) -> tuple[list[Source], list[str]]:
         src = open_file(path, args.format, args.allow_partial, args.zero_pages)
         src.node = node
         sources.append(src)
+    sources += getattr(args, "extra_sources", [])  # estimate(): Source objects
     budget = mem_available() - HEADROOM
     for pid, node in pids:
         src = read_process(pid, args.mergeable_only, budget=budget)
@@ -323,15 +331,28 @@ def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     result["remarks"] = remarks
     if args.plot:
         plot.savings(args.plot, result, run, cost)
-    return _output(args, result, report.text)
+    return _output(args, result, report.text, export.csv_rows)
+
+
+def output_format(args: argparse.Namespace) -> str:
+    fmt = getattr(args, "output_format", "text")
+    if args.json and fmt not in ("text", "json"):
+        raise EstimateError(f"--json and --output-format {fmt}: choose one", EXIT_USAGE)
+    return "json" if args.json else fmt
 
 
 def _output(args: argparse.Namespace, result: dict[str, Any],
-            text: Callable[[dict[str, Any]], str]) -> tuple[str, dict[str, Any]]:
-    """What estimate and tune print: one JSON object, or the text report followed by
-    the remarks and where the plot went."""
-    if args.json:
+            text: Callable[[dict[str, Any]], str],
+            csv: Callable[[dict[str, Any]], str]) -> tuple[str, dict[str, Any]]:
+    """What estimate and tune print: one JSON object, Prometheus text, CSV, or the
+    text report followed by the remarks and where the plot went."""
+    fmt = output_format(args)
+    if fmt == "json":
         return json.dumps(result, indent=1) + "\n", result
+    if fmt == "prometheus":
+        return export.prometheus(result), result
+    if fmt == "csv":
+        return csv(result), result
     out = text(result)
     extra = list(result["remarks"]) + ([f"plot: {args.plot}"] if args.plot else [])
     if extra:
@@ -381,7 +402,7 @@ def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     result["remarks"] = remarks
     if args.plot:
         plot.tune(args.plot, rows, within, result["cheapest"])
-    return _output(args, result, tune.text)
+    return _output(args, result, tune.text, export.tune_csv)
 
 
 def _run(args: argparse.Namespace, make: Any) -> int:
