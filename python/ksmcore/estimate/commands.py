@@ -11,6 +11,7 @@ import json
 import pwd
 import re
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, NoReturn, TextIO
@@ -37,6 +38,22 @@ HEADROOM = 256 << 20
 # --------------------------------------------------------------------------------
 # options
 
+ESTIMATE_EXAMPLES = """examples:
+  ksmcore estimate --sample                       the built-in sample
+  ksmcore estimate vm1.img vm2.img                raw guest RAM files
+  ksmcore estimate core.1234 core.1235            ELF cores (gcore, the kernel's, QEMU)
+  ksmcore estimate --pid 1234 --pid 1235          live processes (read-only)
+  ksmcore estimate --all --user www --top 10      every process of one user
+  ksmcore estimate a.img@0 b.img@1 --nodes 2 --merge-across-nodes 0
+  ksmcore estimate --sample --output-format prometheus > /var/lib/node_exporter/ksm.prom
+"""
+
+TUNE_EXAMPLES = """examples:
+  ksmcore tune --sample --within 1m
+  ksmcore tune vm1.img vm2.img --pages-to-scan-values 100,1000,5000 --sleep-millisecs-values 20,200
+  ksmcore tune a.img@0 b.img@1 --nodes 2          adds merge_across_nodes 1 vs 0
+"""
+
 
 def _nonneg(text: str) -> int:
     try:
@@ -45,6 +62,13 @@ def _nonneg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    v = _nonneg(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
     return v
 
 
@@ -88,18 +112,32 @@ def _add_sources(p: argparse.ArgumentParser) -> None:
 
 def _add_machine(p: argparse.ArgumentParser, swept: bool) -> None:
     g = p.add_argument_group("the simulated machine (/sys/kernel/mm/ksm knobs; kernel defaults)")
-    g.add_argument("--nodes", type=int, default=1, help="NUMA nodes (default 1)")
-    g.add_argument("--merge-across-nodes", type=_nonneg, default=1, metavar="0|1")
-    g.add_argument("--max-page-sharing", type=_nonneg, default=256, metavar="N")
-    g.add_argument("--use-zero-pages", type=_nonneg, default=0, metavar="0|1")
+    g.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="NUMA nodes of the simulated machine (default 1); place sources with "
+                        "FILE@NODE or --pid PID@NODE (live processes: their node from "
+                        "/proc/PID/numa_maps)")
+    g.add_argument("--merge-across-nodes", type=_nonneg, default=1, metavar="0|1",
+                   help="merge_across_nodes: 1 (default) one stable tree for all nodes, 0 one "
+                        "per node")
+    g.add_argument("--max-page-sharing", type=_nonneg, default=256, metavar="N",
+                   help="max_page_sharing: mappings per KSM page before a new one is made "
+                        "(stable node chains; default 256, at least 2)")
+    g.add_argument("--use-zero-pages", type=_nonneg, default=0, metavar="0|1",
+                   help="use_zero_pages: 1 maps empty pages to the zero page instead of "
+                        "merging them (default 0)")
     if not swept:
-        g.add_argument("--smart-scan", type=_nonneg, default=1, metavar="0|1")
-        g.add_argument("--pages-to-scan", type=_nonneg, default=100, metavar="N")
-        g.add_argument("--sleep-millisecs", type=_nonneg, default=20, metavar="MS")
+        g.add_argument("--smart-scan", type=_nonneg, default=1, metavar="0|1",
+                       help="smart_scan: skip pages that stayed unique (default 1)")
+        g.add_argument("--pages-to-scan", type=_nonneg, default=100, metavar="N",
+                       help="pages_to_scan: pages per ksmd batch (default 100)")
+        g.add_argument("--sleep-millisecs", type=_nonneg, default=20, metavar="MS",
+                       help="sleep_millisecs: ksmd's sleep between batches (default 20)")
     g.add_argument("--cost-per-page-us", type=_positive_float, default=DEFAULT_COST_PER_PAGE_US,
                    metavar="US",
-                   help="ksmd's CPU time per page it scans (default %(default).2f, calibrated "
-                        "on this machine's kernel)")
+                   help="ksmd's CPU time per page it scans, for the simulated clock (default "
+                        "%(default).2f: ksmcore.timing.CostModel, measured by timing this "
+                        "project's kernel harness against the real ksmd of its development "
+                        "machine; measure your own with ksmcore bench)")
     g.add_argument("--max-scans", type=int, default=DEFAULT_MAX_SCANS, metavar="N",
                    help="give up after N full scans without convergence (default %(default)s)")
 
@@ -131,33 +169,42 @@ def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
     est = sub.add_parser(
         "estimate",
         help="what KSM would save on real memory (images, cores, live processes)",
-        description="Run ksmd (the kernel's algorithm, simulated) on memory images, ELF "
-                    "core dumps or live processes until its counters converge, and report "
-                    "what KSM would save and how long ksmd would take. The host's KSM is "
-                    "never touched.",
+        description=textwrap.fill(
+            "Run ksmd (the kernel's algorithm, simulated) on memory images, ELF core dumps "
+            "or live processes until its counters converge, and report what KSM would save "
+            "and how long ksmd would take. The host's KSM is never touched.", 78),
+        epilog=ESTIMATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_sources(est)
     _add_machine(est, swept=False)
     _add_output(est, OUTPUT_FORMATS)
+    est.add_argument_group("output").add_argument(
+        "--top", type=_positive_int, metavar="N",
+        help="list only the N sources that save the most (by ksm_process_profit)")
     est.set_defaults(func=run_estimate)
     _one_line_errors(est)
 
     tn = sub.add_parser(
         "tune",
         help="which pages_to_scan/sleep_millisecs/smart_scan reach the savings, at what cost",
-        description="Sweep pages_to_scan x sleep_millisecs x smart_scan on the sources and "
-                    "show the time to 50/90/100%% of the savings against pages scanned per "
-                    "second; name the cheapest setting reaching 90%% within --within.",
+        description=textwrap.fill(
+            "Sweep pages_to_scan x sleep_millisecs x smart_scan on the sources and show the "
+            "time to 50/90/100% of the savings against pages scanned per second; name the "
+            "cheapest setting reaching 90% within --within, with the lines that apply it.", 78),
+        epilog=TUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_sources(tn)
     _add_machine(tn, swept=True)
     g = tn.add_argument_group("the sweep")
     g.add_argument("--pages-to-scan-values", default=",".join(map(str, tune.DEFAULT_PAGES_TO_SCAN)),
-                   metavar="N,N,...")
+                   metavar="N,N,...", help="pages_to_scan values to sweep (default %(default)s)")
     g.add_argument("--sleep-millisecs-values",
-                   default=",".join(map(str, tune.DEFAULT_SLEEP_MILLISECS)), metavar="MS,MS,...")
+                   default=",".join(map(str, tune.DEFAULT_SLEEP_MILLISECS)), metavar="MS,MS,...",
+                   help="sleep_millisecs values to sweep (default %(default)s)")
     g.add_argument("--smart-scan-values", default=",".join(map(str, tune.DEFAULT_SMART_SCAN)),
-                   metavar="0,1")
+                   metavar="0,1", help="smart_scan values to sweep (default %(default)s)")
     g.add_argument("--within", default=tune.DEFAULT_WITHIN, metavar="DURATION",
                    help="target time to 90%% of the savings (10m, 90s, 1h; default %(default)s)")
     _add_output(tn, ("text", "json", "csv"))
@@ -228,13 +275,71 @@ def gather(args: argparse.Namespace) -> tuple[list[Source], list[str]]:
         src.node = node if node is not None else _numa_node(pid, args.nodes)
         sources.append(src)
     if args.all:
-        skipped: dict[str, list[int]] = {"denied": [], "gone": [], "empty": []}
-        nothing = 0
-        for pid in readable_pids(uid):
+        found, remark = _gather_all(args, uid, budget)
+        sources += found
+        remarks.append(remark)
+    if not sources:
+        raise EstimateError("nothing to estimate: name image or core files, --pid PID, --all "
+                            "or --sample", EXIT_USAGE)
+    return sources, remarks
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _named(pids: list[int], most: int = 8) -> str:
+    shown = ", ".join(f"{p} ({_comm(p)})" for p in pids[:most])
+    return shown + (f" and {len(pids) - most} more" if len(pids) > most else "")
+
+
+def _anonymous_bytes(pid: int) -> int:
+    """The process's anonymous memory (smaps_rollup), an upper bound of what reading
+    it copies; 0 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Anonymous:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _gather_all(args: argparse.Namespace, uid: int | None,
+                budget: int) -> tuple[list[Source], str]:
+    """--all: every process this user may read, each copied while the memory lasts
+    (the rest are named, not read). Says up front (on stderr) how much it will copy at
+    most, and shows progress while reading /proc."""
+    pids = readable_pids(uid)
+    need = sum(_anonymous_bytes(p) for p in pids)
+    print(f"ksmcore {args.command}: --all: {len(pids)} processes, up to {need >> 20} MiB of "
+          f"anonymous memory to copy ({max(budget, 0) >> 20} MiB may be used)",
+          file=sys.stderr)
+    bar = None
+    if _progress_wanted(args):
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pids), unit="proc", file=sys.stderr, leave=False,
+                   desc="reading /proc")
+    sources: list[Source] = []
+    skipped: dict[str, list[int]] = {"denied": [], "gone": [], "empty": [], "memory": []}
+    nothing = 0
+    try:
+        for pid in pids:
+            if bar is not None:
+                bar.update(1)
             try:
                 src = read_process(pid, args.mergeable_only, budget=budget)
             except ProcessUnreadable as e:
                 skipped[e.reason].append(pid)
+                continue
+            except EstimateError:  # more than the memory left: named, not read
+                skipped["memory"].append(pid)
                 continue
             budget -= src.npages * 4096
             src.node = _numa_node(pid, args.nodes)
@@ -242,19 +347,32 @@ def gather(args: argparse.Namespace) -> tuple[list[Source], list[str]]:
                 sources.append(src)
             else:
                 nothing += 1
-        who = f"of user {args.user} " if args.user else ""
-        remarks.append(
-            f"--all: {sum(1 for s in sources if s.kind == 'process')} processes {who}read"
-            + (f", {nothing} with no candidate memory left out" if nothing else "")
-            + (f", {len(skipped['denied'])} not readable (needs root or CAP_SYS_PTRACE)"
-               if skipped["denied"] else "")
-            + (f", {len(skipped['empty'])} kernel threads or zombies" if skipped["empty"] else "")
-            + (f", {len(skipped['gone'])} exited meanwhile" if skipped["gone"] else "")
-        )
+    finally:
+        if bar is not None:
+            bar.close()
+    who = f"of user {args.user} " if args.user else ""
     if not sources:
-        raise EstimateError("nothing to estimate: name image or core files, --pid PID, --all "
-                            "or --sample", EXIT_USAGE)
-    return sources, remarks
+        why = (f"{len(skipped['denied'])} not readable (needs root or CAP_SYS_PTRACE: "
+               f"{_named(skipped['denied'])})" if skipped["denied"] else "")
+        raise EstimateError(
+            f"--all: no process {who}could be read ({len(pids)} found"
+            + (f", {why}" if why else "")
+            + (f", {nothing} with no memory KSM could merge" if nothing else "")
+            + (f", {len(skipped['empty'])} kernel threads or zombies" if skipped["empty"]
+               else "")
+            + ")"
+        )
+    remark = (
+        f"--all: {len(sources)} processes {who}read"
+        + (f", {nothing} with no candidate memory left out" if nothing else "")
+        + (f"; not readable (needs root or CAP_SYS_PTRACE): {_named(skipped['denied'])}"
+           if skipped["denied"] else "")
+        + (f"; left out for lack of memory: {_named(skipped['memory'])}"
+           if skipped["memory"] else "")
+        + (f"; {len(skipped['empty'])} kernel threads or zombies" if skipped["empty"] else "")
+        + (f"; {len(skipped['gone'])} exited meanwhile" if skipped["gone"] else "")
+    )
+    return sources, remark
 
 
 # --------------------------------------------------------------------------------
@@ -331,6 +449,8 @@ def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     result["remarks"] = remarks
     if args.plot:
         plot.savings(args.plot, result, run, cost)
+    if getattr(args, "top", None):
+        report.top_sources(result, args.top)
     return _output(args, result, report.text, export.csv_rows)
 
 

@@ -30,6 +30,8 @@ from .errors import EstimateError
 from .extents import data_extents, holes_within
 from .sources import Source, check_file, map_file, present_rows
 
+# A raw memory image may start with the ELF magic (a guest's RAM holding a kernel).
+RAW_HINT = "; if it is a raw memory image, --format raw reads it as one"
 AT_SYSINFO_EHDR = 33  # auxv: address of the vDSO
 # Segments shorter than this are copied into one array instead of being mapped on
 # their own: each mapped image costs the engine frame metadata for 4096 pages.
@@ -79,7 +81,7 @@ def _parse(path: str, size: int) -> tuple[list[_Load], list[tuple[int, int]], in
         etype = elf.header["e_type"]
         if etype != "ET_CORE":
             what = _ELF_TYPES.get(etype, f"an ELF file of type {etype}")
-            raise EstimateError(f"{path}: {what}, not a core dump (ELF type ET_CORE)")
+            raise EstimateError(f"{path}: {what}, not a core dump (ELF type ET_CORE){RAW_HINT}")
         for i, seg in enumerate(elf.iter_segments()):
             h = seg.header
             if h["p_type"] not in ("PT_NOTE", "PT_LOAD"):
@@ -144,9 +146,9 @@ def open_core(path: str, allow_partial: bool = False, zero_pages: str = "absent"
     except EstimateError:
         raise
     except _Corrupt as e:
-        raise EstimateError(f"{path}: corrupt ELF core: {e}") from None
+        raise EstimateError(f"{path}: corrupt ELF core: {e}{RAW_HINT}") from None
     except (ELFError, ConstructError, struct.error, ValueError, EOFError) as e:
-        raise EstimateError(f"{path}: corrupt ELF core: {e}") from None
+        raise EstimateError(f"{path}: corrupt ELF core: {e}{RAW_HINT}") from None
     except OSError as e:
         raise EstimateError(f"{path}: cannot read: {e.strerror}") from None
     starts = [a for a, _ in files]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,6 +134,39 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
     }
 
 
+SUMMARY_FROM = 4  # more sources than this: their notes are summed, not listed
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def summarise_notes(procs: Sequence[dict[str, Any]]) -> list[str]:
+    """Notes of the same form summed over the sources ("3 of 40 mappings ..." + "5 of
+    20 mappings ..." -> "8 of 60 mappings ... (2 sources)"), in first-seen order."""
+    groups: dict[str, tuple[list[float], bool, int]] = {}
+    for p in procs:
+        for note in p["notes"]:
+            form = _NUMBER.sub("{}", note)
+            nums = [float(x) for x in _NUMBER.findall(note)]
+            decimal = "." in "".join(_NUMBER.findall(note))
+            if form not in groups:
+                groups[form] = (nums, decimal, 1)
+            else:
+                total, dec, count = groups[form]
+                groups[form] = ([a + b for a, b in zip(total, nums, strict=True)],
+                                dec or decimal, count + 1)
+    out = []
+    for form, (nums, decimal, count) in groups.items():
+        shown = [f"{x:.1f}" if decimal else f"{x:.0f}" for x in nums]
+        out.append(form.format(*shown) + f" ({count} source{'s' * (count != 1)})")
+    return out
+
+
+def top_sources(result: dict[str, Any], n: int) -> None:
+    """Keep the ``n`` processes with the highest ksm_process_profit, best first."""
+    procs = result["processes"]
+    result["sources_total"] = len(procs)
+    result["processes"] = sorted(procs, key=lambda p: -int(p["ksm_stat"]["ksm_process_profit"]))[:n]
+
+
 def duration(seconds: float | None) -> str:
     """3.2 s, 4 min 12 s, 2 h 05 min."""
     if seconds is None:
@@ -239,9 +273,17 @@ def text(result: dict[str, Any]) -> str:
         ])
     lines += _table(["source", "node", "pages", "rmap_items", "merging_pages", "zero_pages",
                      "profit_MiB"], rows)
-    notes = [(p["source"], n) for p in procs for n in p["notes"]]
-    if notes:
-        lines += ["", "notes:"] + [f"  {src}: {n}" for src, n in notes]
+    if result.get("sources_total", len(procs)) > len(procs):
+        lines.append(f"  (the {len(procs)} of {result['sources_total']} sources that save the "
+                     "most, by ksm_process_profit: --top)")
+    if len(procs) > SUMMARY_FROM:
+        summary = summarise_notes(procs)
+        if summary:
+            lines += ["", "notes (summed over the sources):"] + [f"  {n}" for n in summary]
+    else:
+        notes = [(p["source"], n) for p in procs for n in p["notes"]]
+        if notes:
+            lines += ["", "notes:"] + [f"  {src}: {n}" for src, n in notes]
 
     if len(result["nodes"]) > 1:
         lines += ["", "per node:"]
