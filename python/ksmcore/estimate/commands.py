@@ -210,7 +210,36 @@ def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
     _add_output(tn, ("text", "json", "csv"))
     tn.set_defaults(func=run_tune)
     _one_line_errors(tn)
-    return {"estimate": est, "tune": tn}
+
+    cmp = sub.add_parser(
+        "compare",
+        help="where KSM runs: what ksmd holds now against what it converges to",
+        description=textwrap.fill(
+            "On a host where KSM already runs: read (never write) /sys/kernel/mm/ksm and "
+            "the /proc/PID/ksm_stat of the processes registered with KSM, run the estimate "
+            "on the same processes (their mergeable ranges) with the host's knobs, and show "
+            "what ksmd holds now against what it converges to, and how long it needs at "
+            "the current knobs and at a faster pages_to_scan.", 78),
+        epilog="examples:\n  ksmcore compare\n  ksmcore compare --pid 1234 --json\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmp.add_argument("--pid", action="append", default=[], type=_nonneg, metavar="PID",
+                     help="compare these processes only (default: every process registered "
+                          "with KSM)")
+    cmp.add_argument("--faster-pages-to-scan", type=_positive_int, metavar="N",
+                     help="the faster setting to time (default: 10x the host's pages_to_scan, "
+                          "at least 1000)")
+    cmp.add_argument("--cost-per-page-us", type=_positive_float,
+                     default=DEFAULT_COST_PER_PAGE_US, metavar="US",
+                     help="ksmd's CPU time per page it scans (default %(default).2f, as for "
+                          "estimate)")
+    cmp.add_argument("--max-scans", type=_positive_int, default=DEFAULT_MAX_SCANS, metavar="N",
+                     help="give up after N full scans without convergence (default "
+                          "%(default)s)")
+    cmp.add_argument("--json", action="store_true", help="print one JSON object instead")
+    cmp.set_defaults(func=run_compare, sources=[])
+    _one_line_errors(cmp)
+    return {"estimate": est, "tune": tn, "compare": cmp}
 
 
 # --------------------------------------------------------------------------------
@@ -548,3 +577,16 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 def run_tune(args: argparse.Namespace) -> int:
     return _run(args, tune_report)
+
+
+def compare_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    from . import compare
+
+    result = compare.compare(args)
+    if args.json:
+        return json.dumps(result, indent=1) + "\n", result
+    return compare.text(result), result
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    return _run(args, compare_report)
