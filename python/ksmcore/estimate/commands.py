@@ -179,6 +179,11 @@ def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
     _add_sources(est)
     _add_machine(est, swept=False)
     _add_output(est, OUTPUT_FORMATS)
+    est.add_argument_group("security").add_argument(
+        "--domain-by", choices=("user", "source", "cgroup"),
+        help="group the sources into trust domains (a process's user or cgroup, a file's "
+             "owner; or each source alone) and report the pages merged across domains, "
+             "the savings with merging kept within each domain, and from zero pages alone")
     est.add_argument_group("output").add_argument(
         "--top", type=_positive_int, metavar="N",
         help="list only the N sources that save the most (by ksm_process_profit)")
@@ -475,6 +480,11 @@ def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if bar is not None:
             bar.close()
     result = report.build(m, procs, sources, run, knobs, cost, args.zero_pages)
+    if getattr(args, "domain_by", None):
+        from . import domains
+
+        result["security"] = domains.security_view(m, procs, sources, knobs, args.nodes,
+                                                   args.max_scans, args.domain_by)
     result["remarks"] = remarks
     if args.plot:
         plot.savings(args.plot, result, run, cost)

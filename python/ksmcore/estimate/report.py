@@ -285,6 +285,11 @@ def text(result: dict[str, Any]) -> str:
         if notes:
             lines += ["", "notes:"] + [f"  {src}: {n}" for src, n in notes]
 
+    if result.get("security"):
+        from .domains import text as security_text
+
+        lines += security_text(result["security"])
+
     if len(result["nodes"]) > 1:
         lines += ["", "per node:"]
         has_shared = any("pages_shared" in n for n in result["nodes"])
