@@ -191,7 +191,9 @@ def _scan_regions(fd: int, start: int, end: int) -> list[tuple[int, int]]:
         ))
         n = fcntl.ioctl(fd, PAGEMAP_SCAN, arg, True)
         walk_end = _PM_SCAN_ARG.unpack(arg)[4]
-        out.extend((int(a), int(b)) for a, b, _ in vec[:n])
+        # Only what lies before walk_end is final: a walk that stops early can hand
+        # back regions past it, which the next call (from walk_end) reports again.
+        out.extend((int(a), min(int(b), walk_end)) for a, b, _ in vec[:n] if a < walk_end)
         if walk_end <= start:
             break
         start = walk_end
