@@ -156,6 +156,12 @@ def test_sparse_core_tells_untouched_pages_by_its_holes(tmp_path: Path) -> None:
     assert src.zero_pages == skipped
     assert src.npages == 50 - skipped  # the zero page written as data stays
     assert any("in holes of the core" in n for n in src.notes)
+    # both figures: the one for present counts the zero pages scanned already (the
+    # one written as data), which the left-out ones join
+    absent = estimate_json(str(path), str(path))
+    present = estimate_json(str(path), str(path), "--zero-pages", "present")
+    assert present["pages"] == 100
+    assert absent["zero_pages"]["saved_pages_if_present"] == present["saved"]["pages"]
 
 
 # --- real cores against --pid on the same idle processes ------------------------------

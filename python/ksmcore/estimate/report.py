@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..constants import KSM_STAT_FIELDS, PAGE_SIZE, SIZEOF_RMAP_ITEM
-from .extents import zero_merge_savings
+from .extents import nonzero_pages, zero_merge_savings
 from .simulate import (
     Knobs,
     Run,
@@ -53,13 +53,21 @@ def zero_pages_section(sources: Sequence[Source], knobs: Knobs, saved: int,
     cores (counted as present with ``--zero-pages present``) and the holes of images
     (never written, always left out). Zero pages merge only with zero pages, so what
     they would save follows from their number in each tree (one tree, or one per node
-    with merge_across_nodes=0)."""
-    per_tree: dict[int, int] = {}
+    with merge_across_nodes=0), with the zero pages already scanned there."""
+    left: dict[int, int] = {}
     for s in sources:
         tree = 0 if knobs.merge_across_nodes else (s.node or 0)
-        per_tree[tree] = per_tree.get(tree, 0) + s.zero_pages
-    more = sum(zero_merge_savings(z, knobs.max_page_sharing, knobs.use_zero_pages)
-               for z in per_tree.values())
+        left[tree] = left.get(tree, 0) + s.zero_pages
+    more = 0
+    for tree, z in left.items():
+        if not z:
+            continue
+        # the zero pages already scanned in this tree, which the left-out ones join
+        here = sum(int(len(seg) - nonzero_pages(seg).sum()) for s in sources
+                   if (0 if knobs.merge_across_nodes else (s.node or 0)) == tree
+                   for seg in s.segments)
+        more += (zero_merge_savings(here + z, knobs.max_page_sharing, knobs.use_zero_pages)
+                 - zero_merge_savings(here, knobs.max_page_sharing, knobs.use_zero_pages))
     left_out = sum(s.zero_pages for s in sources)
     return {
         "mode": mode,
