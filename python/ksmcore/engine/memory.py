@@ -8,11 +8,13 @@ any growth the pointers in the C context are refreshed.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import numpy as np
 
 from .._native import ffi, lib, ptr
+from ..images import file_watch
 
 CHUNK_SHIFT = 12
 CHUNK_PAGES = 1 << CHUNK_SHIFT
@@ -71,11 +73,17 @@ class Memory:
         self.nr_slots = 0
         self.mm: dict[str, np.ndarray] = {name: np.zeros(16, dtype=np.int64) for name in _MM_FIELDS}
         self.nr_mm = 0
+        # images read in place: their start addresses (image_guard.c), and a watch of
+        # each file behind them, once per file (images.py)
+        self.images: list[Any] = []
+        self.watches: dict[object, Any] = {}
         self._refresh()
         # pfn 0 is the zero page: the first frame of node 0's first chunk, never free
         self._add_chunks(0, 1, reserve_zero=True)
 
     def __del__(self) -> None:
+        for start in getattr(self, "images", ()):
+            lib.ksm_image_guard_remove(start)
         ctx = getattr(self, "ctx", None)
         if ctx is not None:
             lib.ksm_ctx_release(ctx)
@@ -112,12 +120,28 @@ class Memory:
         the first pfn. The image is never written: the C core copies an image frame
         on write and never puts one on a free list."""
         base = ffi.cast("uint8_t *", ffi.from_buffer(image, require_writable=False))
+        if lib.ksm_image_guard_add(base, image.nbytes) != 0:
+            raise OSError(errno.ENOMEM, "cannot guard the image against truncation (too many)")
+        self.images.append(base)
+        watch = file_watch(image)
+        if watch is not None:
+            self.watches.setdefault(*watch)
         first = len(self.chunks) * CHUNK_PAGES
         for k in range(0, len(image), CHUNK_PAGES):
             self._append_chunk(image[k : k + CHUNK_PAGES], nid, lib.KSM_CHUNK_IMAGE,
                                base + k * 4096)
         self._refresh()
         return first
+
+    def check_images(self) -> None:
+        """OSError(ESTALE) if an image file changed, or shrank under a read, since it
+        was mapped (images.py)."""
+        whys = [why for why in (watch() for watch in self.watches.values()) if why]
+        if not whys and any(lib.ksm_image_guard_faults(start) > 0 for start in self.images):
+            whys.append("a page of the image vanished while it was read (the file shrank)")
+        if whys:
+            raise OSError(errno.ESTALE, f"memory image changed underneath: {whys[0]}; the "
+                          "model no longer describes it (map it again on a new Machine)")
 
     def _append_chunk(self, chunk: np.ndarray, nid: int, flags: int = 0,
                       address: Any = None) -> None:

@@ -31,6 +31,7 @@ def estimate(sources: Iterable[SourceSpec] = (), **knobs: Any) -> dict[str, Any]
     nodes=2, cost_per_page_us=2.6, max_scans=50, zero_pages="absent",
     mergeable_only=True, sample=True``. Bad input raises
     :class:`~.errors.EstimateError` (its ``exit_code`` as the command's)."""
+    from .commands import _finite
     from .commands import estimate as run_estimate
 
     args = _parser().parse_args([])
@@ -52,4 +53,4 @@ def estimate(sources: Iterable[SourceSpec] = (), **knobs: Any) -> dict[str, Any]
     args.sources, args.pid, args.extra_sources = files, pids, objects
     args.json, args.no_progress = True, True
     _, result = run_estimate(args)
-    return dict(json.loads(json.dumps(result)))
+    return dict(json.loads(json.dumps(_finite(result), allow_nan=False)))

@@ -7,7 +7,9 @@ gives one line on stderr and a non-zero exit (1: a file or process; 2: an option
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import pwd
 import re
 import sys
@@ -16,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, NoReturn, TextIO
 
+from ..guard import MachineBroken
+from ..knobs import kstrtoull
 from . import export, plot, report, samples, tune
 from .errors import EXIT_USAGE, EstimateError
 from .export import OUTPUT_FORMATS
@@ -33,6 +37,12 @@ from .sources import FORMATS, Source, check_node, open_file, split_node
 
 DEFAULT_MAX_SCANS = 50
 HEADROOM = 256 << 20
+# What the engine needs per scanned page at most: slot and rmap_item fields, a frame,
+# and a tree node when every page is unique (benchmarks/test_memory.py measures 30
+# bytes a page for duplicate-rich memory and 63-65 for all-unique memory), and room
+# for the old and new copy of an array while it grows.
+MODEL_BYTES_PER_PAGE = 96
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 # --------------------------------------------------------------------------------
@@ -56,13 +66,14 @@ TUNE_EXAMPLES = """examples:
 
 
 def _nonneg(text: str) -> int:
+    """A knob value parsed as the kernel's kstrtoull() parses a sysfs write: ASCII
+    decimal digits, an optional '+' before and newline after; no spaces, no '_', no
+    other digits (Python's int() would take all three)."""
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return v
+        return kstrtoull(text)
+    except OSError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a decimal integer as the kernel reads one") from None
 
 
 def _positive_int(text: str) -> int:
@@ -77,9 +88,54 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    if not math.isfinite(v) or not v > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite positive number")
     return v
+
+
+def _size(text: str) -> int:
+    """A size in bytes: ``512M``, ``8G``, ``1.5GiB``, ``1T`` or plain bytes."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", text.strip().lower(), re.ASCII)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 8G")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def check_memory(args: argparse.Namespace, sources: list[Source], remarks: list[str]) -> None:
+    """Say what the run needs, and refuse before starting when that is more than
+    ``--max-memory`` (default: what the machine has available)."""
+    pages = sum(s.npages for s in sources)
+    need = pages * MODEL_BYTES_PER_PAGE
+    limit = args.max_memory if args.max_memory is not None else mem_available() - HEADROOM
+    what = "--max-memory" if args.max_memory is not None else "available on this machine"
+    if need > limit:
+        raise EstimateError(
+            f"{pages} pages ({_human(pages * 4096)}) need up to {_human(need)} of model memory "
+            f"({MODEL_BYTES_PER_PAGE} bytes a page), more than the {_human(max(limit, 0))} "
+            f"{what}; --max-memory SIZE sets the limit")
+    line = f"model memory: up to {_human(need)} for {pages} pages"
+    if _progress_wanted(args):
+        print(f"ksmcore {args.command}: {line}", file=sys.stderr)
+    if need >= 256 << 20:
+        remarks.append(line)
+
+
+def _human(nbytes: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None: JSON has no Infinity or NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _add_sources(p: argparse.ArgumentParser) -> None:
@@ -112,7 +168,7 @@ def _add_sources(p: argparse.ArgumentParser) -> None:
 
 def _add_machine(p: argparse.ArgumentParser, swept: bool) -> None:
     g = p.add_argument_group("the simulated machine (/sys/kernel/mm/ksm knobs; kernel defaults)")
-    g.add_argument("--nodes", type=int, default=1, metavar="N",
+    g.add_argument("--nodes", type=_nonneg, default=1, metavar="N",
                    help="NUMA nodes of the simulated machine (default 1); place sources with "
                         "FILE@NODE or --pid PID@NODE (live processes: their node from "
                         "/proc/PID/numa_maps)")
@@ -138,7 +194,10 @@ def _add_machine(p: argparse.ArgumentParser, swept: bool) -> None:
                         "%(default).2f: ksmcore.timing.CostModel, measured by timing this "
                         "project's kernel harness against the real ksmd of its development "
                         "machine; measure your own with ksmcore bench)")
-    g.add_argument("--max-scans", type=int, default=DEFAULT_MAX_SCANS, metavar="N",
+    g.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+                   help="refuse to start a run whose model would need more memory than "
+                        "this (e.g. 8G; default: the memory available on this machine)")
+    g.add_argument("--max-scans", type=_nonneg, default=DEFAULT_MAX_SCANS, metavar="N",
                    help="give up after N full scans without convergence (default %(default)s)")
 
 
@@ -471,6 +530,7 @@ def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     cost = args.cost_per_page_us * 1e-6
     new_machine(args.nodes, knobs)  # refuse bad knobs before reading anything
     sources, remarks = gather(args)
+    check_memory(args, sources, remarks)
     m = new_machine(args.nodes, knobs)
     procs = load(m, sources)
     bar = _ScanBar(sum(s.npages for s in sources), sys.stderr) if _progress_wanted(args) else None
@@ -507,7 +567,7 @@ def _output(args: argparse.Namespace, result: dict[str, Any],
     text report followed by the remarks and where the plot went."""
     fmt = output_format(args)
     if fmt == "json":
-        return json.dumps(result, indent=1) + "\n", result
+        return json.dumps(_finite(result), indent=1, allow_nan=False) + "\n", result
     if fmt == "prometheus":
         return export.prometheus(result), result
     if fmt == "csv":
@@ -534,6 +594,7 @@ def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                                                 sleep_millisecs=sl))
     cost = args.cost_per_page_us * 1e-6
     sources, remarks = gather(args)
+    check_memory(args, sources, remarks)
     advisor = tune.advisor_status(args.nodes)
     bar = None
     hook = None
@@ -573,6 +634,14 @@ def _run(args: argparse.Namespace, make: Any) -> int:
     except MemoryError:
         print(f"ksmcore {args.command}: out of memory", file=sys.stderr)
         return 1
+    except MachineBroken as e:
+        print(f"ksmcore {args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno != errno.ESTALE:  # a memory image changed under the run (images.py)
+            raise
+        print(f"ksmcore {args.command}: {e.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ksmcore {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -594,7 +663,7 @@ def compare_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
     result = compare.compare(args)
     if args.json:
-        return json.dumps(result, indent=1) + "\n", result
+        return json.dumps(_finite(result), indent=1, allow_nan=False) + "\n", result
     return compare.text(result), result
 
 

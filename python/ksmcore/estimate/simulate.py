@@ -127,6 +127,8 @@ def load(m: Any, sources: Sequence[Source]) -> list[Any]:
     """One process per source, one MADV_MERGEABLE mapping per segment, in order (the
     order of the mm_slot list, i.e. the order ksmd scans them in)."""
     procs = []
+    # the run's memory was checked against --max-memory (commands.check_memory)
+    m.max_pages = max(m.max_pages, sum(src.npages for src in sources))
     for src in sources:
         check_node(src.node, m.nodes, src.name)
         # the process runs on its memory's node (its home node, for later COW copies)
