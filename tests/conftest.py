@@ -36,6 +36,7 @@ KERNEL_MODULES = {
     "test_estimate_kernel",
     "test_estimate_procmem",
     "test_estimate_cli",
+    "test_estimate_compare",
     "test_sysfs",
 }
 

@@ -91,6 +91,12 @@ def _cpu_model() -> str:
     return "unknown CPU"
 
 
+def _add_version(parser: argparse.ArgumentParser) -> None:
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"ksmcore {__version__}")
+
+
 EXIT_SIGPIPE = 128 + 13  # what a shell reports for a writer killed by SIGPIPE
 
 
@@ -140,6 +146,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ksmcore", description="Linux KSM (mm/ksm.c) as a user-space engine."
     )
+    _add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run ksmd on a built-in VM-like workload")
     demo.add_argument("--processes", type=int, default=3)

@@ -28,8 +28,11 @@ from elftools.construct.core import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from .errors import EstimateError
-from .sources import Source, check_file, map_file, page_rows
+from .extents import data_extents, holes_within
+from .sources import Source, check_file, map_file, present_rows
 
+# A raw memory image may start with the ELF magic (a guest's RAM holding a kernel).
+RAW_HINT = "; if it is a raw memory image, --format raw reads it as one"
 AT_SYSINFO_EHDR = 33  # auxv: address of the vDSO
 NT_AUXV = 6
 NT_FILE = 0x46494C45  # "FILE"
@@ -121,7 +124,7 @@ def _parse(path: str, size: int) -> tuple[list[_Load], list[tuple[int, int]], in
         etype = elf.header["e_type"]
         if etype != "ET_CORE":
             what = _ELF_TYPES.get(etype, f"an ELF file of type {etype}")
-            raise EstimateError(f"{path}: {what}, not a core dump (ELF type ET_CORE)")
+            raise EstimateError(f"{path}: {what}, not a core dump (ELF type ET_CORE){RAW_HINT}")
         for i, seg in enumerate(elf.iter_segments()):
             h = seg.header
             if h["p_type"] not in ("PT_NOTE", "PT_LOAD"):
@@ -181,17 +184,18 @@ def _pack(segments: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def open_core(path: str, allow_partial: bool = False) -> Source:
-    """An ELF core as one process: its anonymous memory segments in address order."""
+def open_core(path: str, allow_partial: bool = False, zero_pages: str = "absent") -> Source:
+    """An ELF core as one process: its anonymous memory segments in address order.
+    ``zero_pages="absent"``: all-zero pages (holes too) count as never touched."""
     size = check_file(path)
     try:
         loads, files, vdso, origin = _parse(path, size)
     except EstimateError:
         raise
     except _Corrupt as e:
-        raise EstimateError(f"{path}: corrupt ELF core: {e}") from None
+        raise EstimateError(f"{path}: corrupt ELF core: {e}{RAW_HINT}") from None
     except (ELFError, ConstructError, struct.error, ValueError, EOFError) as e:
-        raise EstimateError(f"{path}: corrupt ELF core: {e}") from None
+        raise EstimateError(f"{path}: corrupt ELF core: {e}{RAW_HINT}") from None
     except OSError as e:
         raise EstimateError(f"{path}: cannot read: {e.strerror}") from None
     starts = [a for a, _ in files]
@@ -199,6 +203,16 @@ def open_core(path: str, allow_partial: bool = False) -> Source:
     segments: list[np.ndarray] = []
     notes: list[str] = []
     left_out = {"file-backed": 0, "vDSO": 0, "not dumped": 0}
+    zeros = holes = 0
+    # A core with holes (the kernel's: dump_skip() seeks over every page that was not
+    # present or was the zero page) says which pages were untouched: its holes. Its
+    # all-zero pages written as data were present (zero-filled) and count as such.
+    # A core without holes (gcore, or a pipe) cannot tell, so all its zero pages
+    # count as untouched.
+    extents = data_extents(path, 0, size)
+    sparse = any(holes_within(extents, ld.offset, ld.offset + ld.filesz) for ld in loads
+                 if ld.filesz)
+    absent = zero_pages == "absent"
     for ld in sorted(loads, key=lambda x: x.vaddr):
         if ld.filesz == 0:
             left_out["not dumped"] += ld.memsz
@@ -211,11 +225,21 @@ def open_core(path: str, allow_partial: bool = False) -> Source:
             continue
         left_out["not dumped"] += max(0, ld.memsz - ld.filesz)
         what = f"{path}: segment at {ld.vaddr:#x}"
-        segments.extend(page_rows(data, ld.offset, ld.filesz, allow_partial, what))
-    if not segments:
+        got = present_rows(path, data, ld.offset, ld.filesz, allow_partial, what,
+                           drop_holes=absent and sparse, drop_zero=absent and not sparse)
+        segments.extend(got.segments)
+        zeros += got.zero_pages + got.hole_pages
+        holes += got.hole_pages
+    if not segments and not zeros:
         raise EstimateError(f"{path}: the core holds no anonymous memory to scan ({origin})")
     for why, nbytes in left_out.items():
         if nbytes:
             notes.append(f"{nbytes / 2**20:.1f} MiB {why} left out")
-    return Source(path, "core", _pack(segments), notes=[origin, *notes])
+    if zeros and sparse:
+        notes.append(f"{zeros} pages ({zeros * 4096 / 2**20:.1f} MiB) in holes of the core "
+                     "left out as never touched (--zero-pages present counts them)")
+    elif zeros:
+        notes.append(f"{zeros} all-zero pages ({zeros * 4096 / 2**20:.1f} MiB) left out as "
+                     "never touched (--zero-pages present counts them)")
+    return Source(path, "core", _pack(segments), notes=[origin, *notes], zero_pages=zeros)
 

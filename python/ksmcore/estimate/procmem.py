@@ -191,7 +191,9 @@ def _scan_regions(fd: int, start: int, end: int) -> list[tuple[int, int]]:
         ))
         n = fcntl.ioctl(fd, PAGEMAP_SCAN, arg, True)
         walk_end = _PM_SCAN_ARG.unpack(arg)[4]
-        out.extend((int(a), int(b)) for a, b, _ in vec[:n])
+        # Only what lies before walk_end is final: a walk that stops early can hand
+        # back regions past it, which the next call (from walk_end) reports again.
+        out.extend((int(a), min(int(b), walk_end)) for a, b, _ in vec[:n] if a < walk_end)
         if walk_end <= start:
             break
         start = walk_end
@@ -400,3 +402,26 @@ def readable_pids(uid: int | None = None) -> list[int]:
             continue
         pids.append(int(entry))
     return sorted(pids)
+
+
+def parse_numa_maps(text: str) -> dict[int, int]:
+    """Anonymous pages per node, from /proc/PID/numa_maps (``anon=`` lines, ``N<k>=``)."""
+    pages: dict[int, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if not any(f.startswith("anon=") for f in fields):
+            continue
+        for f in fields:
+            m = re.fullmatch(r"N(\d+)=(\d+)", f)
+            if m:
+                pages[int(m.group(1))] = pages.get(int(m.group(1)), 0) + int(m.group(2))
+    return pages
+
+
+def process_node(pid: int) -> int | None:
+    """The NUMA node holding most of the process's anonymous memory (None: unknown)."""
+    try:
+        pages = parse_numa_maps(Path(f"/proc/{pid}/numa_maps").read_text())
+    except OSError:
+        return None
+    return max(pages, key=lambda n: (pages[n], -n)) if pages else None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from ..constants import KSM_STAT_FIELDS, PAGE_SIZE, SIZEOF_RMAP_ITEM
 from ..profiles import Profile
+from .extents import nonzero_pages, zero_merge_savings
 from .simulate import (
     Knobs,
     Run,
@@ -46,8 +48,40 @@ def _nodes(m: Any, sources: Sequence[Source], stats: list[dict[str, Any]]) -> li
     return out
 
 
+def zero_pages_section(sources: Sequence[Source], knobs: Knobs, saved: int,
+                       mode: str) -> dict[str, Any]:
+    """What the pages left out as never touched would change: the all-zero pages of
+    cores (counted as present with ``--zero-pages present``) and the holes of images
+    (never written, always left out). Zero pages merge only with zero pages, so what
+    they would save follows from their number in each tree (one tree, or one per node
+    with merge_across_nodes=0), with the zero pages already scanned there."""
+    left: dict[int, int] = {}
+    for s in sources:
+        tree = 0 if knobs.merge_across_nodes else (s.node or 0)
+        left[tree] = left.get(tree, 0) + s.zero_pages
+    more = 0
+    for tree, z in left.items():
+        if not z:
+            continue
+        # the zero pages already scanned in this tree, which the left-out ones join
+        here = sum(int(len(seg) - nonzero_pages(seg).sum()) for s in sources
+                   if (0 if knobs.merge_across_nodes else (s.node or 0)) == tree
+                   for seg in s.segments)
+        more += (zero_merge_savings(here + z, knobs.max_page_sharing, knobs.use_zero_pages)
+                 - zero_merge_savings(here, knobs.max_page_sharing, knobs.use_zero_pages))
+    left_out = sum(s.zero_pages for s in sources)
+    return {
+        "mode": mode,
+        "left_out": left_out,
+        "hole_pages": sum(s.hole_pages for s in sources),
+        "saved_if_present": more,
+        "saved_pages_if_present": saved + more,
+        "saved_mib_if_present": round(mib(saved + more), 3),
+    }
+
+
 def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, knobs: Knobs,
-          cost_per_page_s: float) -> dict[str, Any]:
+          cost_per_page_s: float, zero_pages: str = "absent") -> dict[str, Any]:
     """The --json object: every sysfs file, per-process ksm_stat, per-node figures and
     the simulated time."""
     # every counter and ksm_stat field the model keeps, also where this kernel has no
@@ -96,6 +130,7 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
             "mib": round(mib(saved), 3),
             "fraction": saved / total if total else 0.0,
         },
+        "zero_pages": zero_pages_section(sources, knobs, saved, zero_pages),
         "savings_time_s": milestone_times(run.saved, times, saved),
         "full_scans": scans,
         "time_model": {
@@ -109,6 +144,39 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
         },
         "machine": {"nodes": m.nodes},
     }
+
+
+SUMMARY_FROM = 4  # more sources than this: their notes are summed, not listed
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def summarise_notes(procs: Sequence[dict[str, Any]]) -> list[str]:
+    """Notes of the same form summed over the sources ("3 of 40 mappings ..." + "5 of
+    20 mappings ..." -> "8 of 60 mappings ... (2 sources)"), in first-seen order."""
+    groups: dict[str, tuple[list[float], bool, int]] = {}
+    for p in procs:
+        for note in p["notes"]:
+            form = _NUMBER.sub("{}", note)
+            nums = [float(x) for x in _NUMBER.findall(note)]
+            decimal = "." in "".join(_NUMBER.findall(note))
+            if form not in groups:
+                groups[form] = (nums, decimal, 1)
+            else:
+                total, dec, count = groups[form]
+                groups[form] = ([a + b for a, b in zip(total, nums, strict=True)],
+                                dec or decimal, count + 1)
+    out = []
+    for form, (nums, decimal, count) in groups.items():
+        shown = [f"{x:.1f}" if decimal else f"{x:.0f}" for x in nums]
+        out.append(form.format(*shown) + f" ({count} source{'s' * (count != 1)})")
+    return out
+
+
+def top_sources(result: dict[str, Any], n: int) -> None:
+    """Keep the ``n`` processes with the highest ksm_process_profit, best first."""
+    procs = result["processes"]
+    result["sources_total"] = len(procs)
+    result["processes"] = sorted(procs, key=lambda p: -int(p["ksm_stat"]["ksm_process_profit"]))[:n]
 
 
 def duration(seconds: float | None) -> str:
@@ -163,6 +231,16 @@ def text(result: dict[str, Any]) -> str:
         f"memory saved      {saved['pages']} pages = {saved['mib']:.1f} MiB"
         f"  (pages_sharing {k['pages_sharing']} + ksm_zero_pages {k['ksm_zero_pages']}){pct}"
     )
+    zp = result.get("zero_pages", {})
+    if zp.get("left_out"):
+        lines.append(
+            f"zero pages        {zp['left_out']} all-zero pages of cores left out as never "
+            f"touched; counted as present (--zero-pages present): "
+            f"{zp['saved_pages_if_present']} pages = {zp['saved_mib_if_present']:.1f} MiB saved"
+        )
+    if zp.get("hole_pages"):
+        lines.append(f"holes             {zp['hole_pages']} pages of images in holes (never "
+                     "written) left out")
     lines.append(
         f"general_profit    {int(k['general_profit']) / MIB:.1f} MiB  (saved memory less "
         f"{SIZEOF_RMAP_ITEM} bytes per rmap_item)"
@@ -216,9 +294,22 @@ def text(result: dict[str, Any]) -> str:
         ])
     lines += _table(["source", "node", "pages", "rmap_items", "merging_pages", "zero_pages",
                      "profit_MiB"], rows)
-    notes = [(p["source"], n) for p in procs for n in p["notes"]]
-    if notes:
-        lines += ["", "notes:"] + [f"  {src}: {n}" for src, n in notes]
+    if result.get("sources_total", len(procs)) > len(procs):
+        lines.append(f"  (the {len(procs)} of {result['sources_total']} sources that save the "
+                     "most, by ksm_process_profit: --top)")
+    if len(procs) > SUMMARY_FROM:
+        summary = summarise_notes(procs)
+        if summary:
+            lines += ["", "notes (summed over the sources):"] + [f"  {n}" for n in summary]
+    else:
+        notes = [(p["source"], n) for p in procs for n in p["notes"]]
+        if notes:
+            lines += ["", "notes:"] + [f"  {src}: {n}" for src, n in notes]
+
+    if result.get("security"):
+        from .domains import text as security_text
+
+        lines += security_text(result["security"])
 
     if len(result["nodes"]) > 1:
         lines += ["", "per node:"]

@@ -25,6 +25,7 @@ clock still, so chains are pruned as in a kernel that scans faster than that gat
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,10 +116,19 @@ def new_machine(nodes: int, knobs: Knobs, machine_cls: Any = None) -> Any:
         try:
             setattr(m.ksm, name, value)
         except OSError as e:
-            why = e.strerror or errno.errorcode.get(e.errno or 0, "invalid")
-            raise EstimateError(f"{knob_option(name)} {value}: refused ({why})",
+            raise EstimateError(f"{knob_option(name)} {value}: refused ({refusal(e)})",
                                 EXIT_USAGE) from None
     return m
+
+
+def refusal(e: OSError) -> str:
+    """The errno's name once, then what was wrong (a re-raised error may carry the
+    errno's text twice: "Invalid argument: Invalid argument: ...")."""
+    why = e.strerror or ""
+    prefix = os.strerror(e.errno) + ": " if e.errno else ""
+    while prefix and why.startswith(prefix + prefix):
+        why = why[len(prefix):]
+    return why or errno.errorcode.get(e.errno or 0, "invalid")
 
 
 def load(m: Any, sources: Sequence[Source]) -> list[Any]:
