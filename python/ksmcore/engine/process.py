@@ -12,7 +12,9 @@ import numpy as np
 from .._native import ffi, lib
 from ..constants import (
     MADV_DONTNEED,
+    MADV_HUGEPAGE,
     MADV_MERGEABLE,
+    MADV_NOHUGEPAGE,
     MADV_UNMERGEABLE,
     MMAP_BASE,
     MPOL_DEFAULT,
@@ -26,6 +28,15 @@ from ..constants import (
 from ..errors import ksm_error
 from ..images import open_image
 from ..numa import check_policy, policy_node
+from ..thp import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SIZE,
+    VM_HUGEPAGE,
+    VM_NOHUGEPAGE,
+    mmap_address,
+    pmd_ranges,
+    vma_thp_allowed,
+)
 from .vma import Region
 
 if TYPE_CHECKING:
@@ -55,6 +66,10 @@ class Process:
         self.exited = False
         self.ksm_registered = False  # MMF_VM_MERGEABLE
         self.merge_any = False  # MMF_VM_MERGE_ANY
+        # PMD ranges (by address) with a page table but no page KSM could see (read
+        # faults map the small zero page there), and those mapping the huge zero page
+        self.pmd_table: set[int] = set()
+        self.pmd_hzero: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<ksmcore.Process pid={self.pid}{' exited' if self.exited else ''}>"
@@ -131,10 +146,10 @@ class Process:
             raise ksm_error(errno.EINVAL, f"npages must be a positive int, not {npages!r}")
         if node is not None and not 0 <= node < self.machine.nodes:
             raise ksm_error(errno.EINVAL, f"no NUMA node {node}")
-        addr = self.next_addr
+        addr = mmap_address(self.next_addr, npages)
         base = self.machine.mem.alloc_slots(npages, self.mm_id)
         self.vmas.append(Region(addr, addr + npages * PAGE_SIZE, base, node=node))
-        self.next_addr += (npages + 1) * PAGE_SIZE  # a guard page keeps VMAs apart
+        self.next_addr = addr + (npages + 1) * PAGE_SIZE  # a guard page keeps VMAs apart
         if self.merge_any:
             # ksm_vma_flags() (6.17+): a new VMA of a MERGE_ANY mm is VM_MERGEABLE from
             # the start; 6.18 re-enters the mm if ksmd dropped it meanwhile
@@ -144,20 +159,30 @@ class Process:
             self.machine.mem.set_mergeable(base, base + npages, True)
         return addr
 
-    def mmap_image(self, source: Any, node: int | None = None) -> int:
+    def mmap_image(self, source: Any, node: int | None = None, hugepage: bool = False) -> int:
         """Map a memory image (a path, or a uint8 numpy array such as np.memmap) as
         private anonymous memory, without copying it: frames read the image until a
-        write copies them, and the image itself is never modified."""
+        write copies them, and the image itself is never modified. ``hugepage``: map
+        it as QEMU maps guest RAM: PMD-aligned, MADV_HUGEPAGE, and every 2 MiB range
+        that THP allows backed by a huge page."""
         self._alive()
         if node is not None and not 0 <= node < self.machine.nodes:
             raise ksm_error(errno.EINVAL, f"no NUMA node {node}")
         image = open_image(source)
         n = len(image)
         m = self.machine
+        if hugepage:
+            self.next_addr = (self.next_addr + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
         addr = self.mmap(n, node=node)
         v = self.vmas[-1]
+        if hugepage:
+            v.thp = VM_HUGEPAGE
         first = m.mem.add_image(image, self._nid(v))
         lib.ksm_map_image(m.ctx, v.slot_base, first, n)
+        if hugepage and vma_thp_allowed(m.thp_enabled, v.thp):
+            for k in range(0, n - HPAGE_PMD_NR + 1, HPAGE_PMD_NR):
+                if lib.ksm_make_folio(m.ctx, v.slot_base + k, first + k) < 0:
+                    raise MemoryError("ksm_make_folio")
         return addr
 
     def write(self, addr: int, data: Any) -> None:
@@ -176,6 +201,7 @@ class Process:
             # pages written whole need neither zeroing nor a COW copy
             full_lo = v.slot((lo + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
             full_hi = v.slot(hi & ~(PAGE_SIZE - 1))
+            self._thp_fault(lo, hi, write=True)
             self._fault(v, first, last, full_lo, full_hi)
             lib.ksm_copy_in(self.machine.ctx, first, lo % PAGE_SIZE, src + done, hi - lo)
             done += hi - lo
@@ -202,7 +228,10 @@ class Process:
         out = bytearray(n)
         dst = ffi.from_buffer("uint8_t[]", out)
         done = 0
-        for v, lo, hi in self._cover(addr, addr + n, errno.EFAULT):
+        pieces = self._cover(addr, addr + n, errno.EFAULT)
+        for _, lo, hi in pieces:
+            self._thp_fault(lo, hi, write=False)
+        for v, lo, hi in pieces:
             first = v.slot(lo & ~(PAGE_SIZE - 1))
             lib.ksm_copy_out(self.machine.ctx, first, lo % PAGE_SIZE, dst + done, hi - lo)
             done += hi - lo
@@ -215,8 +244,8 @@ class Process:
                                   errno.EFAULT)
         p = int(self.machine.mem.slots["pte"][v.slot(addr & ~(PAGE_SIZE - 1))])
         if p == lib.KSM_PTE_NONE:
-            return None
-        return 0 if p == lib.KSM_PTE_ZERO else p
+            return 0 if (addr & ~(HPAGE_PMD_SIZE - 1)) in self.pmd_hzero else None
+        return 0 if p in (lib.KSM_PTE_ZERO, lib.KSM_PTE_SPLIT_ZERO) else p
 
     def maps(self) -> list[tuple[int, int, bool]]:
         self._alive()
@@ -225,12 +254,18 @@ class Process:
     def madvise(self, addr: int, length: int, advice: int) -> None:
         self._alive()
         start, end = _page_range(addr, length)
-        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED):
+        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED, MADV_HUGEPAGE,
+                          MADV_NOHUGEPAGE):
             raise ksm_error(errno.EINVAL, f"unknown advice {advice}")
         pieces = self._cover(start, end, errno.ENOMEM)  # checked before anything changes
         m = self.machine
+        if advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
+            self._thp_madvise(start, end, VM_HUGEPAGE if advice == MADV_HUGEPAGE
+                              else VM_NOHUGEPAGE)
+            return
         if advice == MADV_DONTNEED:
             # zap the PTEs, keep the VMAs; the rmap_items go when ksmd passes
+            self._thp_zap(start, end)
             for v, lo, hi in pieces:
                 s_lo, s_hi = v.slot(lo), v.slot(hi)
                 lib.ksm_zap_range(m.ctx, s_lo, s_hi)
@@ -265,6 +300,7 @@ class Process:
     def munmap(self, addr: int, length: int) -> None:
         self._alive()
         start, end = _page_range(addr, length)
+        self._thp_zap(start, end)
         self._split_at(start)
         self._split_at(end)
         keep = []
@@ -283,11 +319,24 @@ class Process:
         self._alive()
         m = self.machine
         child = m._new_process(self.node)
-        for v in self.vmas:
+        group_start, group_base = 0, 0
+        for i, v in enumerate(self.vmas):
             n = (v.end - v.start) >> PAGE_SHIFT
-            base = m.mem.alloc_slots(n, child.mm_id)
+            if i == 0 or v.start - self.vmas[i - 1].end >= HPAGE_PMD_SIZE:
+                # one slot range for VMAs that may share a PMD range, so that a huge
+                # page's subpages keep consecutive slots in the child too
+                j = i
+                while j + 1 < len(self.vmas) and \
+                        self.vmas[j + 1].start - self.vmas[j].end < HPAGE_PMD_SIZE:
+                    j += 1
+                group_start = v.start
+                group_base = m.mem.alloc_slots((self.vmas[j].end - v.start) >> PAGE_SHIFT,
+                                               child.mm_id)
+            base = group_base + ((v.start - group_start) >> PAGE_SHIFT)
             lib.ksm_fork_range(m.ctx, v.slot_base, base, n, child.mm_id)
-            child.vmas.append(Region(v.start, v.end, base, v.mergeable, True, v.node))
+            child.vmas.append(Region(v.start, v.end, base, v.mergeable, True, v.node, v.thp))
+        child.pmd_table = set(self.pmd_table)
+        child.pmd_hzero = set(self.pmd_hzero)
         child.next_addr = self.next_addr
         child.merge_any = self.merge_any
         child.mempolicy = self.mempolicy
@@ -328,6 +377,8 @@ class Process:
         m._mms[self.mm_id] = self
         self.vmas = []
         self.dead = []
+        self.pmd_table = set()
+        self.pmd_hzero = set()
         self.next_addr = MMAP_BASE
         self.ksm_registered = False
         self.merge_any = old.merge_any
@@ -413,9 +464,12 @@ class Process:
                 status.append(-errno.EFAULT)
                 continue
             p = int(pte[v.slot(a)])
+            if p > 0 and frames["frame_folio"][p] >= 0:
+                lib.ksm_split_folio(m.ctx, p)  # the model splits a huge page to move it
+                p = int(pte[v.slot(a)])
             if p == lib.KSM_PTE_NONE:
                 status.append(-errno.ENOENT)
-            elif p == lib.KSM_PTE_ZERO:
+            elif p in (lib.KSM_PTE_ZERO, lib.KSM_PTE_SPLIT_ZERO):
                 status.append(-errno.EFAULT)
             elif m.mem.frame_nid(p) == node:
                 status.append(node)
@@ -426,6 +480,95 @@ class Process:
                 status.append(node)
         m._migrate(list(moving), node)
         return status
+
+    # ---- transparent huge pages (ksmcore.thp, docs/MODEL.md)
+
+    @property
+    def thp_split_zero_pages(self) -> int:
+        """PTEs of this process mapping the shared zero page because a huge page split
+        found their subpage zero-filled (pages freed by splitting; not a KSM counter)."""
+        return int(self.machine.mem.mm["mm_thp_split_zero_pages"][self.mm_id])
+
+    def _thp_madvise(self, start: int, end: int, advice: int) -> None:
+        """MADV_HUGEPAGE / MADV_NOHUGEPAGE (hugepage_madvise()): the VMA flag only."""
+        self._split_at(start)
+        self._split_at(end)
+        for v, _, _ in self._cover(start, end, errno.ENOMEM):
+            v.thp = advice
+
+    def _pmd_slots(self, haddr: int) -> tuple[Region, int] | None:
+        """The VMA holding the PMD range at haddr and the range's first slot, if the
+        range lies in VMAs that the kernel would have merged into one."""
+        try:
+            pieces = self._cover(haddr, haddr + HPAGE_PMD_SIZE, errno.EFAULT)
+        except OSError:
+            return None
+        v = pieces[0][0]
+        if any((w.mergeable, w.thp, w.node) != (v.mergeable, v.thp, v.node) for w, _, _ in pieces):
+            return None
+        return v, v.slot(haddr)
+
+    def _pmd_present(self, haddr: int) -> bool:
+        """Any page mapped in the PMD range (it has a page table or a huge PMD)."""
+        for v, lo, hi in self._cover_partial(haddr, haddr + HPAGE_PMD_SIZE):
+            pte = self.machine.mem.slots["pte"][v.slot(lo):v.slot(hi)]
+            if (pte != lib.KSM_PTE_NONE).any():
+                return True
+        return False
+
+    def _cover_partial(self, start: int, end: int) -> list[tuple[Region, int, int]]:
+        out = []
+        for v in self.vmas:
+            lo, hi = max(start, v.start), min(end, v.end)
+            if lo < hi:
+                out.append((v, lo, hi))
+        return out
+
+    def _pmd_none(self, haddr: int) -> bool:
+        return (haddr not in self.pmd_table and haddr not in self.pmd_hzero
+                and not self._pmd_present(haddr))
+
+    def _thp_fault(self, lo: int, hi: int, write: bool) -> None:
+        """The huge-page part of faults on [lo, hi), in address order: a fault in a
+        PMD range with nothing mapped, inside one THP-eligible VMA, maps a new 2 MiB
+        folio (do_huge_pmd_anonymous_page(); a read fault maps the huge zero page
+        instead while use_zero_page is 1). A write to the huge zero page splits it
+        into a page table (do_huge_pmd_wp_page(): 4 KiB pages from then on)."""
+        m = self.machine
+        for haddr in pmd_ranges(lo, hi):
+            if haddr in self.pmd_hzero:
+                if write:
+                    self.pmd_hzero.discard(haddr)
+                    self.pmd_table.add(haddr)
+                continue
+            if not self._pmd_none(haddr):
+                continue
+            where = self._pmd_slots(haddr)
+            if where is None or not vma_thp_allowed(m.thp_enabled, where[0].thp):
+                if not write:
+                    self.pmd_table.add(haddr)  # the read maps the small zero page
+                continue
+            if not write and m.thp_use_zero_page:
+                self.pmd_hzero.add(haddr)
+                continue
+            v, slot = where
+            head = m.mem.alloc_thp(self._nid(v, haddr))
+            lib.ksm_map_image(m.ctx, slot, head, HPAGE_PMD_NR)
+            if lib.ksm_make_folio(m.ctx, slot, head) < 0:
+                raise MemoryError("ksm_make_folio")
+
+    def _thp_zap(self, start: int, end: int) -> None:
+        """What a zap of [start, end) does to the PMD ranges it touches: one it covers
+        whole is left with nothing (zap_huge_pmd(), or the empty page table freed:
+        CONFIG_PT_RECLAIM); one it covers in part keeps a page table (a huge PMD is
+        split, __split_huge_pmd())."""
+        for haddr in pmd_ranges(start, end):
+            if start <= haddr and haddr + HPAGE_PMD_SIZE <= end:
+                self.pmd_table.discard(haddr)
+                self.pmd_hzero.discard(haddr)
+            elif haddr in self.pmd_hzero or self._pmd_present(haddr):
+                self.pmd_hzero.discard(haddr)
+                self.pmd_table.add(haddr)
 
     def ksm_stat(self) -> dict[str, int | bool]:
         self._alive()
