@@ -228,14 +228,22 @@ class Process:
         out = bytearray(n)
         dst = ffi.from_buffer("uint8_t[]", out)
         done = 0
-        pieces = self._cover(addr, addr + n, errno.EFAULT)
-        for _, lo, hi in pieces:
-            self._thp_fault(lo, hi, write=False)
-        for v, lo, hi in pieces:
+        for v, lo, hi in self._cover(addr, addr + n, errno.EFAULT):
             first = v.slot(lo & ~(PAGE_SIZE - 1))
             lib.ksm_copy_out(self.machine.ctx, first, lo % PAGE_SIZE, dst + done, hi - lo)
             done += hi - lo
         return bytes(out)
+
+    def read_fault(self, addr: int, length: int) -> None:
+        """Touch [addr, addr + length) for reading, as loads by the process would: the
+        faults that reads take (``read`` only inspects and faults nothing). Only THP
+        makes them visible: a read fault in an empty PMD range maps the huge zero page
+        (or, with use_zero_page 0, a huge page) where THP is allowed, else the small
+        zero page, which leaves a page table behind."""
+        self._alive()
+        start, end = _page_range(addr, length)
+        self._cover(start, end, errno.EFAULT)
+        self._thp_fault(start, end, write=False)
 
     def pfn(self, addr: int) -> int | None:
         """The frame backing the page at ``addr`` (0 for the zero page), or None."""

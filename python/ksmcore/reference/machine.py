@@ -206,7 +206,6 @@ class Process:
         if n == 0:
             return b""
         self._check_range(mm, addr, n)
-        self._thp_fault(mm, addr, addr + n, write=False)
         out = bytearray(n)
         pos = 0
         while pos < n:
@@ -219,6 +218,17 @@ class Process:
                 out[pos:pos + k] = frame.data[off:off + k]
             pos += k
         return bytes(out)
+
+    def read_fault(self, addr: int, length: int) -> None:
+        """Touch [addr, addr + length) for reading: the faults that loads take (``read``
+        faults nothing). A read fault in an empty PMD range maps the huge zero page (a
+        huge page with use_zero_page 0) where THP is allowed, else the small zero page,
+        which leaves a page table behind."""
+        mm = self._live()
+        start, end = self._page_range(addr, length)
+        if not mm.range_mapped(start, end):
+            raise ksm_error(errno.EFAULT, f"{start:#x}-{end:#x} is not mapped")
+        self._thp_fault(mm, start, end, write=False)
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
         mm = self._live()
