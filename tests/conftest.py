@@ -32,6 +32,7 @@ KERNEL_MODULES = {
     "test_estimate_procmem",
     "test_estimate_cli",
     "test_sysfs",
+    "test_thp_kernel",
 }
 
 
