@@ -420,5 +420,7 @@ def thp_workloads() -> list[Workload]:
                                                           _fill(HPAGE_PMD_NR, star)])],
                  {"smart_scan": 0}, 3, "a zero huge page and a huge page of one content",
                  thp=True),
+        Workload("thp_ksm_tests_H", [_fill(5 * HPAGE_PMD_NR, star)], {}, 2,
+                 "ksm_tests -H on 10 MiB: huge pages of '*', two full scans", thp=True),
     ]
     return w
