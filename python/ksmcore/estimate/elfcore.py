@@ -170,5 +170,10 @@ def open_core(path: str, allow_partial: bool = False) -> Source:
     for why, nbytes in left_out.items():
         if nbytes:
             notes.append(f"{nbytes / 2**20:.1f} MiB {why} left out")
-    return Source(path, "core", _pack(segments), notes=[origin, *notes])
+    packed = _pack(segments)
+    # guest memory is guest RAM (QEMU madvises it MADV_HUGEPAGE); a process core's
+    # anonymous memory gets huge pages only where THP is "always"
+    guest = origin != "process core"
+    return Source(path, "core", packed, notes=[origin, *notes],
+                  hugepage=[guest] * len(packed))
 

@@ -34,6 +34,9 @@ class Source:
     node: int | None = None  # NUMA node of its memory (None: node 0)
     pid: int | None = None  # the live process it was read from
     notes: list[str] = field(default_factory=list)  # what was padded or left out
+    # per segment: map it as guest RAM is mapped (PMD-aligned, MADV_HUGEPAGE), so that
+    # huge pages back it where THP allows (empty: no segment is)
+    hugepage: list[bool] = field(default_factory=list)
 
     @property
     def npages(self) -> int:
@@ -118,7 +121,8 @@ def open_raw_image(path: str, allow_partial: bool = False) -> Source:
     notes = []
     if size % PAGE_SIZE:
         notes.append(f"last {size % PAGE_SIZE} bytes padded to a whole page")
-    return Source(path, "image", segments, notes=notes)
+    # a raw image is a VM's RAM: QEMU maps guest RAM PMD-aligned with MADV_HUGEPAGE
+    return Source(path, "image", segments, notes=notes, hugepage=[True] * len(segments))
 
 
 def open_file(path: str, fmt: str = "auto", allow_partial: bool = False) -> Source:
