@@ -14,13 +14,20 @@ import functools
 import json
 import mmap
 import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from ksmcore import kernel
-from ksmcore.constants import COUNTERS, KSM_STAT_FIELDS, PAGE_SIZE
+from ksmcore.constants import (
+    COUNTERS,
+    KSM_STAT_FIELDS,
+    MADV_HUGEPAGE,
+    MADV_MERGEABLE,
+    PAGE_SIZE,
+)
 from ksmcore.kernel import kernel_available, run_kernel, thp_setting
 from ksmcore.pageflags import zero_page_ptes
 from ksmcore.thp import HPAGE_PMD_NR
@@ -154,3 +161,110 @@ def test_estimate_pid_on_huge_pages_against_the_real_ksmd() -> None:
     assert est["processes"][0]["thp_split_zero_pages"] == split > 0
     assert est["thp_split_zero_pages"]["pages"] == split
     assert est["saved_total"]["pages"] == est["saved"]["pages"] + split
+
+
+# ---- fork of huge pages: the child's writes copy 4 KiB, the split reaches both -------
+
+FORK_PAGES = 2 * HPAGE_PMD_NR
+FORK_WRITES = (3, 4, 600, 700, 1000)  # pages the child writes after the fork
+
+
+def _fork_tree(rows: np.ndarray, ready_w: int, go_r: int) -> None:
+    """The parent maps THP-backed mergeable memory, forks a child that flips a byte of
+    each FORK_WRITES page (COW), reports the child's pid and waits."""
+    area = mmap.mmap(-1, len(rows) * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area.madvise(mmap.MADV_HUGEPAGE)
+    np.frombuffer(area, dtype=np.uint8)[:] = rows.reshape(-1)
+    kernel._check_thp(area, len(rows))
+    area.madvise(mmap.MADV_MERGEABLE)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the grandchild never returns
+        view = np.frombuffer(area, dtype=np.uint8).reshape(len(rows), PAGE_SIZE)
+        for k in FORK_WRITES:
+            view[k, 0] ^= 0xFF
+        os.write(w, b"k")
+        os.read(go_r, 1)
+        os._exit(0)
+    os.read(r, 1)
+    os.write(ready_w, pid.to_bytes(8, "little"))
+    os.read(go_r, 1)
+    os.waitpid(pid, 0)
+
+
+def _fork_model(cls: type, rows: np.ndarray, knobs: dict[str, int],
+                full_scans: int) -> tuple[dict, list, list]:
+    m = cls()
+    p = m.spawn()
+    a = p.mmap(len(rows))
+    p.madvise(a, len(rows) * PAGE_SIZE, MADV_HUGEPAGE)
+    p.fill(a, rows)
+    p.madvise(a, len(rows) * PAGE_SIZE, MADV_MERGEABLE)
+    c = p.fork()
+    for k in FORK_WRITES:
+        c.write(a + k * PAGE_SIZE, bytes([rows[k, 0] ^ 0xFF]))
+    m.ksm.run = 2  # as the kernel run: run=2 first, then the knobs, then run=1
+    for name, value in knobs.items():
+        setattr(m.ksm, name, value)
+    m.ksm.run = 1
+    m.ksm.scan(full_scans=full_scans)
+    stats = [{k: s[k] for k in KSM_STAT_FIELDS} for s in (p.ksm_stat(), c.ksm_stat())]
+    return ({k: m.ksm.stats()[k] for k in COUNTERS if k not in ("pages_scanned",
+                                                                 "pages_skipped")},
+            stats, [p.thp_split_zero_pages, c.thp_split_zero_pages])
+
+
+@pytest.mark.skipif(not AVAILABLE, reason=f"needs a writable /sys/kernel/mm/ksm: {WHY}")
+@pytest.mark.skipif(not THP_ON, reason=f"THP is off: {THP_WHY}")
+def test_fork_of_huge_pages_against_the_real_ksmd() -> None:
+    rows = _vm_like(11, FORK_PAGES)
+    knobs = {"merge_across_nodes": 1, "max_page_sharing": 256, "pages_to_scan": 500,
+             "smart_scan": 1, "use_zero_pages": 0, "stable_node_chains_prune_millisecs": 2000}
+    full_scans = 4
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    ppid = os.fork()
+    if ppid == 0:  # pragma: no cover - the child never returns
+        code = 1
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            _fork_tree(rows, ready_w, go_r)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(go_r)
+    saved = kernel.save_knobs()
+    try:
+        data = os.read(ready_r, 8)
+        assert len(data) == 8, "the THP fork test process failed"
+        cpid = int.from_bytes(data, "little")
+        kernel._reset()
+        others = [p for p in kernel._other_ksm_users() if p not in (ppid, cpid)]
+        if others:
+            pytest.skip(f"other processes use KSM: {others}")
+        kernel._write("advisor_mode", "none")
+        for name, value in knobs.items():
+            kernel._write(name, value)
+        kernel._write("sleep_millisecs", kernel.LONG_SLEEP_MS)
+        kernel._write("run", 1)
+        kernel._stop_after(full_scans, False, time.monotonic() + 60)
+        after = kernel.read_sysfs()
+        stats = [kernel.read_ksm_stat(pid) for pid in (ppid, cpid)]
+        split = [zero_page_ptes(pid) - int(s["ksm_zero_pages"])
+                 for pid, s in zip((ppid, cpid), stats, strict=True)]
+    finally:
+        with contextlib.suppress(OSError):
+            kernel._write("run", 0)
+        kernel.restore_knobs(saved)
+        os.close(ready_r)
+        os.close(go_w)
+        os.waitpid(ppid, 0)
+    for impl in IMPLEMENTATIONS:
+        counters, ksm_stat, model_split = _fork_model(machine_class(impl), rows, knobs,
+                                                      full_scans)
+        assert counters == {k: int(after[k]) for k in counters}, impl
+        assert ksm_stat == [{k: s[k] for k in KSM_STAT_FIELDS} for s in stats], impl
+        assert model_split == split, impl
+    assert all(split)
