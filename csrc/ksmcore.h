@@ -248,6 +248,16 @@ int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget
 void ksm_remove_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi);
 void ksm_start_round(struct ksm_ctx *c);
 int ksm_remove_all_stable_nodes(struct ksm_ctx *c);
+
+/* memory images that shrink underneath (image_guard.c): while a range is registered,
+ * a SIGBUS inside it maps a zero page there and counts a fault against the range
+ * instead of killing the process; the caller checks ksm_image_guard_faults(start)
+ * after each call that may have read the image (-1: no such range).
+ * ksm_image_guard_add returns 0, or -1 when the handler cannot be installed or the
+ * table is full; ksm_image_guard_remove forgets the range that starts at start. */
+int ksm_image_guard_add(const void *start, size_t len);
+void ksm_image_guard_remove(const void *start);
+int64_t ksm_image_guard_faults(const void *start);
 /* CFFI-END */
 
 #endif /* KSMCORE_H */

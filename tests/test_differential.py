@@ -67,10 +67,19 @@ class Differential(RuleBasedStateMachine):
                 outcomes.append(("ok", fn(side, m)))
             except OSError as e:
                 outcomes.append(("error", type(e).__name__, e.errno))
-            except (KsmdNotRunning, ValueError) as e:
+            except (KsmdNotRunning, ValueError, TypeError) as e:
                 outcomes.append(("error", type(e).__name__, None))
         assert outcomes[0] == outcomes[1], f"engine {outcomes[0]} != reference {outcomes[1]}"
         return outcomes[0]
+
+    def both_refuse(self, fn: Any) -> None:
+        """An invalid call: both raise the same error and neither changes anything."""
+        before = [snapshot(m, self.procs[s]) for s, m in enumerate(self.machines)]
+        clocks = [m.clock_ns for m in self.machines]
+        out = self.both(fn)
+        assert out[0] == "error", f"accepted: {out}"
+        assert [snapshot(m, self.procs[s]) for s, m in enumerate(self.machines)] == before
+        assert [m.clock_ns for m in self.machines] == clocks
 
     def live(self) -> list[int]:
         return [i for i, p in enumerate(self.procs[0]) if not p.exited]
@@ -262,6 +271,54 @@ class Differential(RuleBasedStateMachine):
           value=st.sampled_from(["0", "1", "3", "40", "200", "4294967297", "x"]))
     def set_tuning_knob(self, name: str, value: str) -> None:
         self.both(lambda side, m: m.ksm.sysfs_write(name, value))
+
+    # ---- invalid operations: the same error on both, and nothing changes
+
+    @precondition(lambda self: self.vmas)
+    @rule(k=index, op=st.integers(0, 23))
+    def invalid_call(self, k: int, op: int) -> None:
+        i, addr, npages = self.pick_vma(k)
+        big = 1 << 63
+
+        def call(side: int, m: Any) -> Any:
+            p = self.procs[side][i]
+            return [
+                lambda: p.mmap(True),
+                lambda: p.mmap(4, node=0.5),
+                lambda: p.mmap(4, node=2),
+                lambda: p.mmap(-3),
+                lambda: p.mmap(m.max_pages + 1),
+                lambda: p.munmap(-PAGE_SIZE, PAGE_SIZE),
+                lambda: p.munmap(addr, 0),
+                lambda: p.madvise(-PAGE_SIZE, PAGE_SIZE, MADV_MERGEABLE),
+                lambda: p.madvise(addr, npages * PAGE_SIZE, 1.0),
+                lambda: p.madvise(addr, (npages + 1) * PAGE_SIZE, MADV_UNMERGEABLE),
+                lambda: p.read(addr + npages * PAGE_SIZE, 1 << 31),
+                lambda: p.read(addr, -1),
+                lambda: p.write(-5, b"x"),
+                lambda: p.prctl_set_memory_merge(1, 0.0),
+                lambda: p.prctl_set_memory_merge(0, 1),
+                lambda: p.set_mempolicy(1, [0.5]),
+                lambda: p.move_pages(addr, 1, 0, flags=0),
+                lambda: p.move_pages(addr + 1, 1, 0),
+                lambda: m.ksm.do_scan(big),
+                lambda: m.ksm.do_scan(None),
+                lambda: m.ksm.scan(-1),
+                lambda: setattr(m, "clock", 1e20),
+                lambda: m.run_for(1e12),
+                lambda: m.pfn_to_nid(1 << 40),
+            ][op]()
+
+        self.both_refuse(call)
+
+    @precondition(lambda self: self.vmas)
+    @rule(k=index, count=st.integers(1, 6))
+    def numpy_integers(self, k: int, count: int) -> None:
+        """numpy integers are integers: accepted wherever an int is."""
+        i, addr, npages = self.pick_vma(k)
+        self.both(lambda side, m: self.procs[side][i].read(np.int64(addr),
+                                                           np.uint16(count * PAGE_SIZE)))
+        self.both(lambda side, m: m.ksm.do_scan(np.int32(count)))
 
     # ---- after every step
 

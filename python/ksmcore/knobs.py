@@ -9,6 +9,7 @@ each implementation's ``ksm`` object.
 from __future__ import annotations
 
 import errno
+import operator
 
 from .constants import COUNTERS, KNOB_DEFAULTS, PAGE_SIZE
 from .errors import ksm_error
@@ -159,10 +160,12 @@ def knob_text(value: object) -> str | bytes:
     """The text an attribute assignment writes: ints as decimal, bools as 0/1."""
     if isinstance(value, bool):
         return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
     if isinstance(value, (str, bytes)):
         return value
+    try:
+        return str(operator.index(value))  # type: ignore[call-overload]  # int, numpy ints
+    except TypeError:
+        pass
     raise TypeError(f"a knob takes an int, a str or bytes, not {type(value).__name__}")
 
 

@@ -13,6 +13,7 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from .._native import ffi, lib
+from ..checks import U32_MAX, as_count, as_int, check_clock
 from ..constants import (
     COUNTERS,
     EWMA_WEIGHT,
@@ -27,6 +28,7 @@ from ..constants import (
     ZERO_CHECKSUM,
 )
 from ..errors import KsmdNotRunning, ksm_error
+from ..guard import serialized
 from ..knobs import check_file, format_sysfs, knob_text, parse_knob, sysfs_buffer
 from ..timing import NSEC_PER_MSEC, CostModel, seconds_to_ns
 from ..tracing import Event, Tracer, scan_event
@@ -67,11 +69,13 @@ class _MmSlot:
         self.mm = mm
 
 
+@serialized
 class Ksm:
     """``m.ksm``: every file of /sys/kernel/mm/ksm/ as an attribute, and ksmd itself."""
 
     def __init__(self, machine: Machine) -> None:
         object.__setattr__(self, "_m", machine)
+        object.__setattr__(self, "_guard", machine._guard)
         object.__setattr__(self, "_knobs", dict(KNOB_DEFAULTS))
         c = machine.ctx
         c.max_page_sharing = 256
@@ -293,9 +297,11 @@ class Ksm:
         cmp_and_merge_page. The batch costs simulated time and ksmd CPU time
         (cost_model): the clock stands at the batch's start (after its overhead)
         while it runs, and moves on by the pages' cost at its end."""
+        n = as_count(n, "do_scan's page count", U32_MAX)  # scan_npages is unsigned int
+        cost = self._cost
+        check_clock(self._clock_ns + cost.batch(n), "the clock after this batch")
         if not self._ksmd_should_run():
             return 0
-        cost = self._cost
         self._charge(cost.batch_ns)
         self._batch_pages = 0
         processed = 0
@@ -309,6 +315,9 @@ class Ksm:
     def scan(self, full_scans: int = 1) -> None:
         """Run ksmd, a batch of pages_to_scan at a time, until full_scans grew by that
         many. The batches follow each other without ksmd's sleeps (run_for sleeps)."""
+        full_scans = as_int(full_scans, "full_scans")
+        if full_scans < 0:
+            raise ValueError(f"full_scans must not be negative, not {full_scans}")
         if self._knobs["run"] != KSM_RUN_MERGE:
             raise KsmdNotRunning(f"ksmd is not running (run = {self._knobs['run']}); set run = 1")
         c = self._m.ctx
@@ -406,7 +415,7 @@ class Ksm:
             slot = self._cursor
             mm = slot.mm
             if not mm.exited:
-                mm.unmerge_all()
+                mm._unmerge_all()
             for r in mm.regions():
                 lib.ksm_remove_rmap_items(c, r.slot_base, r.slot(r.end))
                 self._drain()
@@ -442,7 +451,7 @@ class Ksm:
         """ksm_scan_thread() for ``seconds`` of simulated time: while ksmd should run,
         a batch of pages_to_scan, then a sleep of sleep_millisecs; otherwise it waits
         for work. A batch that starts before the end runs to its end."""
-        end = self._clock_ns + seconds_to_ns(seconds, "run_for")
+        end = check_clock(self._clock_ns + seconds_to_ns(seconds, "run_for"), "run_for's end")
         while True:
             if self._wake is None:  # waiting on ksm_thread_wait
                 if not self._ksmd_should_run():

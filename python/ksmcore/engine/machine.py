@@ -11,8 +11,10 @@ from typing import IO, Any
 import numpy as np
 
 from .._native import lib, ptr
+from ..checks import MAX_PAGES, as_int, as_node, check_clock
 from ..constants import FIRST_PID
 from ..errors import ksm_error
+from ..guard import Guard, serialized
 from ..numa import check_distances
 from ..thp import (
     THP_ENABLED_DEFAULT,
@@ -27,15 +29,26 @@ from .memory import CHUNK_PAGES, Memory
 from .process import Process
 
 
+@serialized
 class Machine:
-    """A machine with ``nodes`` NUMA nodes, its processes and its ksmd (``m.ksm``)."""
+    """A machine with ``nodes`` NUMA nodes, its processes and its ksmd (``m.ksm``).
 
-    def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None) -> None:
-        if not isinstance(nodes, int) or not 1 <= nodes <= 64:
+    Thread-safe: calls on one machine are serialized by its lock (ksmcore/guard.py)."""
+
+    def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None,
+                 max_pages: int = MAX_PAGES) -> None:
+        nodes = as_int(nodes, "nodes")
+        if not 1 <= nodes <= 64:
             raise ksm_error(errno.EINVAL, f"nodes must be 1..64, not {nodes!r}")
+        max_pages = as_int(max_pages, "max_pages")
+        if max_pages < 1:
+            raise ValueError(f"max_pages must be positive, not {max_pages}")
+        self._guard = Guard()
         self.nodes = nodes
+        self.max_pages = max_pages  # mmap beyond this many pages in all: ENOMEM
         self.distances = check_distances(nodes, distances)
         self.mem = Memory(nodes)
+        self._guard.checks.append(self._check_images)
         self.ctx: Any = self.mem.ctx
         self.ksm = Ksm(self)
         self._all: list[Process] = []
@@ -53,9 +66,17 @@ class Machine:
 
     def spawn(self, node: int = 0) -> Process:
         """A new process with an empty address space, running on ``node``."""
-        if not isinstance(node, int) or not 0 <= node < self.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
-        return self._new_process(node)
+        return self._new_process(as_node(node, self.nodes))
+
+    def _check_images(self) -> None:
+        if self.mem.images:
+            self.mem.check_images()
+
+    @property
+    def broken(self) -> BaseException | None:
+        """Why this machine refuses every call (an earlier call failed half way, or an
+        image changed underneath), or None."""
+        return self._guard.broken
 
     @property
     def processes(self) -> list[Process]:
@@ -76,8 +97,7 @@ class Machine:
 
     @clock_ns.setter
     def clock_ns(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError("the clock is an int of nanoseconds")
+        value = check_clock(as_int(value, "the clock (ns)"))
         if value < self.ksm._clock_ns:
             raise ValueError("the clock never goes back")
         self.ksm._set_clock(value)
@@ -98,11 +118,10 @@ class Machine:
 
     @clock_ms.setter
     def clock_ms(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError("clock_ms is an int of milliseconds")
+        value = as_int(value, "clock_ms")
         if value < self.clock_ms:
             raise ValueError("the clock never goes back")
-        self.ksm._set_clock(max(self.ksm._clock_ns, value * NSEC_PER_MSEC))
+        self.ksm._set_clock(max(self.ksm._clock_ns, check_clock(value * NSEC_PER_MSEC)))
 
     @property
     def cost_model(self) -> CostModel:
@@ -171,19 +190,24 @@ class Machine:
         return int(self.ctx.thp_splits)
 
     def pfn_to_nid(self, pfn: int) -> int:
-        if not 0 <= pfn < len(self.mem.chunks) * CHUNK_PAGES:
-            raise ksm_error(errno.EINVAL, f"no page frame {pfn}")
+        """The node of frame ``pfn``: the zero page (pfn 0) or a frame in use; EINVAL
+        for a free frame, whose node is an artefact of how each model grows memory."""
+        pfn = as_int(pfn, "pfn")
+        if pfn == 0:
+            return 0
+        if not 0 < pfn < len(self.mem.chunks) * CHUNK_PAGES \
+                or self.mem.frames["frame_mapcount"][pfn] <= 0:
+            raise ksm_error(errno.EINVAL, f"page frame {pfn} is not in use")
         return self.mem.frame_nid(pfn)
 
     def migrate_page(self, pfn: int, node: int) -> int:
         """Move frame ``pfn`` to a new frame on ``node`` as the migration core does;
         every mapping follows. Returns the new pfn."""
         frames = self.mem.frames
-        if not isinstance(pfn, int) or not 0 < pfn < len(self.mem.chunks) * CHUNK_PAGES \
-                or frames["frame_mapcount"][pfn] <= 0:
+        pfn = as_int(pfn, "pfn")
+        if not 0 < pfn < len(self.mem.chunks) * CHUNK_PAGES or frames["frame_mapcount"][pfn] <= 0:
             raise ksm_error(errno.EINVAL, f"page frame {pfn} is not in use")
-        if not isinstance(node, int) or not 0 <= node < self.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
+        node = as_node(node, self.nodes)
         if frames["frame_folio"][pfn] >= 0:
             lib.ksm_split_folio(self.ctx, pfn)  # the model splits a huge page to move it
             if frames["frame_mapcount"][pfn] <= 0:

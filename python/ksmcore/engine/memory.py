@@ -8,11 +8,13 @@ any growth the pointers in the C context are refreshed.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import numpy as np
 
 from .._native import ffi, lib, ptr
+from ..images import file_watch
 
 CHUNK_SHIFT = 12
 CHUNK_PAGES = 1 << CHUNK_SHIFT
@@ -77,11 +79,15 @@ class Memory:
         # its frames to the small free lists)
         self.thp_pool: list[list[int]] = [[] for _ in range(nodes)]
         self.nr_mm = 0
+        # images read in place: (start address, watch of the file or None), see images.py
+        self.images: list[tuple[Any, Any]] = []
         self._refresh()
         # pfn 0 is the zero page: the first frame of node 0's first chunk, never free
         self._add_chunks(0, 1, reserve_zero=True)
 
     def __del__(self) -> None:
+        for start, _ in getattr(self, "images", ()):
+            lib.ksm_image_guard_remove(start)
         ctx = getattr(self, "ctx", None)
         if ctx is not None:
             lib.ksm_ctx_release(ctx)
@@ -118,12 +124,26 @@ class Memory:
         the first pfn. The image is never written: the C core copies an image frame
         on write and never puts one on a free list."""
         base = ffi.cast("uint8_t *", ffi.from_buffer(image, require_writable=False))
+        if lib.ksm_image_guard_add(base, image.nbytes) != 0:
+            raise OSError(errno.ENOMEM, "cannot guard the image against truncation (too many)")
+        self.images.append((base, file_watch(image)))
         first = len(self.chunks) * CHUNK_PAGES
         for k in range(0, len(image), CHUNK_PAGES):
             self._append_chunk(image[k : k + CHUNK_PAGES], nid, lib.KSM_CHUNK_IMAGE,
                                base + k * 4096)
         self._refresh()
         return first
+
+    def check_images(self) -> None:
+        """OSError(ESTALE) if an image file changed, or shrank under a read, since it
+        was mapped (images.py)."""
+        for start, watch in self.images:
+            why = watch() if watch is not None else None
+            if why is None and lib.ksm_image_guard_faults(start) > 0:
+                why = "a page of the image vanished while it was read (the file shrank)"
+            if why is not None:
+                raise OSError(errno.ESTALE, f"memory image changed underneath: {why}; the "
+                              "model no longer describes it (map it again on a new Machine)")
 
     def _append_chunk(self, chunk: np.ndarray, nid: int, flags: int = 0,
                       address: Any = None) -> None:

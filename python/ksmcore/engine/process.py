@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._native import ffi, lib
+from ..checks import TASK_SIZE, as_int, as_opt_node, as_user_addr, check_move_pages
 from ..constants import (
     MADV_DONTNEED,
     MADV_HUGEPAGE,
@@ -26,6 +27,7 @@ from ..constants import (
     PAGE_SIZE,
 )
 from ..errors import ksm_error
+from ..guard import serialized
 from ..images import open_image
 from ..numa import check_policy, policy_node
 from ..thp import (
@@ -43,21 +45,29 @@ if TYPE_CHECKING:
     from .machine import Machine
 
 
-def _page_range(addr: int, length: int) -> tuple[int, int]:
-    if addr % PAGE_SIZE:
-        raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
+def _page_range(addr: object, length: object) -> tuple[int, int]:
+    """[start, end) of a page-aligned range given to munmap or madvise: EINVAL when
+    unaligned, outside the user address space, or empty."""
+    start = as_user_addr(addr)
+    length = as_int(length, "length")
+    if start % PAGE_SIZE:
+        raise ksm_error(errno.EINVAL, f"address {start:#x} is not page aligned")
     if length <= 0:
         raise ksm_error(errno.EINVAL, f"length {length} must be positive")
-    return addr, addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+    end = start + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+    as_user_addr(end - 1, "end of range")
+    return start, end
 
 
+@serialized
 class Process:
     """One process (mm) of a :class:`Machine`."""
 
     def __init__(self, machine: Machine, pid: int, node: int = 0) -> None:
+        self._guard = machine._guard
         self.machine = machine
         self.pid = pid
-        self.node = node  # the home node, where MPOL_DEFAULT allocates
+        self._node = node  # the home node, where MPOL_DEFAULT allocates
         self.mempolicy: tuple[int, tuple[int, ...]] = (MPOL_DEFAULT, ())
         self.mm_id = machine.mem.new_mm()
         self.vmas: list[Region] = []  # live VMAs, by address
@@ -74,6 +84,11 @@ class Process:
     def __repr__(self) -> str:
         return f"<ksmcore.Process pid={self.pid}{' exited' if self.exited else ''}>"
 
+    @property
+    def node(self) -> int:
+        """The home node: where the process runs, and where MPOL_DEFAULT allocates."""
+        return self._node
+
     # ---- helpers
 
     def _alive(self) -> None:
@@ -82,6 +97,8 @@ class Process:
 
     def _cover(self, start: int, end: int, err: int) -> list[tuple[Region, int, int]]:
         """The VMA pieces that map [start, end), or OSError(err) if any page is unmapped."""
+        if start < 0:
+            raise ksm_error(err, f"{start:#x} is not mapped in process {self.pid}")
         out = []
         i = bisect.bisect_right([v.start for v in self.vmas], start) - 1
         addr = start
@@ -111,7 +128,7 @@ class Process:
             return v.node
         mode, nodes = self.mempolicy
         m = self.machine
-        return policy_node(mode, nodes, self.node, m.distances, v.start if addr is None else addr)
+        return policy_node(mode, nodes, self._node, m.distances, v.start if addr is None else addr)
 
     def _nids(self, v: Region, lo: int, hi: int) -> tuple[int, Any, set[int]]:
         """The node for slots [lo, hi): one nid, or (interleave) an int16 array of them."""
@@ -142,11 +159,33 @@ class Process:
     def mmap(self, npages: int, node: int | None = None) -> int:
         """Map ``npages`` of private anonymous memory; returns its address."""
         self._alive()
-        if not isinstance(npages, int) or npages <= 0:
-            raise ksm_error(errno.EINVAL, f"npages must be a positive int, not {npages!r}")
-        if node is not None and not 0 <= node < self.machine.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node}")
-        addr = mmap_address(self.next_addr, npages)
+        npages = as_int(npages, "npages")
+        node = as_opt_node(node, self.machine.nodes)
+        self._check_mmap(npages)
+        return self._mmap(npages, node)
+
+    def _check_mmap(self, npages: int, align: bool = False) -> None:
+        if npages <= 0:
+            raise ksm_error(errno.EINVAL, f"npages must be positive, not {npages}")
+        m = self.machine
+        mapped = sum(v.end - v.start for p in m.processes for v in p.vmas) >> PAGE_SHIFT
+        if mapped + npages > m.max_pages:
+            raise ksm_error(errno.ENOMEM, f"mmap of {npages} pages: the machine maps {mapped} "
+                            f"and allows {m.max_pages} in all (Machine(max_pages=...))")
+        addr = self._mmap_address(npages, align)
+        if addr + (npages + 1) * PAGE_SIZE > TASK_SIZE:
+            raise ksm_error(errno.ENOMEM, f"mmap of {npages} pages: no room left in the "
+                            "address space")
+
+    def _mmap_address(self, npages: int, align: bool = False) -> int:
+        """Where the next mapping goes: PMD-aligned for 2 MiB multiples (ksmcore.thp),
+        or when ``align`` asks (guest RAM)."""
+        if align:
+            return (self.next_addr + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+        return mmap_address(self.next_addr, npages)
+
+    def _mmap(self, npages: int, node: int | None, align: bool = False) -> int:
+        addr = self._mmap_address(npages, align)
         base = self.machine.mem.alloc_slots(npages, self.mm_id)
         self.vmas.append(Region(addr, addr + npages * PAGE_SIZE, base, node=node))
         self.next_addr = addr + (npages + 1) * PAGE_SIZE  # a guard page keeps VMAs apart
@@ -166,14 +205,12 @@ class Process:
         it as QEMU maps guest RAM: PMD-aligned, MADV_HUGEPAGE, and every 2 MiB range
         that THP allows backed by a huge page."""
         self._alive()
-        if node is not None and not 0 <= node < self.machine.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node}")
+        node = as_opt_node(node, self.machine.nodes)
         image = open_image(source)
         n = len(image)
         m = self.machine
-        if hugepage:
-            self.next_addr = (self.next_addr + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
-        addr = self.mmap(n, node=node)
+        self._check_mmap(n, align=hugepage)
+        addr = self._mmap(n, node, align=hugepage)
         v = self.vmas[-1]
         if hugepage:
             v.thp = VM_HUGEPAGE
@@ -188,6 +225,7 @@ class Process:
     def write(self, addr: int, data: Any) -> None:
         """Write bytes at ``addr``; faults (and COW) every page touched."""
         self._alive()
+        addr = as_int(addr, "address")
         buf = memoryview(data).cast("B")
         n = len(buf)
         if n == 0:
@@ -212,6 +250,7 @@ class Process:
             raise ValueError("pages must be a numpy uint8 array of shape (n, 4096)")
         if pages.ndim != 2 or pages.shape[1] != PAGE_SIZE:
             raise ValueError(f"pages must have shape (n, 4096), not {pages.shape}")
+        addr = as_int(addr, "address")
         if addr % PAGE_SIZE:
             raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
         if not len(pages):
@@ -221,14 +260,17 @@ class Process:
 
     def read(self, addr: int, n: int) -> bytes:
         self._alive()
+        addr = as_int(addr, "address")
+        n = as_int(n, "length")
         if n < 0:
             raise ksm_error(errno.EINVAL, "negative length")
         if n == 0:
             return b""
+        pieces = self._cover(addr, addr + n, errno.EFAULT)  # before allocating the buffer
         out = bytearray(n)
         dst = ffi.from_buffer("uint8_t[]", out)
         done = 0
-        for v, lo, hi in self._cover(addr, addr + n, errno.EFAULT):
+        for v, lo, hi in pieces:
             first = v.slot(lo & ~(PAGE_SIZE - 1))
             lib.ksm_copy_out(self.machine.ctx, first, lo % PAGE_SIZE, dst + done, hi - lo)
             done += hi - lo
@@ -248,6 +290,7 @@ class Process:
     def pfn(self, addr: int) -> int | None:
         """The frame backing the page at ``addr`` (0 for the zero page), or None."""
         self._alive()
+        addr = as_int(addr, "address")
         (v, _, _), = self._cover(addr & ~(PAGE_SIZE - 1), (addr & ~(PAGE_SIZE - 1)) + 1,
                                   errno.EFAULT)
         p = int(self.machine.mem.slots["pte"][v.slot(addr & ~(PAGE_SIZE - 1))])
@@ -262,6 +305,7 @@ class Process:
     def madvise(self, addr: int, length: int, advice: int) -> None:
         self._alive()
         start, end = _page_range(addr, length)
+        advice = as_int(advice, "advice")
         if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED, MADV_HUGEPAGE,
                           MADV_NOHUGEPAGE):
             raise ksm_error(errno.EINVAL, f"unknown advice {advice}")
@@ -280,6 +324,8 @@ class Process:
                 m.mem.set_mergeable(s_lo, s_hi, v.mergeable)  # the zap unmapped the VMA too
             return
         want = advice == MADV_MERGEABLE
+        if all(v.mergeable == want for v, _, _ in pieces):
+            return  # ksm_madvise() leaves the flags as they are: no VMA is split
         self._split_at(start)
         self._split_at(end)
         for v, lo, hi in self._cover(start, end, errno.ENOMEM):
@@ -299,7 +345,7 @@ class Process:
     def _break_ksm(self, v: Region, lo: int, hi: int) -> None:
         self._allocating(lib.ksm_break_ksm, v, lo, hi)
 
-    def unmerge_all(self) -> None:
+    def _unmerge_all(self) -> None:
         """unmerge_ksm_pages() over every VM_MERGEABLE VMA (run=2)."""
         for v in self.vmas:
             if v.mergeable:
@@ -326,7 +372,7 @@ class Process:
     def fork(self) -> Process:
         self._alive()
         m = self.machine
-        child = m._new_process(self.node)
+        child = m._new_process(self._node)
         group_start, group_base = 0, 0
         for i, v in enumerate(self.vmas):
             n = (v.end - v.start) >> PAGE_SHIFT
@@ -402,9 +448,7 @@ class Process:
         future, VM_MERGEABLE (ksm_enable_merge_any); 0 unmerges and clears every
         VM_MERGEABLE VMA, madvised ones too (ksm_disable_merge_any)."""
         self._alive()
-        for arg in (value, arg3, arg4, arg5):
-            if not isinstance(arg, int):
-                raise TypeError("prctl arguments are ints")
+        value, arg3, arg4, arg5 = (as_int(a, "a prctl argument") for a in (value, arg3, arg4, arg5))
         if arg3 or arg4 or arg5:
             raise ksm_error(errno.EINVAL, "PR_SET_MEMORY_MERGE takes no arg3..arg5")
         m = self.machine
@@ -432,10 +476,7 @@ class Process:
                                arg5: int = 0) -> int:
         """PR_GET_MEMORY_MERGE: 1 while MMF_VM_MERGE_ANY is set, else 0."""
         self._alive()
-        for arg in (arg2, arg3, arg4, arg5):
-            if not isinstance(arg, int):
-                raise TypeError("prctl arguments are ints")
-        if arg2 or arg3 or arg4 or arg5:
+        if any(as_int(a, "a prctl argument") for a in (arg2, arg3, arg4, arg5)):
             raise ksm_error(errno.EINVAL, "PR_GET_MEMORY_MERGE takes no arguments")
         return int(self.merge_any)
 
@@ -455,12 +496,7 @@ class Process:
         """move_pages(2) of npages pages from addr to node: the per-page status."""
         self._alive()
         m = self.machine
-        if flags & ~(MPOL_MF_MOVE | MPOL_MF_MOVE_ALL) or not flags:
-            raise ksm_error(errno.EINVAL, f"bad move_pages flags {flags:#x}")
-        if not 0 <= node < m.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node}")
-        if addr % PAGE_SIZE or npages < 0:
-            raise ksm_error(errno.EINVAL, "move_pages takes a page-aligned address")
+        addr, npages, node, flags = check_move_pages(addr, npages, node, flags, m.nodes)
         pte = m.mem.slots["pte"]
         frames = m.mem.frames
         status: list[int] = []

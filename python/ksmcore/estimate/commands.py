@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pwd
 import re
 import sys
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, NoReturn, TextIO
 
+from ..knobs import kstrtoull
 from ..thp import THP_ENABLED_DEFAULT, THP_ENABLED_VALUES
 from . import plot, report, samples, tune
 from .errors import EXIT_USAGE, EstimateError
@@ -25,6 +27,12 @@ from .sources import FORMATS, Source, check_node, open_file, split_node
 
 DEFAULT_MAX_SCANS = 50
 HEADROOM = 256 << 20
+# What the engine needs per scanned page at most: slot and rmap_item fields, a frame,
+# and a tree node when every page is unique (benchmarks/test_memory.py measures 30
+# bytes a page for duplicate-rich memory and 63-65 for all-unique memory), and room
+# for the old and new copy of an array while it grows.
+MODEL_BYTES_PER_PAGE = 96
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 # --------------------------------------------------------------------------------
@@ -32,13 +40,14 @@ HEADROOM = 256 << 20
 
 
 def _nonneg(text: str) -> int:
+    """A knob value parsed as the kernel's kstrtoull() parses a sysfs write: ASCII
+    decimal digits, an optional '+' before and newline after; no spaces, no '_', no
+    other digits (Python's int() would take all three)."""
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return v
+        return kstrtoull(text)
+    except OSError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a decimal integer as the kernel reads one") from None
 
 
 def _positive_float(text: str) -> float:
@@ -46,9 +55,54 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    if not math.isfinite(v) or not v > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite positive number")
     return v
+
+
+def _size(text: str) -> int:
+    """A size in bytes: ``512M``, ``8G``, ``1.5GiB``, ``1T`` or plain bytes."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", text.strip().lower(), re.ASCII)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 8G")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def check_memory(args: argparse.Namespace, sources: list[Source], remarks: list[str]) -> None:
+    """Say what the run needs, and refuse before starting when that is more than
+    ``--max-memory`` (default: what the machine has available)."""
+    pages = sum(s.npages for s in sources)
+    need = pages * MODEL_BYTES_PER_PAGE
+    limit = args.max_memory if args.max_memory is not None else mem_available() - HEADROOM
+    what = "--max-memory" if args.max_memory is not None else "available on this machine"
+    if need > limit:
+        raise EstimateError(
+            f"{pages} pages ({_human(pages * 4096)}) need up to {_human(need)} of model memory "
+            f"({MODEL_BYTES_PER_PAGE} bytes a page), more than the {_human(max(limit, 0))} "
+            f"{what}; --max-memory SIZE sets the limit")
+    line = f"model memory: up to {_human(need)} for {pages} pages"
+    if _progress_wanted(args):
+        print(f"ksmcore {args.command}: {line}", file=sys.stderr)
+    if need >= 256 << 20:
+        remarks.append(line)
+
+
+def _human(nbytes: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None: JSON has no Infinity or NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _add_sources(p: argparse.ArgumentParser) -> None:
@@ -76,7 +130,7 @@ def _add_sources(p: argparse.ArgumentParser) -> None:
 
 def _add_machine(p: argparse.ArgumentParser, swept: bool) -> None:
     g = p.add_argument_group("the simulated machine (/sys/kernel/mm/ksm knobs; kernel defaults)")
-    g.add_argument("--nodes", type=int, default=1, help="NUMA nodes (default 1)")
+    g.add_argument("--nodes", type=_nonneg, default=1, help="NUMA nodes (default 1)")
     g.add_argument("--merge-across-nodes", type=_nonneg, default=1, metavar="0|1")
     g.add_argument("--max-page-sharing", type=_nonneg, default=256, metavar="N")
     g.add_argument("--use-zero-pages", type=_nonneg, default=0, metavar="0|1")
@@ -88,7 +142,10 @@ def _add_machine(p: argparse.ArgumentParser, swept: bool) -> None:
                    metavar="US",
                    help="ksmd's CPU time per page it scans (default %(default).2f, calibrated "
                         "on this machine's kernel)")
-    g.add_argument("--max-scans", type=int, default=DEFAULT_MAX_SCANS, metavar="N",
+    g.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+                   help="refuse to start a run whose model would need more memory than "
+                        "this (e.g. 8G; default: the memory available on this machine)")
+    g.add_argument("--max-scans", type=_nonneg, default=DEFAULT_MAX_SCANS, metavar="N",
                    help="give up after N full scans without convergence (default %(default)s)")
 
 
@@ -297,6 +354,7 @@ def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     thp = getattr(args, "thp", THP_ENABLED_DEFAULT)
     new_machine(args.nodes, knobs, thp=thp)  # refuse bad knobs before reading anything
     sources, remarks = gather(args)
+    check_memory(args, sources, remarks)
     m = new_machine(args.nodes, knobs, thp=thp)
     procs = load(m, sources)
     bar = _ScanBar(sum(s.npages for s in sources), sys.stderr) if _progress_wanted(args) else None
@@ -317,7 +375,7 @@ def _output(args: argparse.Namespace, result: dict[str, Any],
     """What estimate and tune print: one JSON object, or the text report followed by
     the remarks and where the plot went."""
     if args.json:
-        return json.dumps(result, indent=1) + "\n", result
+        return json.dumps(_finite(result), indent=1, allow_nan=False) + "\n", result
     out = text(result)
     extra = list(result["remarks"]) + ([f"plot: {args.plot}"] if args.plot else [])
     if extra:
@@ -340,6 +398,7 @@ def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                                                 sleep_millisecs=sl))
     cost = args.cost_per_page_us * 1e-6
     sources, remarks = gather(args)
+    check_memory(args, sources, remarks)
     advisor = tune.advisor_status(args.nodes)
     bar = None
     hook = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,12 @@ from .errors import EstimateError
 from .sources import Source, check_file, map_file, page_rows
 
 AT_SYSINFO_EHDR = 33  # auxv: address of the vDSO
+NT_AUXV = 6
+NT_FILE = 0x46494C45  # "FILE"
+# The notes of a core are small (registers, auxv, the file table: kilobytes, a few
+# MiB for a process with very many mappings); a note segment larger than this is not
+# read, so that a hostile core cannot make us read gigabytes before we refuse it.
+MAX_NOTE_SEGMENT = 64 << 20
 # Segments shorter than this are copied into one array instead of being mapped on
 # their own: each mapped image costs the engine frame metadata for 4096 pages.
 SMALL_SEGMENT_PAGES = 64
@@ -66,6 +73,42 @@ def _auxv_vdso(desc: bytes, elfclass: int, little: bool) -> int | None:
     return None
 
 
+def _notes(raw: bytes, little: bool, seg: int) -> Iterator[tuple[str, int, bytes]]:
+    """(name, type, desc) of each note of a PT_NOTE segment, every size checked against
+    the bytes that are really there (a core's notes are 4-byte aligned)."""
+    end = ("<" if little else ">") + "III"
+    pos = 0
+    while pos + 12 <= len(raw):
+        namesz, descsz, ntype = struct.unpack_from(end, raw, pos)
+        name_at = pos + 12
+        desc_at = name_at + ((namesz + 3) & ~3)
+        nxt = desc_at + ((descsz + 3) & ~3)
+        if desc_at + descsz > len(raw) or nxt > len(raw) + 3:
+            raise _Corrupt(f"note at byte {pos} of note segment {seg} claims a "
+                           f"{namesz}-byte name and a {descsz}-byte description, past the "
+                           f"segment's {len(raw)} bytes")
+        name = raw[name_at:name_at + namesz].split(b"\0", 1)[0].decode("latin-1")
+        yield name, ntype, raw[desc_at:desc_at + descsz]
+        pos = nxt
+
+
+def _nt_file(desc: bytes, elfclass: int, little: bool) -> list[tuple[int, int]]:
+    """The (start, end) ranges of an NT_FILE note: count and page size, then count
+    (start, end, file offset) triples, then the names; the count is checked against
+    the description's real size before anything is read."""
+    word = 8 if elfclass == 64 else 4
+    fmt = ("<" if little else ">") + ("Q" if word == 8 else "I")
+    if len(desc) < 2 * word:
+        raise _Corrupt(f"NT_FILE note of {len(desc)} bytes has no header")
+    count = struct.unpack_from(fmt, desc, 0)[0]
+    if count > (len(desc) - 2 * word) // (3 * word):
+        raise _Corrupt(f"NT_FILE note claims {count} mappings but holds at most "
+                       f"{(len(desc) - 2 * word) // (3 * word)}")
+    triples = np.frombuffer(desc, dtype=np.dtype(fmt[1]).newbyteorder(fmt[0]),
+                            count=3 * count, offset=2 * word).reshape(count, 3)
+    return [(int(a), int(b)) for a, b in triples[:, :2]]
+
+
 def _parse(path: str, size: int) -> tuple[list[_Load], list[tuple[int, int]], int | None, str]:
     """PT_LOAD segments, NT_FILE ranges, the vDSO address and what made the core."""
     loads: list[_Load] = []
@@ -92,15 +135,19 @@ def _parse(path: str, size: int) -> tuple[list[_Load], list[tuple[int, int]], in
             if h["p_type"] == "PT_LOAD":
                 loads.append(_Load(h["p_vaddr"], h["p_offset"], h["p_filesz"], h["p_memsz"]))
                 continue
-            for note in seg.iter_notes():
-                if note["n_name"]:
-                    names.add(note["n_name"])
-                if note["n_type"] == "NT_FILE":
+            if h["p_filesz"] > MAX_NOTE_SEGMENT:
+                raise _Corrupt(f"note segment {i} claims {h['p_filesz']} bytes "
+                               f"(cores write at most a few MiB of notes)")
+            f.seek(h["p_offset"])
+            raw = f.read(h["p_filesz"])
+            for name, ntype, desc in _notes(raw, elf.little_endian, i):
+                if name:
+                    names.add(name)
+                if ntype == NT_FILE and name == "CORE":
                     has_file_note = True
-                    for e in note["n_desc"]["Elf_Nt_File_Entry"]:
-                        files.append((int(e["vm_start"]), int(e["vm_end"])))
-                elif note["n_type"] == "NT_AUXV":
-                    vdso = _auxv_vdso(bytes(note["n_desc"]), elf.elfclass, elf.little_endian)
+                    files.extend(_nt_file(desc, elf.elfclass, elf.little_endian))
+                elif ntype == NT_AUXV and name == "CORE":
+                    vdso = _auxv_vdso(desc, elf.elfclass, elf.little_endian)
     if "QEMU" in names:
         origin = "QEMU guest memory"
     elif has_file_note:

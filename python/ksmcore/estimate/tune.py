@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..constants import PAGE_SIZE
+from ..knobs import kstrtoull
 from .errors import EXIT_USAGE, EstimateError
 from .report import _table, duration, mib
 from .simulate import (
@@ -43,7 +44,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 
 def parse_duration(text: str) -> float:
     """Seconds in ``"10m"``, ``"90s"``, ``"1.5h"``, ``"500ms"`` or ``"90"`` (seconds)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|min|m|h)?\s*", text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|min|m|h)?\s*", text, re.ASCII)
     if not m:
         raise EstimateError(f"--within {text!r}: expected a duration such as 10m, 90s or 1h",
                             EXIT_USAGE)
@@ -52,9 +53,9 @@ def parse_duration(text: str) -> float:
 
 def parse_values(text: str, option: str, low: int = 0) -> tuple[int, ...]:
     """``"100,500,1000"`` as ints (each >= ``low``), without duplicates, in order."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+    try:  # each as the kernel reads a sysfs write (kstrtoull): no spaces, '_' or non-ASCII
+        values = [kstrtoull(v) for v in text.split(",") if v]
+    except OSError:
         values = []
     if not values or any(v < low for v in values):
         raise EstimateError(f"{option} {text!r}: expected a comma-separated list of integers "

@@ -13,6 +13,18 @@ from typing import IO, Any
 
 import numpy as np
 
+from ..checks import (
+    MAX_PAGES,
+    TASK_SIZE,
+    U32_MAX,
+    as_count,
+    as_int,
+    as_node,
+    as_opt_node,
+    as_user_addr,
+    check_clock,
+    check_move_pages,
+)
 from ..constants import (
     COUNTERS,
     FIRST_PID,
@@ -31,7 +43,8 @@ from ..constants import (
     ZERO_PFN,
 )
 from ..errors import KsmdNotRunning, ksm_error
-from ..images import open_image
+from ..guard import Guard, serialized
+from ..images import read_image
 from ..knobs import check_file, format_sysfs, knob_text
 from ..numa import check_distances, check_policy
 from ..thp import (
@@ -54,10 +67,12 @@ from .ksm import Ksm
 from .mm import PAGE_MASK, SPLIT_ZERO_PFN, Mm, PhysMem, Vma
 
 
+@serialized
 class Process:
     """A process with a private address space (its ``mm``)."""
 
     def __init__(self, machine: Machine, pid: int, mm: Mm) -> None:
+        self._guard = machine._guard
         self._machine = machine
         self.pid = pid
         self.mm = mm
@@ -76,34 +91,54 @@ class Process:
 
     def _check_range(self, mm: Mm, addr: int, length: int) -> None:
         """addr/length of a read or write: any offset, must lie in VMAs."""
-        if not isinstance(addr, int) or not isinstance(length, int):
-            raise TypeError("addresses and lengths are ints")
         if addr < 0 or not mm.range_mapped(addr, addr + length):
             raise ksm_error(errno.EFAULT, f"{addr:#x}+{length:#x} is not mapped")
 
     @staticmethod
-    def _page_range(addr: int, length: int) -> tuple[int, int]:
-        """Aligned addr and length rounded up to whole pages; EINVAL if unaligned/zero."""
-        if not isinstance(addr, int) or not isinstance(length, int):
-            raise TypeError("addresses and lengths are ints")
-        if addr < 0 or addr & (PAGE_SIZE - 1):
-            raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
-        if length <= 0:
+    def _page_range(addr: object, length: object) -> tuple[int, int]:
+        """Aligned addr and length rounded up to whole pages; EINVAL if unaligned, empty,
+        or outside the user address space."""
+        start = as_user_addr(addr)
+        n = as_int(length, "length")
+        if start & (PAGE_SIZE - 1):
+            raise ksm_error(errno.EINVAL, f"address {start:#x} is not page aligned")
+        if n <= 0:
             raise ksm_error(errno.EINVAL, "zero length")
-        return addr, addr + ((length + PAGE_SIZE - 1) & PAGE_MASK)
+        end = start + ((n + PAGE_SIZE - 1) & PAGE_MASK)
+        as_user_addr(end - 1, "end of range")
+        return start, end
 
     # ---- address space ------------------------------------------------------------
 
     def mmap(self, npages: int, node: int | None = None) -> int:
         """A private anonymous VMA of npages pages; faults in it allocate on node."""
         mm = self._live()
-        if not isinstance(npages, int) or isinstance(npages, bool):
-            raise TypeError("npages is an int")
+        npages = as_int(npages, "npages")
+        node = as_opt_node(node, self._machine.nodes)
+        self._check_mmap(mm, npages)
+        return self._mmap(mm, npages, node)
+
+    def _check_mmap(self, mm: Mm, npages: int, align: bool = False) -> None:
         if npages <= 0:
             raise ksm_error(errno.EINVAL, "mmap of zero pages")
-        if node is not None and (not isinstance(node, int) or not 0 <= node < self._machine.nodes):
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
-        addr = mmap_address(mm.next_addr, npages)  # 2 MiB multiples: PMD-aligned
+        machine = self._machine
+        mapped = sum(v.end - v.start for p in machine.processes for v in p.mm.vmas) // PAGE_SIZE
+        if mapped + npages > machine.max_pages:
+            raise ksm_error(errno.ENOMEM, f"mmap of {npages} pages: the machine maps {mapped} "
+                            f"and allows {machine.max_pages} in all (Machine(max_pages=...))")
+        if self._mmap_address(mm, npages, align) + (npages + 1) * PAGE_SIZE > TASK_SIZE:
+            raise ksm_error(errno.ENOMEM, f"mmap of {npages} pages: no room left in the "
+                            "address space")
+
+    @staticmethod
+    def _mmap_address(mm: Mm, npages: int, align: bool = False) -> int:
+        """2 MiB multiples (or guest RAM: ``align``) are PMD-aligned (ksmcore.thp)."""
+        if align:
+            return (mm.next_addr + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+        return mmap_address(mm.next_addr, npages)
+
+    def _mmap(self, mm: Mm, npages: int, node: int | None, align: bool = False) -> int:
+        addr = self._mmap_address(mm, npages, align)
         mm.next_addr = addr + (npages + 1) * PAGE_SIZE  # one guard page: VMAs never touch
         mergeable = self._machine._ksm.ksm_vma_flags(mm)  # MERGE_ANY: mergeable at birth
         mm.vmas.append(Vma(addr, addr + npages * PAGE_SIZE, mergeable, node))
@@ -116,12 +151,10 @@ class Process:
         ``hugepage``: as QEMU maps guest RAM (PMD-aligned, MADV_HUGEPAGE), every 2 MiB
         range that THP allows is backed by a huge page."""
         mm = self._live()
-        if node is not None and (not isinstance(node, int) or not 0 <= node < self._machine.nodes):
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
-        image = open_image(source)
-        if hugepage:
-            mm.next_addr = (mm.next_addr + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
-        addr = self.mmap(len(image), node=node)
+        node = as_opt_node(node, self._machine.nodes)
+        image = read_image(source)  # a snapshot: a later change of the file cannot reach it
+        self._check_mmap(mm, len(image), align=hugepage)
+        addr = self._mmap(mm, len(image), node, align=hugepage)
         vma = self.mm.vmas[-1]
         nid = self.mm.fault_nid(vma, addr)  # the whole image lies on one node
         n = len(image)
@@ -152,6 +185,7 @@ class Process:
     def write(self, addr: int, data: Any) -> None:
         """Write bytes at any offset: a write fault per page, in address order."""
         mm = self._live()
+        addr = as_int(addr, "address")
         buf = memoryview(data).cast("B")
         if len(buf) == 0:
             return  # nothing to write: no fault, no check
@@ -175,8 +209,7 @@ class Process:
             raise ValueError("fill takes a numpy uint8 array of shape (n, 4096)")
         if pages.ndim != 2 or pages.shape[1] != PAGE_SIZE:
             raise ValueError(f"fill takes an array of shape (n, 4096), not {pages.shape}")
-        if not isinstance(addr, int):
-            raise TypeError("addresses are ints")
+        addr = as_int(addr, "address")
         if addr % PAGE_SIZE:
             raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
         mm = self._live()
@@ -199,8 +232,8 @@ class Process:
     def read(self, addr: int, n: int) -> bytes:
         """Read n bytes; non-present pages (and KSM zero pages) read as zeros."""
         mm = self._live()
-        if not isinstance(n, int):
-            raise TypeError("lengths are ints")
+        addr = as_int(addr, "address")
+        n = as_int(n, "length")
         if n < 0:
             raise ksm_error(errno.EINVAL, "negative length")
         if n == 0:
@@ -233,6 +266,7 @@ class Process:
     def madvise(self, addr: int, length: int, advice: int) -> None:
         mm = self._live()
         start, end = self._page_range(addr, length)
+        advice = as_int(advice, "advice")
         if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED, MADV_HUGEPAGE,
                           MADV_NOHUGEPAGE):
             raise ksm_error(errno.EINVAL, f"unsupported advice {advice!r}")
@@ -336,9 +370,7 @@ class Process:
                                arg5: int = 0) -> None:
         """prctl(PR_SET_MEMORY_MERGE, value, arg3, arg4, arg5) (kernel/sys.c)."""
         mm = self._live()
-        for arg in (value, arg3, arg4, arg5):
-            if not isinstance(arg, int):
-                raise TypeError("prctl arguments are ints")
+        value, arg3, arg4, arg5 = (as_int(a, "a prctl argument") for a in (value, arg3, arg4, arg5))
         if arg3 or arg4 or arg5:
             raise ksm_error(errno.EINVAL, "PR_SET_MEMORY_MERGE: arg3..arg5 must be 0")
         if value:
@@ -350,10 +382,7 @@ class Process:
                                arg5: int = 0) -> int:
         """prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0): 1 if MMF_VM_MERGE_ANY is set."""
         mm = self._live()
-        for arg in (arg2, arg3, arg4, arg5):
-            if not isinstance(arg, int):
-                raise TypeError("prctl arguments are ints")
-        if arg2 or arg3 or arg4 or arg5:
+        if any(as_int(a, "a prctl argument") for a in (arg2, arg3, arg4, arg5)):
             raise ksm_error(errno.EINVAL, "PR_GET_MEMORY_MERGE: arg2..arg5 must be 0")
         return int(mm.mmf_vm_merge_any)
 
@@ -363,8 +392,7 @@ class Process:
         """The frame mapping the page holding addr (ZERO_PFN for a KSM zero PTE),
         None if nothing is mapped there. EFAULT outside every VMA."""
         mm = self._live()
-        if not isinstance(addr, int):
-            raise TypeError("addresses are ints")
+        addr = as_int(addr, "address")
         if addr < 0 or mm.vma_lookup(addr) is None:
             raise ksm_error(errno.EFAULT, f"{addr:#x} is not mapped")
         pfn = mm.pte.get(addr & PAGE_MASK)
@@ -395,12 +423,7 @@ class Process:
         """move_pages(2): move npages pages from addr to node; the per-page status."""
         mm = self._live()
         machine = self._machine
-        if flags & ~(MPOL_MF_MOVE | MPOL_MF_MOVE_ALL) or not flags:
-            raise ksm_error(errno.EINVAL, f"bad move_pages flags {flags:#x}")
-        if not isinstance(node, int) or not 0 <= node < machine.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
-        if addr % PAGE_SIZE or npages < 0:
-            raise ksm_error(errno.EINVAL, "move_pages takes a page-aligned address")
+        addr, npages, node, flags = check_move_pages(addr, npages, node, flags, machine.nodes)
         status: list[int] = []
         to_move: list[int] = []
         for i in range(npages):
@@ -516,13 +539,15 @@ class Process:
         }
 
 
+@serialized
 class KsmSysfs:
     """``m.ksm``: every sysfs file of /sys/kernel/mm/ksm/ as an attribute, plus ksmd."""
 
-    __slots__ = ("_ksm",)
+    __slots__ = ("_ksm", "_guard")
 
-    def __init__(self, ksm: Ksm) -> None:
+    def __init__(self, ksm: Ksm, guard: Guard) -> None:
         object.__setattr__(self, "_ksm", ksm)
+        object.__setattr__(self, "_guard", guard)
 
     def __getattr__(self, name: str) -> int | str:
         if name in KNOB_DEFAULTS or name in COUNTERS:
@@ -532,7 +557,7 @@ class KsmSysfs:
     def __setattr__(self, name: str, value: object) -> None:
         if name not in KNOB_DEFAULTS and name not in COUNTERS:
             raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
-        self._ksm.store(name, knob_text(value))
+        self.sysfs_write(name, knob_text(value))
 
     def __dir__(self) -> list[str]:
         return [*SYSFS_FILES, "sysfs_write", "sysfs_read", "do_scan", "scan", "stats"]
@@ -548,6 +573,8 @@ class KsmSysfs:
     def do_scan(self, n: int) -> int:
         """One ksm_do_scan(n) if ksmd would run; the number of pages it processed."""
         ksm = self._ksm
+        n = as_count(n, "do_scan's page count", U32_MAX)  # scan_npages is unsigned int
+        check_clock(ksm.clock_ns + ksm.cost.batch(n), "the clock after this batch")
         if not ksm.ksmd_should_run():
             return 0
         return ksm.ksm_do_scan(n)
@@ -555,6 +582,9 @@ class KsmSysfs:
     def scan(self, full_scans: int = 1) -> None:
         """Run ksmd batches of pages_to_scan until full_scans more full scans ended."""
         ksm = self._ksm
+        full_scans = as_int(full_scans, "full_scans")
+        if full_scans < 0:
+            raise ValueError(f"full_scans must not be negative, not {full_scans}")
         target = ksm.ksm_scan.seqnr + full_scans
         self._check_ksmd()
         while ksm.ksm_scan.seqnr < target:
@@ -615,17 +645,27 @@ class KsmSysfs:
         return out
 
 
+@serialized
 class Machine:
-    """A machine: NUMA nodes of frames, processes, and KSM."""
+    """A machine: NUMA nodes of frames, processes, and KSM.
 
-    def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None) -> None:
-        if not isinstance(nodes, int) or not 1 <= nodes <= 64:
+    Thread-safe: calls on one machine are serialized by its lock (ksmcore/guard.py)."""
+
+    def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None,
+                 max_pages: int = MAX_PAGES) -> None:
+        nodes = as_int(nodes, "nodes")
+        if not 1 <= nodes <= 64:
             raise ksm_error(errno.EINVAL, f"nodes must be 1..64, not {nodes!r}")
+        max_pages = as_int(max_pages, "max_pages")
+        if max_pages < 1:
+            raise ValueError(f"max_pages must be positive, not {max_pages}")
+        self._guard = Guard()
         self.nodes = nodes
+        self.max_pages = max_pages  # mmap beyond this many pages in all: ENOMEM
         self.distances = check_distances(nodes, distances)
         self._mem = PhysMem(nodes, self.distances)
         self._ksm = Ksm(self._mem)
-        self.ksm = KsmSysfs(self._ksm)
+        self.ksm = KsmSysfs(self._ksm, self._guard)
         self.processes: list[Process] = []
         self._all_mms: list[Mm] = []
         self._next_pid = FIRST_PID
@@ -641,8 +681,7 @@ class Machine:
 
     @clock_ns.setter
     def clock_ns(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError("the clock is an int of nanoseconds")
+        value = check_clock(as_int(value, "the clock (ns)"))
         if value < self._ksm.clock_ns:
             raise ValueError("the clock never goes back")
         self._ksm.clock_ns = value
@@ -663,11 +702,10 @@ class Machine:
 
     @clock_ms.setter
     def clock_ms(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError("clock_ms is an int of milliseconds")
+        value = as_int(value, "clock_ms")
         if value < self._ksm.jiffies:
             raise ValueError("the clock never goes back")
-        self._ksm.clock_ns = max(self._ksm.clock_ns, value * NSEC_PER_MSEC)
+        self._ksm.clock_ns = max(self._ksm.clock_ns, check_clock(value * NSEC_PER_MSEC))
 
     @property
     def cost_model(self) -> CostModel:
@@ -688,7 +726,9 @@ class Machine:
     def run_for(self, seconds: float) -> None:
         """Let ksmd run as ksm_scan_thread() does for ``seconds`` of simulated time:
         a batch of pages_to_scan, then sleep_millisecs, and so on."""
-        self._ksm.ksm_scan_thread(seconds_to_ns(seconds, "run_for"))
+        ns = seconds_to_ns(seconds, "run_for")
+        check_clock(self._ksm.clock_ns + ns, "run_for's end")
+        self._ksm.ksm_scan_thread(ns)
 
     # ---- tracepoints ---------------------------------------------------------------
 
@@ -713,26 +753,29 @@ class Machine:
 
     def spawn(self, node: int = 0) -> Process:
         """A new process with an empty address space, running on ``node``."""
-        if not isinstance(node, int) or not 0 <= node < self.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
         mm = Mm(self._mem, MMAP_BASE)
-        mm.node = node
+        mm.node = as_node(node, self.nodes)
         return self._new_process(mm)
 
     def pfn_to_nid(self, pfn: int) -> int:
-        if not isinstance(pfn, int) or not 0 <= pfn < len(self._mem.frames):
-            raise ksm_error(errno.EINVAL, f"no page frame {pfn!r}")
-        return self._mem.frames[pfn].nid
+        """The node of frame ``pfn``: the zero page (ZERO_PFN) or a frame in use; EINVAL
+        for a free frame, whose node is an artefact of how each model grows memory."""
+        pfn = as_int(pfn, "pfn")
+        if pfn == ZERO_PFN:
+            return 0
+        frames = self._mem.frames
+        if not 0 < pfn < len(frames) or not frames[pfn].allocated or frames[pfn].mapcount == 0:
+            raise ksm_error(errno.EINVAL, f"page frame {pfn} is not in use")
+        return frames[pfn].nid
 
     def migrate_page(self, pfn: int, node: int) -> int:
         """Move frame pfn to a new frame on node, as the migration core does (NUMA
         balancing, compaction): every mapping follows; returns the new pfn."""
         frames = self._mem.frames
-        if (not isinstance(pfn, int) or not 0 < pfn < len(frames)
-                or not frames[pfn].allocated or frames[pfn].mapcount == 0):
-            raise ksm_error(errno.EINVAL, f"page frame {pfn!r} is not in use")
-        if not isinstance(node, int) or not 0 <= node < self.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
+        pfn = as_int(pfn, "pfn")
+        if not 0 < pfn < len(frames) or not frames[pfn].allocated or frames[pfn].mapcount == 0:
+            raise ksm_error(errno.EINVAL, f"page frame {pfn} is not in use")
+        node = as_node(node, self.nodes)
         folio = frames[pfn].folio
         if folio is not None:
             self._mem.split_huge_page(folio)  # the model splits a huge page to move it
@@ -792,6 +835,11 @@ class Machine:
     def thp_splits(self) -> int:
         """Huge pages split so far (by ksmd's merges, or to migrate a page of one)."""
         return self._mem.thp_splits
+
+    @property
+    def broken(self) -> BaseException | None:
+        """Why this machine refuses every call (an earlier call failed half way), or None."""
+        return self._guard.broken
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the model's state is inconsistent."""
