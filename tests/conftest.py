@@ -38,6 +38,7 @@ KERNEL_MODULES = {
     "test_estimate_cli",
     "test_estimate_compare",
     "test_sysfs",
+    "test_thp_kernel",
 }
 
 

@@ -26,13 +26,16 @@ from hypothesis.stateful import (
 import ksmcore
 from ksmcore.constants import (
     MADV_DONTNEED,
+    MADV_HUGEPAGE,
     MADV_MERGEABLE,
+    MADV_NOHUGEPAGE,
     MADV_UNMERGEABLE,
     MPOL_MF_MOVE,
     MPOL_MF_MOVE_ALL,
     PAGE_SIZE,
 )
 from ksmcore.errors import KsmdNotRunning
+from ksmcore.thp import HPAGE_PMD_NR, HPAGE_PMD_SIZE
 from ksmcore.tracing import EVENT_FIELDS
 
 from conftest import machine_class
@@ -349,6 +352,11 @@ class Differential(RuleBasedStateMachine):
         ]
         assert placed[0] == placed[1]
         assert self.machines[0].ksm.node_stats() == self.machines[1].ksm.node_stats()
+        # huge pages: the pages their splits freed, per process and in all
+        split_zero = [(m.thp_split_zero_pages, m.thp_splits,
+                       [p.thp_split_zero_pages for p in self.procs[s] if not p.exited])
+                      for s, m in enumerate(self.machines)]
+        assert split_zero[0] == split_zero[1]
         return engine["stats"]
 
     @invariant()
@@ -358,6 +366,93 @@ class Differential(RuleBasedStateMachine):
                      "pages_skipped"):
             if stats.get(name):
                 event(f"reached {name} > 0")
+
+
+class ThpDifferential(Differential):
+    """The same, with mappings that huge pages back: PMD-aligned mmaps of 2 MiB
+    multiples, MADV_HUGEPAGE, the THP knobs, zero-filled subpages, duplicates within
+    and across huge pages, read faults (the huge zero page), fork + write, zaps of
+    whole and partial PMD ranges."""
+
+    @rule(k=index, huge=st.sampled_from([HPAGE_PMD_NR, 2 * HPAGE_PMD_NR, HPAGE_PMD_NR + 3]),
+          advise=st.sampled_from([MADV_HUGEPAGE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, None]))
+    def mmap_huge(self, k: int, huge: int, advise: int | None) -> None:
+        if not self.live():
+            self.spawn()
+        i = self.live()[k % len(self.live())]
+        out = self.both(lambda side, m: self.procs[side][i].mmap(huge))
+        if out[0] != "ok":
+            return
+        self.vmas.append((i, out[1], huge))
+        if advise is not None:
+            self.both(lambda side, m: self.procs[side][i].madvise(out[1], huge * PAGE_SIZE,
+                                                                   advise))
+
+    def huge_vmas(self) -> list[tuple[int, int, int]]:
+        return [v for v in self.vmas if v[2] >= HPAGE_PMD_NR]
+
+    @precondition(lambda self: any(v[2] >= HPAGE_PMD_NR for v in self.vmas))
+    @rule(k=index, seed=st.integers(0, 1 << 16), start=st.integers(0, 600),
+          count=st.sampled_from([1, 3, 64, 512, 1024]))
+    def fill_huge(self, k: int, seed: int, start: int, count: int) -> None:
+        """Pages of few contents (zero-filled ones among them), so that subpages repeat
+        within one huge page and across huge pages and processes."""
+        i, addr, npages = self.huge_vmas()[k % len(self.huge_vmas())]
+        start %= npages
+        count = min(count, npages - start)
+        rng = np.random.default_rng(seed)
+        fills = rng.choice([0, 0, 0, 1, 2, 3, 0xCF], count)
+        pages = np.repeat(fills.astype(np.uint8)[:, None], PAGE_SIZE, axis=1)
+        self.both(lambda side, m: self.procs[side][i].fill(addr + start * PAGE_SIZE, pages))
+
+    @precondition(lambda self: any(v[2] >= HPAGE_PMD_NR for v in self.vmas))
+    @rule(k=index, which=st.integers(0, 3), whole=st.booleans(), advice=st.sampled_from(
+        [MADV_DONTNEED, MADV_MERGEABLE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_UNMERGEABLE]))
+    def madvise_pmd(self, k: int, which: int, whole: bool, advice: int) -> None:
+        """madvise() of a whole PMD range, or of a piece that cuts one."""
+        i, addr, npages = self.huge_vmas()[k % len(self.huge_vmas())]
+        first = (which * HPAGE_PMD_NR) % npages
+        count = min(HPAGE_PMD_NR, npages - first) if whole else 7
+        start = addr + (first + (0 if whole else 100)) * PAGE_SIZE
+        self.both(lambda side, m: self.procs[side][i].madvise(start, count * PAGE_SIZE, advice))
+
+    @precondition(lambda self: any(v[2] >= HPAGE_PMD_NR for v in self.vmas))
+    @rule(k=index, first=st.integers(0, 1100), count=st.sampled_from([1, 5, HPAGE_PMD_NR]))
+    def read_fault(self, k: int, first: int, count: int) -> None:
+        i, addr, npages = self.huge_vmas()[k % len(self.huge_vmas())]
+        first %= npages
+        count = min(count, npages - first)
+        self.both(lambda side, m: self.procs[side][i].read_fault(addr + first * PAGE_SIZE,
+                                                                  count * PAGE_SIZE))
+
+    @precondition(lambda self: any(v[2] >= HPAGE_PMD_NR for v in self.vmas))
+    @rule(k=index, page=st.integers(0, 1100), data=st.binary(min_size=1, max_size=3))
+    def write_huge(self, k: int, page: int, data: bytes) -> None:
+        """A write anywhere in a huge mapping (after a fork: the COW of one subpage)."""
+        i, addr, npages = self.huge_vmas()[k % len(self.huge_vmas())]
+        a = addr + (page % npages) * PAGE_SIZE
+        self.both(lambda side, m: self.procs[side][i].write(a, data))
+
+    @rule(enabled=st.sampled_from(["always", "madvise", "madvise", "never", "bad"]),
+          use_zero_page=st.sampled_from([0, 1, 1]))
+    def set_thp(self, enabled: str, use_zero_page: int) -> None:
+        self.both(lambda side, m: setattr(m, "thp_enabled", enabled))
+        self.both(lambda side, m: setattr(m, "thp_use_zero_page", use_zero_page))
+
+    @invariant()
+    def huge_vmas_aligned(self) -> None:
+        for _, addr, npages in self.vmas:
+            if npages % HPAGE_PMD_NR == 0:
+                assert addr % HPAGE_PMD_SIZE == 0
+
+
+ThpDifferential.TestCase.settings = settings(
+    max_examples=30,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestThpDifferential = ThpDifferential.TestCase
 
 
 Differential.TestCase.settings = settings(
@@ -523,3 +618,79 @@ def test_seeded_programs_reach_every_path() -> None:
                        "ksm_zero_pages", "pages_skipped", "migrate_nodes", "per-node trees",
                        "merge_any", "move_pages -EBUSY"} \
         | {f"event {name}" for name in EVENT_FIELDS}
+
+
+THP_WEIGHTS = dict(WEIGHTS, mmap_huge=2, fill_huge=6, madvise_pmd=3, read_fault=2,
+                   write_huge=4, set_thp=1, munmap=0)
+
+
+def run_thp_program(seed: int, steps: int = 80) -> set[str]:
+    """A seeded program over huge mappings: THP on (madvise), MADV_MERGEABLE and
+    MADV_HUGEPAGE on most of them, with the base rules mixed in."""
+    rng = np.random.default_rng(seed)
+    d = ThpDifferential()
+    d.start(int(rng.integers(1, 7)), True, [int(x) for x in rng.choice(FILLS, 6)])
+    reached: set[str] = set()
+    names = list(THP_WEIGHTS)
+    p = np.array([THP_WEIGHTS[n] for n in names], dtype=float)
+    k = lambda: int(rng.integers(0, 1 << 16))  # noqa: E731
+    for _ in range(steps):
+        op = names[rng.choice(len(names), p=p / p.sum())]
+        huge = [v for v in d.vmas if v[2] >= HPAGE_PMD_NR]
+        if op in ("fill_huge", "madvise_pmd", "read_fault", "write_huge") and not huge:
+            op = "mmap_huge"
+        if op == "mmap_huge":
+            d.mmap_huge(k(), int(rng.choice([HPAGE_PMD_NR, 2 * HPAGE_PMD_NR])), MADV_HUGEPAGE)
+            i, addr, npages = d.vmas[-1]
+            d.both(lambda side, m, i=i, addr=addr, npages=npages: d.procs[side][i].madvise(
+                addr, npages * PAGE_SIZE, MADV_MERGEABLE))
+        elif op == "fill_huge":
+            d.fill_huge(k(), k(), int(rng.integers(0, 600)),
+                        int(rng.choice([1, 3, 64, 512, 1024])))
+        elif op == "madvise_pmd":
+            d.madvise_pmd(k(), int(rng.integers(0, 4)), bool(rng.random() < 0.5),
+                          int(rng.choice([MADV_DONTNEED, MADV_MERGEABLE, MADV_HUGEPAGE,
+                                          MADV_NOHUGEPAGE, MADV_UNMERGEABLE])))
+        elif op == "read_fault":
+            d.read_fault(k(), int(rng.integers(0, 1100)), int(rng.choice([1, 5, 512])))
+        elif op == "write_huge":
+            d.write_huge(k(), int(rng.integers(0, 1100)), b"\x01")
+        elif op == "set_thp":
+            d.set_thp(str(rng.choice(["always", "madvise", "never"])), int(rng.integers(0, 2)))
+        elif op == "fill":
+            d.fill(k(), int(rng.integers(0, 6)), [int(x) for x in rng.choice(FILLS, 3)])
+        elif op == "fork" and d.live():
+            d.fork(k())
+        elif op == "exit" and d.live():
+            d.exit(k())
+        elif op in ("do_scan", "run_for"):
+            d.do_scan(int(rng.integers(1, 400)))
+        elif op == "do_scan_to_round_end":
+            d.do_scan_to_round_end()
+        elif op == "set_bool_knob":
+            d.set_bool_knob(str(rng.choice(["use_zero_pages", "smart_scan"])),
+                            bool(rng.random() < 0.5))
+        elif op == "migrate_page" and d.vmas:
+            d.migrate_page(k(), int(rng.integers(0, 6)), int(rng.integers(0, 2)))
+        else:
+            continue
+        stats = d.check()
+        if d.machines[0].thp_split_zero_pages:
+            reached.add("split zero pages")
+        if d.machines[0].thp_splits:
+            reached.add("huge page split")
+        if stats["pages_sharing"]:
+            reached.add("pages_sharing")
+    return reached
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_seeded_thp_program(seed: int) -> None:
+    run_thp_program(seed)
+
+
+def test_seeded_thp_programs_split_huge_pages() -> None:
+    reached: set[str] = set()
+    for seed in range(200, 203):
+        reached |= run_thp_program(seed, steps=60)
+    assert reached >= {"split zero pages", "huge page split", "pages_sharing"}

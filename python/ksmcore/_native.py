@@ -13,7 +13,7 @@ from ._ksmcore import ffi, lib  # type: ignore[attr-defined]
 
 __all__ = ["ffi", "lib", "ptr", "calc_checksums"]
 
-ABI_VERSION = 2  # csrc/ksmcore.h KSMCORE_ABI_VERSION, which this Python code follows
+ABI_VERSION = 3  # csrc/ksmcore.h KSMCORE_ABI_VERSION, which this Python code follows
 
 
 def _check_build(header: Path | None = None) -> None:

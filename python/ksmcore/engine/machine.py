@@ -18,6 +18,12 @@ from ..guard import Guard, serialized
 from ..numa import check_distances
 from ..profiles import Profile
 from ..profiles import resolve as resolve_profile
+from ..thp import (
+    THP_ENABLED_DEFAULT,
+    THP_USE_ZERO_PAGE_DEFAULT,
+    check_enabled,
+    check_use_zero_page,
+)
 from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
 from ..tracing import Event, Tracer, tracing
 from .ksmd import Ksm
@@ -52,6 +58,8 @@ class Machine:
         self._all: list[Process] = []
         self._mms: dict[int, Process] = {}  # mm id -> its process (or an mm left by exec)
         self._next_pid = FIRST_PID
+        self._thp_enabled = THP_ENABLED_DEFAULT
+        self._thp_use_zero_page = THP_USE_ZERO_PAGE_DEFAULT
 
     def _new_process(self, node: int = 0) -> Process:
         p = Process(self, self._next_pid, node)
@@ -153,6 +161,38 @@ class Machine:
         ``record`` they are also written there as JSON lines."""
         return tracing(self.ksm._trace, record)
 
+    # ---- transparent huge pages (ksmcore.thp)
+
+    @property
+    def thp_enabled(self) -> str:
+        """/sys/kernel/mm/transparent_hugepage/enabled: always, madvise or never."""
+        return self._thp_enabled
+
+    @thp_enabled.setter
+    def thp_enabled(self, value: str) -> None:
+        self._thp_enabled = check_enabled(value)
+
+    @property
+    def thp_use_zero_page(self) -> int:
+        """/sys/kernel/mm/transparent_hugepage/use_zero_page (0 or 1)."""
+        return self._thp_use_zero_page
+
+    @thp_use_zero_page.setter
+    def thp_use_zero_page(self, value: int) -> None:
+        self._thp_use_zero_page = check_use_zero_page(value)
+
+    @property
+    def thp_split_zero_pages(self) -> int:
+        """Pages freed by splitting huge pages: PTEs that map the shared zero page
+        because a split found their subpage zero-filled. Not a KSM counter (and not in
+        ksm_zero_pages): ksmd never visits them again."""
+        return int(self.ctx.thp_split_zero_pages)
+
+    @property
+    def thp_splits(self) -> int:
+        """Huge pages split so far (by ksmd's merges, or to migrate a page of one)."""
+        return int(self.ctx.thp_splits)
+
     def pfn_to_nid(self, pfn: int) -> int:
         """The node of frame ``pfn``: the zero page (pfn 0) or a frame in use; EINVAL
         for a free frame, whose node is an artefact of how each model grows memory."""
@@ -171,7 +211,13 @@ class Machine:
         pfn = as_int(pfn, "pfn")
         if not 0 < pfn < len(self.mem.chunks) * CHUNK_PAGES or frames["frame_mapcount"][pfn] <= 0:
             raise ksm_error(errno.EINVAL, f"page frame {pfn} is not in use")
-        return self._migrate([pfn], as_node(node, self.nodes))[0]
+        node = as_node(node, self.nodes)
+        if frames["frame_folio"][pfn] >= 0:
+            lib.ksm_split_folio(self.ctx, pfn)  # the model splits a huge page to move it
+            if frames["frame_mapcount"][pfn] <= 0:
+                raise ksm_error(errno.EINVAL, f"page frame {pfn} was zero-filled: the "
+                                              "split mapped the zero page instead")
+        return self._migrate([pfn], node)[0]
 
     def _migrate(self, pfns: list[int], node: int) -> list[int]:
         if not pfns:

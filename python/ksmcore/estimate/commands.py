@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TextIO
 
 from ..guard import MachineBroken
 from ..knobs import kstrtoull
+from ..thp import THP_ENABLED_DEFAULT, THP_ENABLED_VALUES
 from . import export, plot, report, samples, tune
 from .errors import EXIT_USAGE, EstimateError
 from .export import OUTPUT_FORMATS
@@ -249,6 +250,12 @@ def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
     est.add_argument_group("output").add_argument(
         "--top", type=_positive_int, metavar="N",
         help="list only the N sources that save the most (by ksm_process_profit)")
+    est.add_argument_group("transparent huge pages").add_argument(
+        "--thp", choices=THP_ENABLED_VALUES, default=THP_ENABLED_DEFAULT,
+        help="/sys/kernel/mm/transparent_hugepage/enabled of the simulated host (default "
+             f"{THP_ENABLED_DEFAULT}): images and guest cores are mapped as QEMU maps guest "
+             "RAM (MADV_HUGEPAGE), process cores without advice; --pid sources keep the "
+             "huge pages they have")
     est.set_defaults(func=run_estimate)
     _one_line_errors(est)
 
@@ -532,10 +539,11 @@ def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     _check_common(args)
     knobs = _knobs(args)
     cost = args.cost_per_page_us * 1e-6
-    new_machine(args.nodes, knobs)  # refuse bad knobs before reading anything
+    thp = getattr(args, "thp", THP_ENABLED_DEFAULT)
+    new_machine(args.nodes, knobs, thp=thp)  # refuse bad knobs before reading anything
     sources, remarks = gather(args)
     check_memory(args, sources, remarks)
-    m = new_machine(args.nodes, knobs)
+    m = new_machine(args.nodes, knobs, thp=thp)
     procs = load(m, sources)
     bar = _ScanBar(sum(s.npages for s in sources), sys.stderr) if _progress_wanted(args) else None
     try:

@@ -241,5 +241,10 @@ def open_core(path: str, allow_partial: bool = False, zero_pages: str = "absent"
     elif zeros:
         notes.append(f"{zeros} all-zero pages ({zeros * 4096 / 2**20:.1f} MiB) left out as "
                      "never touched (--zero-pages present counts them)")
-    return Source(path, "core", _pack(segments), notes=[origin, *notes], zero_pages=zeros)
+    packed = _pack(segments)
+    # guest memory is guest RAM (QEMU madvises it MADV_HUGEPAGE); a process core's
+    # anonymous memory gets huge pages only where THP is "always"
+    guest = origin != "process core"
+    return Source(path, "core", packed, notes=[origin, *notes], zero_pages=zeros,
+                  hugepage=[guest] * len(packed))
 

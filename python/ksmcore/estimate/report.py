@@ -91,6 +91,9 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
     times = ksmd_times(run.processed, knobs.sleep_millisecs, cost_per_page_s)
     total = sum(s.npages for s in sources)
     saved = int(ksm["pages_sharing"]) + int(ksm["ksm_zero_pages"])
+    # huge page splits: what they freed is not KSM's (no counter shows it) but real
+    split = int(m.thp_split_zero_pages)
+    huge = any(any(s.hugepage) for s in sources) and m.thp_enabled != "never" or split > 0
     t_conv = (
         float(times[run.scan_ends[run.converged_at - 1]])
         if run.converged and run.converged_at
@@ -115,9 +118,10 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
                 "node": src.node or 0,
                 "pages": src.npages,
                 "ksm_stat": st,
+                "thp_split_zero_pages": int(p.thp_split_zero_pages),
                 "notes": list(src.notes),
             }
-            for src, st in zip(sources, stats, strict=True)
+            for src, st, p in zip(sources, stats, procs, strict=True)
         ],
         "nodes": _nodes(m, sources, stats),
         "time_to_converge_s": t_conv,
@@ -131,6 +135,21 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
             "fraction": saved / total if total else 0.0,
         },
         "zero_pages": zero_pages_section(sources, knobs, saved, zero_pages),
+        # pages freed by splitting huge pages (zero-filled subpages mapped to the shared
+        # zero page); the memory saved in total is "saved" (KSM's) plus these
+        "thp": {"enabled": m.thp_enabled, "huge_pages_split": int(m.thp_splits),
+                "shown": huge},
+        "thp_split_zero_pages": {
+            "pages": split,
+            "bytes": split * PAGE_SIZE,
+            "mib": round(mib(split), 3),
+        },
+        "saved_total": {
+            "pages": saved + split,
+            "bytes": (saved + split) * PAGE_SIZE,
+            "mib": round(mib(saved + split), 3),
+            "fraction": (saved + split) / total if total else 0.0,
+        },
         "savings_time_s": milestone_times(run.saved, times, saved),
         "full_scans": scans,
         "time_model": {
@@ -241,6 +260,18 @@ def text(result: dict[str, Any]) -> str:
     if zp.get("hole_pages"):
         lines.append(f"holes             {zp['hole_pages']} pages of images in holes (never "
                      "written) left out")
+    if result["thp"]["shown"]:
+        split = result["thp_split_zero_pages"]
+        both = result["saved_total"]
+        lines.append(
+            f"THP splits        {split['pages']} pages = {split['mib']:.1f} MiB freed by "
+            "splitting huge pages (zero-filled subpages mapped to the shared zero page)"
+        )
+        lines.append(
+            f"saved in total    {both['pages']} pages = {both['mib']:.1f} MiB  (KSM + THP "
+            f"splits; {result['thp']['huge_pages_split']} huge pages split, THP "
+            f"{result['thp']['enabled']})"
+        )
     lines.append(
         f"general_profit    {int(k['general_profit']) / MIB:.1f} MiB  (saved memory less "
         f"{SIZEOF_RMAP_ITEM} bytes per rmap_item)"

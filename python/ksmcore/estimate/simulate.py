@@ -34,6 +34,7 @@ import numpy as np
 
 from ..constants import MADV_MERGEABLE, PAGE_SIZE
 from ..profiles import resolve as resolve_profile
+from ..thp import THP_ENABLED_DEFAULT
 from ..timing import CostModel
 from .errors import EXIT_USAGE, EstimateError
 from .sources import Source, check_node
@@ -95,9 +96,11 @@ def knob_option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def new_machine(nodes: int, knobs: Knobs, machine_cls: Any = None) -> Any:
+def new_machine(nodes: int, knobs: Knobs, machine_cls: Any = None,
+                thp: str = THP_ENABLED_DEFAULT) -> Any:
     """A machine with ``nodes`` nodes and the knobs set (invalid values are refused
-    with the kernel's errno, reported as the option that set them)."""
+    with the kernel's errno, reported as the option that set them); ``thp`` is its
+    transparent_hugepage/enabled."""
     if machine_cls is None:
         from .. import Machine as machine_cls
     try:
@@ -108,6 +111,11 @@ def new_machine(nodes: int, knobs: Knobs, machine_cls: Any = None) -> Any:
         m = machine_cls(nodes=nodes, kernel=profile)
     except OSError:
         raise EstimateError(f"--nodes {nodes}: expected 1..64", EXIT_USAGE) from None
+    try:
+        m.thp_enabled = thp
+    except OSError:
+        raise EstimateError(f"--thp {thp}: expected always, madvise or never",
+                            EXIT_USAGE) from None
     if knobs.pages_to_scan == 0:
         raise EstimateError("--pages-to-scan 0: ksmd would never scan a page", EXIT_USAGE)
     for name, value in knobs.as_dict().items():
@@ -133,7 +141,9 @@ def refusal(e: OSError) -> str:
 
 def load(m: Any, sources: Sequence[Source]) -> list[Any]:
     """One process per source, one MADV_MERGEABLE mapping per segment, in order (the
-    order of the mm_slot list, i.e. the order ksmd scans them in)."""
+    order of the mm_slot list, i.e. the order ksmd scans them in). A segment marked
+    ``hugepage`` is mapped as guest RAM is (huge pages where ``m.thp_enabled`` allows);
+    a live process's segments that huge pages back now are huge whatever it says."""
     procs = []
     # the run's memory was checked against --max-memory (commands.check_memory)
     m.max_pages = max(m.max_pages, sum(src.npages for src in sources))
@@ -141,9 +151,14 @@ def load(m: Any, sources: Sequence[Source]) -> list[Any]:
         check_node(src.node, m.nodes, src.name)
         # the process runs on its memory's node (its home node, for later COW copies)
         p = m.spawn() if src.node is None else m.spawn(node=src.node)
-        for seg in src.segments:
-            addr = p.mmap_image(seg, node=src.node)
+        enabled = m.thp_enabled
+        if src.kind == "process":
+            m.thp_enabled = "madvise"  # what the process has: huge pages where it has them
+        for i, seg in enumerate(src.segments):
+            huge = bool(src.hugepage[i]) if i < len(src.hugepage) else False
+            addr = p.mmap_image(seg, node=src.node, hugepage=huge)
             p.madvise(addr, len(seg) * PAGE_SIZE, MADV_MERGEABLE)
+        m.thp_enabled = enabled
         procs.append(p)
     return procs
 

@@ -37,6 +37,9 @@ class Source:
     notes: list[str] = field(default_factory=list)  # what was padded or left out
     zero_pages: int = 0  # all-zero pages of a core left out as never touched
     hole_pages: int = 0  # pages of an image in holes (never written), left out
+    # per segment: map it as guest RAM is mapped (PMD-aligned, MADV_HUGEPAGE), so that
+    # huge pages back it where THP allows (empty: no segment is)
+    hugepage: list[bool] = field(default_factory=list)
 
     @property
     def npages(self) -> int:
@@ -144,7 +147,9 @@ def open_raw_image(path: str, allow_partial: bool = False) -> Source:
     if got.hole_pages:
         notes.append(f"{got.hole_pages} pages ({got.hole_pages * PAGE_SIZE / 2**20:.1f} MiB) "
                      "in holes of the file left out (never written)")
-    return Source(path, "image", got.segments, notes=notes, hole_pages=got.hole_pages)
+    # a raw image is a VM's RAM: QEMU maps guest RAM PMD-aligned with MADV_HUGEPAGE
+    return Source(path, "image", got.segments, notes=notes, hole_pages=got.hole_pages,
+                  hugepage=[True] * len(got.segments))
 
 
 def open_file(path: str, fmt: str = "auto", allow_partial: bool = False,

@@ -28,7 +28,9 @@ from ..checks import (
 from ..constants import (
     FIRST_PID,
     MADV_DONTNEED,
+    MADV_HUGEPAGE,
     MADV_MERGEABLE,
+    MADV_NOHUGEPAGE,
     MADV_UNMERGEABLE,
     MMAP_BASE,
     MPOL_MF_MOVE,
@@ -45,11 +47,24 @@ from ..knobs import check_file, format_sysfs, knob_text
 from ..numa import check_distances, check_policy
 from ..profiles import Profile
 from ..profiles import resolve as resolve_profile
+from ..thp import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SIZE,
+    THP_ENABLED_DEFAULT,
+    THP_USE_ZERO_PAGE_DEFAULT,
+    VM_HUGEPAGE,
+    VM_NOHUGEPAGE,
+    check_enabled,
+    check_use_zero_page,
+    mmap_address,
+    pmd_ranges,
+    vma_thp_allowed,
+)
 from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
 from ..tracing import Event, Tracer, tracing
 from .invariants import check_invariants
 from .ksm import Ksm
-from .mm import PAGE_MASK, Mm, PhysMem, Vma
+from .mm import PAGE_MASK, SPLIT_ZERO_PFN, Mm, PhysMem, Vma
 
 
 @serialized
@@ -103,7 +118,7 @@ class Process:
         self._check_mmap(mm, npages)
         return self._mmap(mm, npages, node)
 
-    def _check_mmap(self, mm: Mm, npages: int) -> None:
+    def _check_mmap(self, mm: Mm, npages: int, align: bool = False) -> None:
         if npages <= 0:
             raise ksm_error(errno.EINVAL, "mmap of zero pages")
         machine = self._machine
@@ -111,36 +126,58 @@ class Process:
         if mapped + npages > machine.max_pages:
             raise ksm_error(errno.ENOMEM, f"mmap of {npages} pages: the machine maps {mapped} "
                             f"and allows {machine.max_pages} in all (Machine(max_pages=...))")
-        if mm.next_addr + (npages + 1) * PAGE_SIZE > TASK_SIZE:
+        if self._mmap_address(mm, npages, align) + (npages + 1) * PAGE_SIZE > TASK_SIZE:
             raise ksm_error(errno.ENOMEM, f"mmap of {npages} pages: no room left in the "
                             "address space")
 
-    def _mmap(self, mm: Mm, npages: int, node: int | None) -> int:
-        addr = mm.next_addr
-        mm.next_addr += (npages + 1) * PAGE_SIZE  # one guard page: VMAs never touch
+    @staticmethod
+    def _mmap_address(mm: Mm, npages: int, align: bool = False) -> int:
+        """2 MiB multiples (or guest RAM: ``align``) are PMD-aligned (ksmcore.thp)."""
+        if align:
+            return (mm.next_addr + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+        return mmap_address(mm.next_addr, npages)
+
+    def _mmap(self, mm: Mm, npages: int, node: int | None, align: bool = False) -> int:
+        addr = self._mmap_address(mm, npages, align)
+        mm.next_addr = addr + (npages + 1) * PAGE_SIZE  # one guard page: VMAs never touch
         mergeable = self._machine._ksm.ksm_vma_flags(mm)  # MERGE_ANY: mergeable at birth
         mm.vmas.append(Vma(addr, addr + npages * PAGE_SIZE, mergeable, node))
         return addr
 
-    def mmap_image(self, source: Any, node: int | None = None) -> int:
+    def mmap_image(self, source: Any, node: int | None = None, hugepage: bool = False) -> int:
         """Map a memory image (a path or a uint8 numpy array) as private anonymous memory.
         The reference copies it into its frames; the engine reads it in place. Either way
-        each page is present with the image's contents, and the image is never written."""
+        each page is present with the image's contents, and the image is never written.
+        ``hugepage``: as QEMU maps guest RAM (PMD-aligned, MADV_HUGEPAGE), every 2 MiB
+        range that THP allows is backed by a huge page."""
         mm = self._live()
         node = as_opt_node(node, self._machine.nodes)
         image = read_image(source)  # a snapshot: a later change of the file cannot reach it
-        self._check_mmap(mm, len(image))
-        addr = self._mmap(mm, len(image), node)
+        self._check_mmap(mm, len(image), align=hugepage)
+        addr = self._mmap(mm, len(image), node, align=hugepage)
         vma = self.mm.vmas[-1]
         nid = self.mm.fault_nid(vma, addr)  # the whole image lies on one node
-        for i in range(len(image)):
+        n = len(image)
+        huge = 0
+        if hugepage:
+            vma.thp = VM_HUGEPAGE
+            if vma_thp_allowed(self._machine._thp_enabled, vma.thp):
+                huge = n - n % HPAGE_PMD_NR
+        for k in range(0, huge, HPAGE_PMD_NR):
+            self._map_thp(mm, addr + k * PAGE_SIZE, nid)
+        for i in range(n):
             frame = self.mm.write_fault(addr + i * PAGE_SIZE, vma, nid)
             frame.data[:] = image[i].data
+        for k in range(0, huge, HPAGE_PMD_NR):
+            folio = self._machine._mem.frames[mm.pte[addr + k * PAGE_SIZE]].folio
+            assert folio is not None
+            folio.image = True
         return addr
 
     def munmap(self, addr: int, length: int) -> None:
         mm = self._live()
         start, end = self._page_range(addr, length)
+        self._thp_zap(mm, start, end)
         mm.zap_range(start, end)
         for vma in mm.isolate(start, end):
             mm.vmas.remove(vma)
@@ -153,6 +190,7 @@ class Process:
         if len(buf) == 0:
             return  # nothing to write: no fault, no check
         self._check_range(mm, addr, len(buf))
+        self._thp_fault(mm, addr, addr + len(buf), write=True)
         pos = 0
         while pos < len(buf):
             a = addr + pos
@@ -181,6 +219,7 @@ class Process:
         start, end = addr, addr + pages.shape[0] * PAGE_SIZE
         if addr < 0 or not mm.range_mapped(start, end):
             raise ksm_error(errno.EFAULT, f"{start:#x}-{end:#x} is not mapped")
+        self._thp_fault(mm, start, end, write=True)
         vma = None
         for i in range(pages.shape[0]):
             page = start + i * PAGE_SIZE
@@ -213,15 +252,34 @@ class Process:
             pos += k
         return bytes(out)
 
+    def read_fault(self, addr: int, length: int) -> None:
+        """Touch [addr, addr + length) for reading: the faults that loads take (``read``
+        faults nothing). A read fault in an empty PMD range maps the huge zero page (a
+        huge page with use_zero_page 0) where THP is allowed, else the small zero page,
+        which leaves a page table behind."""
+        mm = self._live()
+        start, end = self._page_range(addr, length)
+        if not mm.range_mapped(start, end):
+            raise ksm_error(errno.EFAULT, f"{start:#x}-{end:#x} is not mapped")
+        self._thp_fault(mm, start, end, write=False)
+
     def madvise(self, addr: int, length: int, advice: int) -> None:
         mm = self._live()
         start, end = self._page_range(addr, length)
         advice = as_int(advice, "advice")
-        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED):
+        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED, MADV_HUGEPAGE,
+                          MADV_NOHUGEPAGE):
             raise ksm_error(errno.EINVAL, f"unsupported advice {advice!r}")
         if not mm.range_mapped(start, end):
             raise ksm_error(errno.ENOMEM, f"{start:#x}-{end:#x} is not all mapped")
+        if advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
+            # hugepage_madvise(): the VMA flag only (khugepaged is not modelled)
+            flag = VM_HUGEPAGE if advice == MADV_HUGEPAGE else VM_NOHUGEPAGE
+            for vma in mm.isolate(start, end):
+                vma.thp = flag
+            return
         if advice == MADV_DONTNEED:
+            self._thp_zap(mm, start, end)
             # zap_page_range_single(): the PTEs go (a KSM zero PTE leaves
             # ksm_zero_pages), the VMAs stay; ksmd frees the rmap_items as it passes
             mm.zap_range(start, end)
@@ -253,14 +311,23 @@ class Process:
         child_mm.vmas = [vma.copy() for vma in mm.vmas]
         child_mm.pte = dict(mm.pte)
         child_mm.pte_addrs = list(mm.pte_addrs)
-        zero = 0
-        for pfn in mm.pte.values():
+        zero = split_zero = 0
+        for addr, pfn in mm.pte.items():
             if pfn == ZERO_PFN:
                 zero += 1
+            elif pfn == SPLIT_ZERO_PFN:
+                split_zero += 1
             else:
-                machine._mem.frames[pfn].mapcount += 1
+                frame = machine._mem.frames[pfn]
+                frame.mapcount += 1
+                if frame.folio is not None:  # copy_huge_pmd(): the child maps it too
+                    frame.folio.add_map(child_mm, addr - frame.subpage * PAGE_SIZE)
         child_mm.ksm_zero_pages = zero
         machine._mem.ksm_zero_pages += zero
+        child_mm.thp_split_zero_pages = split_zero
+        machine._mem.thp_split_zero_pages += split_zero
+        child_mm.pmd_table = set(mm.pmd_table)
+        child_mm.pmd_hzero = set(mm.pmd_hzero)
         child_mm.mmf_vm_merge_any = mm.mmf_vm_merge_any
         if not machine.profile.has("fork_resets_ksm_counters"):
             parent = self.ksm_stat(every=True)
@@ -339,7 +406,10 @@ class Process:
         addr = as_int(addr, "address")
         if addr < 0 or mm.vma_lookup(addr) is None:
             raise ksm_error(errno.EFAULT, f"{addr:#x} is not mapped")
-        return mm.pte.get(addr & PAGE_MASK)
+        pfn = mm.pte.get(addr & PAGE_MASK)
+        if pfn is None:
+            return ZERO_PFN if (addr & ~(HPAGE_PMD_SIZE - 1)) in mm.pmd_hzero else None
+        return ZERO_PFN if pfn == SPLIT_ZERO_PFN else pfn
 
     def maps(self) -> list[tuple[int, int, bool]]:
         mm = self._live()
@@ -385,13 +455,18 @@ class Process:
         for i in range(npages):
             a = addr + i * PAGE_SIZE
             pfn = mm.pte.get(a)
+            if pfn is not None and pfn > 0 and machine._mem.frames[pfn].folio is not None:
+                folio = machine._mem.frames[pfn].folio
+                assert folio is not None
+                machine._mem.split_huge_page(folio)  # the model splits a huge page to move it
+                pfn = mm.pte.get(a)
             if mm.vma_lookup(a) is None:
                 err = -errno.EFAULT
             elif pfn is None:
                 # follow_page(FOLL_DUMP) before 6.12 made a non-present page -EFAULT
                 err = -errno.ENOENT if enoent else -errno.EFAULT
-            elif pfn == ZERO_PFN:
-                err = -errno.EFAULT  # the zero page does not move
+            elif pfn <= ZERO_PFN:
+                err = -errno.EFAULT  # the zero page (or a split's zero PTE) does not move
             else:
                 frame = machine._mem.frames[pfn]
                 if frame.nid == node:
@@ -408,6 +483,77 @@ class Process:
             flush()
         flush()
         return status
+
+    # ---- transparent huge pages (ksmcore.thp, docs/MODEL.md) ------------------------
+
+    @property
+    def thp_split_zero_pages(self) -> int:
+        """PTEs of this process mapping the shared zero page because a huge page split
+        found their subpage zero-filled (pages freed by splitting; not a KSM counter)."""
+        return self._live().thp_split_zero_pages
+
+    def _map_thp(self, mm: Mm, haddr: int, nid: int) -> None:
+        """Map a new zeroed huge page at haddr."""
+        folio = self._machine._mem.alloc_thp(nid)
+        for k, frame in enumerate(folio.frames):
+            frame.mapcount = 1
+            mm.set_pte(haddr + k * PAGE_SIZE, frame.pfn)
+        folio.add_map(mm, haddr)
+
+    @staticmethod
+    def _pmd_vma(mm: Mm, haddr: int) -> Vma | None:
+        """The VMA of the PMD range at haddr if the range lies in VMAs that the
+        kernel would have merged into one (equal flags, no hole)."""
+        end = haddr + HPAGE_PMD_SIZE
+        if not mm.range_mapped(haddr, end):
+            return None
+        vmas = mm.vmas_in(haddr, end)
+        v = vmas[0]
+        if any((w.mergeable, w.thp, w.nid) != (v.mergeable, v.thp, v.nid) for w in vmas):
+            return None
+        return v
+
+    @staticmethod
+    def _pmd_none(mm: Mm, haddr: int) -> bool:
+        return (haddr not in mm.pmd_table and haddr not in mm.pmd_hzero
+                and not mm.present_in(haddr, haddr + HPAGE_PMD_SIZE))
+
+    def _thp_fault(self, mm: Mm, lo: int, hi: int, write: bool) -> None:
+        """Faults on [lo, hi), their huge-page part, in address order: a fault in a
+        PMD range with nothing mapped, inside one THP-eligible VMA, maps a new 2 MiB
+        folio (do_huge_pmd_anonymous_page(); a read fault maps the huge zero page
+        instead while use_zero_page is 1). A write to the huge zero page splits it
+        into a page table (do_huge_pmd_wp_page(): 4 KiB pages from then on)."""
+        machine = self._machine
+        for haddr in pmd_ranges(lo, hi):
+            if haddr in mm.pmd_hzero:
+                if write:
+                    mm.pmd_hzero.discard(haddr)
+                    mm.pmd_table.add(haddr)
+                continue
+            if not self._pmd_none(mm, haddr):
+                continue
+            vma = self._pmd_vma(mm, haddr)
+            if vma is None or not vma_thp_allowed(machine._thp_enabled, vma.thp):
+                if not write:
+                    mm.pmd_table.add(haddr)  # the read maps the small zero page
+                continue
+            if not write and machine._thp_use_zero_page:
+                mm.pmd_hzero.add(haddr)
+                continue
+            self._map_thp(mm, haddr, mm.fault_nid(vma, haddr))
+
+    def _thp_zap(self, mm: Mm, start: int, end: int) -> None:
+        """A zap of [start, end): a PMD range it covers whole is left with nothing
+        (zap_huge_pmd(), or the empty page table freed: CONFIG_PT_RECLAIM); one it
+        covers in part keeps a page table (a huge PMD is split)."""
+        for haddr in pmd_ranges(start, end):
+            if start <= haddr and haddr + HPAGE_PMD_SIZE <= end:
+                mm.pmd_table.discard(haddr)
+                mm.pmd_hzero.discard(haddr)
+            elif haddr in mm.pmd_hzero or mm.present_in(haddr, haddr + HPAGE_PMD_SIZE):
+                mm.pmd_hzero.discard(haddr)
+                mm.pmd_table.add(haddr)
 
     def ksm_stat(self, every: bool = False) -> dict[str, int | bool]:
         """/proc/PID/ksm_stat as this kernel prints it; ``every``: every field the
@@ -568,6 +714,8 @@ class Machine:
         self.processes: list[Process] = []
         self._all_mms: list[Mm] = []
         self._next_pid = FIRST_PID
+        self._thp_enabled = THP_ENABLED_DEFAULT
+        self._thp_use_zero_page = THP_USE_ZERO_PAGE_DEFAULT
 
     # ---- simulated time (docs/MODEL.md, "Time") ----------------------------------
 
@@ -672,7 +820,14 @@ class Machine:
         pfn = as_int(pfn, "pfn")
         if not 0 < pfn < len(frames) or not frames[pfn].allocated or frames[pfn].mapcount == 0:
             raise ksm_error(errno.EINVAL, f"page frame {pfn} is not in use")
-        return self._migrate(pfn, as_node(node, self.nodes))
+        node = as_node(node, self.nodes)
+        folio = frames[pfn].folio
+        if folio is not None:
+            self._mem.split_huge_page(folio)  # the model splits a huge page to move it
+            if frames[pfn].mapcount == 0:
+                raise ksm_error(errno.EINVAL, f"page frame {pfn} was zero-filled: the "
+                                              "split mapped the zero page instead")
+        return self._migrate(pfn, node)
 
     def _migrate(self, pfn: int, node: int) -> int:
         mem = self._mem
@@ -693,6 +848,38 @@ class Machine:
         old.mapcount = 0
         mem.free(old)
         return new.pfn
+
+    # ---- transparent huge pages (ksmcore.thp) -------------------------------------
+
+    @property
+    def thp_enabled(self) -> str:
+        """/sys/kernel/mm/transparent_hugepage/enabled: always, madvise or never."""
+        return self._thp_enabled
+
+    @thp_enabled.setter
+    def thp_enabled(self, value: str) -> None:
+        self._thp_enabled = check_enabled(value)
+
+    @property
+    def thp_use_zero_page(self) -> int:
+        """/sys/kernel/mm/transparent_hugepage/use_zero_page (0 or 1)."""
+        return self._thp_use_zero_page
+
+    @thp_use_zero_page.setter
+    def thp_use_zero_page(self, value: int) -> None:
+        self._thp_use_zero_page = check_use_zero_page(value)
+
+    @property
+    def thp_split_zero_pages(self) -> int:
+        """Pages freed by splitting huge pages: PTEs that map the shared zero page
+        because a split found their subpage zero-filled. Not a KSM counter (and not in
+        ksm_zero_pages): ksmd never visits them again."""
+        return self._mem.thp_split_zero_pages
+
+    @property
+    def thp_splits(self) -> int:
+        """Huge pages split so far (by ksmd's merges, or to migrate a page of one)."""
+        return self._mem.thp_splits
 
     @property
     def broken(self) -> BaseException | None:

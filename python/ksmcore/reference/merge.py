@@ -79,13 +79,20 @@ class MergeOps(StableTreeOps):
         self.mem.put_mapping(page)
 
     def try_to_merge_one_page(
-        self, vma: Vma, mm: Mm, addr: int, page: Frame, kpage: Frame | None
+        self, vma: Vma, mm: Mm, addr: int, page: Frame, kpage: Frame | None,
+        pinned_twice: bool = False,
     ) -> int:
         """Merge page (mapped at mm/addr) into kpage, or make page a KSM page if kpage
         is None. 0 on success, -EFAULT otherwise."""
         if page is kpage:  # ksm page forked
             return 0
-        # Not anonymous, folio trylock, large folio: cannot fail in the model.
+        # Not anonymous, folio trylock: cannot fail in the model.
+        if page.folio is not None:
+            # split_huge_page() fails while ksmd holds two references to the folio
+            # (the scanned page and the tree page are subpages of one THP)
+            if pinned_twice:
+                return EFAULT
+            self.mem.split_huge_page(page.folio)
         if not self.write_protect_page(mm, addr, page):
             return EFAULT
         if kpage is None:
@@ -116,7 +123,8 @@ class MergeOps(StableTreeOps):
         return EFAULT
 
     def try_to_merge_with_ksm_page(
-        self, rmap_item: RmapItem, page: Frame, kpage: Frame | None
+        self, rmap_item: RmapItem, page: Frame, kpage: Frame | None,
+        pinned_twice: bool = False,
     ) -> int:
         mm = rmap_item.mm
         assert mm is not None
@@ -124,7 +132,7 @@ class MergeOps(StableTreeOps):
         err = EFAULT
         vma = self.find_mergeable_vma(mm, addr)
         if vma is not None:
-            err = self.try_to_merge_one_page(vma, mm, addr, page, kpage)
+            err = self.try_to_merge_one_page(vma, mm, addr, page, kpage, pinned_twice)
             if not err:
                 # Unstable nid is in union with stable anon_vma: remove first.
                 self.remove_rmap_item_from_tree(rmap_item)
@@ -140,7 +148,8 @@ class MergeOps(StableTreeOps):
         self, rmap_item: RmapItem, page: Frame, tree_rmap_item: RmapItem, tree_page: Frame
     ) -> Frame | None:
         """The *scanned* page becomes the KSM page; the tree item's PTE is moved to it."""
-        err = self.try_to_merge_with_ksm_page(rmap_item, page, None)
+        same = page.folio is not None and page.folio is tree_page.folio
+        err = self.try_to_merge_with_ksm_page(rmap_item, page, None, same)
         if not err:
             err = self.try_to_merge_with_ksm_page(tree_rmap_item, tree_page, page)
             if err:
@@ -240,10 +249,13 @@ class MergeOps(StableTreeOps):
         found = self.unstable_tree_search_insert(rmap_item, page)
         if found is not None:
             tree_rmap_item, tree_page = found
+            # both subpages of one THP: split_huge_page() failed, it is split now
+            split = page.folio is not None and page.folio is tree_page.folio
             merged = self.try_to_merge_two_pages(rmap_item, page, tree_rmap_item, tree_page)
             if merged is not None:
                 # Insert a node for the new KSM page and add both rmap_items.
                 new_node = self.stable_tree_insert(merged)
                 self.stable_tree_append(tree_rmap_item, new_node, False)
                 self.stable_tree_append(rmap_item, new_node, False)
-            # (no THP in the model: the split case cannot arise)
+            elif split and page.folio is not None:
+                self.mem.split_huge_page(page.folio)

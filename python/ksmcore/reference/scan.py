@@ -109,8 +109,8 @@ class ScanOps(AdvisorOps):
                 addr = addrs[i]
                 i += 1
                 pfn = mm.pte[addr]
-                if pfn == ZERO_PFN:
-                    continue  # the zero page is not returned by the walk
+                if pfn <= ZERO_PFN:
+                    continue  # the zero page (KSM's, or a split's) is not returned by the walk
                 page = self.mem.frames[pfn]
                 scan.address = addr
                 rmap_item = self.get_next_rmap_item(mm_slot, scan.rmap_list, addr)
