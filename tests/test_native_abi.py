@@ -35,3 +35,10 @@ def test_stale_build_is_refused(tmp_path: Path) -> None:
 ])
 def test_flags_equal_the_c_library(python: str, c: str) -> None:
     assert getattr(constants, python) == getattr(lib, c)
+
+
+def test_typed_embedding_example() -> None:
+    """tests/embed_example.py (checked by mypy in CI) runs: the shared half merges."""
+    from embed_example import main
+
+    assert main(pages=64) == 32

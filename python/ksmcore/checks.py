@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import operator
+from typing import SupportsIndex, cast
 
 from .constants import MPOL_MF_MOVE, MPOL_MF_MOVE_ALL, PAGE_SIZE
 from .errors import ksm_error
@@ -28,7 +29,7 @@ def as_int(value: object, what: str) -> int:
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         raise TypeError(f"{what} must be an integer, not a bool")
     try:
-        return operator.index(value)  # type: ignore[call-overload, no-any-return]
+        return operator.index(cast(SupportsIndex, value))
     except TypeError:
         raise TypeError(f"{what} must be an integer, not {type(value).__name__}") from None
 

@@ -160,7 +160,7 @@ def read_image(source: Any) -> np.ndarray:
             raise ksm_error(errno.EINVAL, f"{name}: {size} bytes is not a whole number of "
                             f"{PAGE_SIZE}-byte pages")
         out = np.empty(size, dtype=np.uint8)
-        view = memoryview(out)
+        view = out.data
         done = 0
         while done < size:
             n = f.readinto(view[done:])

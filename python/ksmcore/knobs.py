@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import operator
 from collections.abc import Collection
+from typing import SupportsIndex, cast
 
 from .constants import COUNTERS, KNOB_DEFAULTS, PAGE_SIZE, SYSFS_FILES
 from .errors import ksm_error
@@ -165,7 +166,7 @@ def knob_text(value: object) -> str | bytes:
     if isinstance(value, (str, bytes)):
         return value
     try:
-        return str(operator.index(value))  # type: ignore[call-overload]  # int, numpy ints
+        return str(operator.index(cast(SupportsIndex, value)))  # int, numpy ints
     except TypeError:
         pass
     raise TypeError(f"a knob takes an int, a str or bytes, not {type(value).__name__}")

@@ -191,9 +191,10 @@ def check_invariants(m: Machine) -> None:
         "mm_thp_split_zero_pages": np.bincount(mm_ids[sl["pte"] == lib.KSM_PTE_SPLIT_ZERO],
                                                minlength=nmm),
     }
-    for name, want in per_mm.items():
+    for name, recount in per_mm.items():
         got = mem.mm[name][:nmm]
-        _check(np.array_equal(got, want[:nmm]), f"{name} per mm {got} != recount {want[:nmm]}")
+        _check(np.array_equal(got, recount[:nmm]),
+               f"{name} per mm {got} != recount {recount[:nmm]}")
 
     # page tables and frames: mapcounts, no mapping of a free frame, KSM marks
     pte = sl["pte"]

@@ -72,6 +72,22 @@ class _MmSlot:
 class Ksm:
     """``m.ksm``: every file of /sys/kernel/mm/ksm/ as an attribute, and ksmd itself."""
 
+    # set through object.__setattr__ (attribute writes of other names are sysfs writes)
+    _m: Machine
+    _guard: Any
+    _knobs: dict[str, Any]  # ints, and advisor_mode's name
+    _files: Any
+    _slots: list[_MmSlot]
+    _cursor: _MmSlot | None
+    _address: int
+    _clock_ns: int
+    _cpu_ns: int
+    _batch_pages: int
+    _cost: CostModel
+    _wake: int | None
+    _advisor: _AdvisorCtx
+    _trace: Tracer
+
     def __init__(self, machine: Machine) -> None:
         object.__setattr__(self, "_m", machine)
         object.__setattr__(self, "_guard", machine._guard)
@@ -143,7 +159,7 @@ class Ksm:
         if name == "run":
             if value != knobs["run"]:
                 knobs["run"] = value
-                if value & KSM_RUN_UNMERGE:
+                if int(value) & KSM_RUN_UNMERGE:
                     self._unmerge_and_remove_all_rmap_items()
             return
         if name in ("merge_across_nodes", "max_page_sharing"):

@@ -49,7 +49,7 @@ def estimate(sources: Iterable[SourceSpec] = (), **knobs: Any) -> dict[str, Any]
         elif isinstance(s, int) and not isinstance(s, bool):
             pids.append(str(s))
         else:
-            files.append(os.fspath(s))
+            files.append(os.fspath(s))  # type: ignore[arg-type]  # a bool is refused above
     args.sources, args.pid, args.extra_sources = files, pids, objects
     args.json, args.no_progress = True, True
     _, result = run_estimate(args)

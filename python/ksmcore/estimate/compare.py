@@ -22,6 +22,7 @@ from .errors import EXIT_USAGE, EstimateError
 from .procmem import ProcessUnreadable, read_process
 from .report import _table, duration, mib
 from .simulate import Knobs, cpu_fraction, ksmd_times, load, new_machine, run_ksmd
+from .sources import Source
 
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 KNOB_NAMES = ("merge_across_nodes", "max_page_sharing", "pages_to_scan", "sleep_millisecs",
@@ -101,8 +102,10 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         raise EstimateError("no process is registered with KSM here (no VM_MERGEABLE range, "
                             "no PR_SET_MEMORY_MERGE): nothing to compare; ksmcore estimate "
                             "tells what KSM would save")
-    knobs = Knobs(**{k: int(host[k]) for k in KNOB_NAMES if k in host})
-    sources, stats, remarks = [], [], []
+    knobs = Knobs(**{k: int(host[k]) for k in KNOB_NAMES if k in host})  # type: ignore[arg-type]
+    sources: list[Source] = []
+    stats: list[dict[str, Any]] = []
+    remarks: list[str] = []
     for pid in pids:
         try:
             src = read_process(pid, mergeable_only=True)
@@ -179,7 +182,7 @@ def text(result: dict[str, Any]) -> str:
         if name == "general_profit":
             rows.append([name + " (MiB)", f"{now / 2**20:.1f}", f"{then / 2**20:.1f}"])
         else:
-            rows.append([name, now, then])
+            rows.append([name, str(now), str(then)])
     rows.append(["memory saved (MiB)", f"{host['saved_mib']:.1f}",
                  f"{mib(result['converged_saved_pages']):.1f}"])
     lines += _table(["", "ksmd now", "converged (estimate)"], rows)

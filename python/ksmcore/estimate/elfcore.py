@@ -107,7 +107,7 @@ def _nt_file(desc: bytes, elfclass: int, little: bool) -> list[tuple[int, int]]:
     if count > (len(desc) - 2 * word) // (3 * word):
         raise _Corrupt(f"NT_FILE note claims {count} mappings but holds at most "
                        f"{(len(desc) - 2 * word) // (3 * word)}")
-    triples = np.frombuffer(desc, dtype=np.dtype(fmt[1]).newbyteorder(fmt[0]),
+    triples = np.frombuffer(desc, dtype=np.dtype(fmt[1]).newbyteorder("<" if little else ">"),
                             count=3 * count, offset=2 * word).reshape(count, 3)
     return [(int(a), int(b)) for a, b in triples[:, :2]]
 

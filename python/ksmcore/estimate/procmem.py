@@ -455,7 +455,7 @@ def _read_pages(pid: int, vpns: np.ndarray, out: np.ndarray) -> np.ndarray:
             done = 0
             while done < n * PAGE_SIZE:
                 want = min(READ_CHUNK, n * PAGE_SIZE - done)
-                view = memoryview(flat[s * PAGE_SIZE + done : s * PAGE_SIZE + done + want])
+                view = flat[s * PAGE_SIZE + done : s * PAGE_SIZE + done + want].data
                 try:
                     k = os.preadv(fd, [view], addr + done)
                 except OSError as e:

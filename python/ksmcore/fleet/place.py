@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -125,7 +126,7 @@ class Placer:
                            h.extra / self.p, h.gain / self.p)
 
     def _corr(self, c: int) -> int:
-        return int(chain_correction(np.int64(c), self.mps)) if c > self.mps else 0
+        return int(chain_correction(np.array(c, np.int64), self.mps)) if c > self.mps else 0
 
     def _sample_update(self, h: _Host, it: _Item, sign: int) -> None:
         for k, c in it.sample.items():
@@ -213,8 +214,8 @@ class Placer:
         placed = np.zeros(n, bool)
         for _ in range(n):
             room = np.array([self.capacity - h.pages for h in hosts], np.int64)
-            fits = (sizes[:, None] <= room[None, :]) & ~placed[:, None]
-            if not fits.any(axis=1)[~placed].all():
+            fits: np.ndarray = (sizes[:, None] <= room[None, :]) & ~placed[:, None]
+            if not np.asarray(fits.any(axis=1))[~placed].all():
                 i = int(np.flatnonzero(~placed & ~fits.any(axis=1))[0])
                 raise PlacementError(
                     f"{self.sketches[i].name} ({self.items[i].pages} pages) fits on no host "
@@ -262,7 +263,7 @@ class Placer:
                     continue
                 self.remove(ha, i)
                 va_without = self.value(ha)
-                best_gain, best_move = eps, None
+                best_gain, best_move = eps, cast(tuple[int, int | None] | None, None)
                 for b, hb in enumerate(hosts):
                     if b == a:
                         continue
@@ -293,12 +294,12 @@ class Placer:
                 if best_move is None:
                     self.add(ha, i)
                     continue
-                b, t = best_move
+                b, t2 = best_move
                 hb = hosts[b]
-                if t is not None:
-                    self.remove(hb, t)
-                    self.add(ha, t)
-                    where[t] = a
+                if t2 is not None:
+                    self.remove(hb, t2)
+                    self.add(ha, t2)
+                    where[t2] = a
                 self.add(hb, i)
                 where[i] = b
                 values[a], values[b] = self.value(ha), self.value(hb)

@@ -139,34 +139,34 @@ def check_invariants(ksm: Ksm, mem: PhysMem, mms: list[Mm]) -> None:
     for slot in slots:
         mm = slot.mm
         assert mm is not None
-        item: RmapItem | None = slot.rmap_list
+        cur: RmapItem | None = slot.rmap_list
         last = -1
-        while item is not None:
-            if item.mm is not mm:
+        while cur is not None:
+            if cur.mm is not mm:
                 _fail("an rmap_item is on another mm's rmap_list")
-            addr = item.address & PAGE_MASK
+            addr = cur.address & PAGE_MASK
             if addr <= last:
                 _fail("an rmap_list is not sorted by address")
             last = addr
             total_items += 1
             per_mm_items[id(mm)] = per_mm_items.get(id(mm), 0) + 1
-            flags = item.address & (STABLE_FLAG | UNSTABLE_FLAG)
+            flags = cur.address & (STABLE_FLAG | UNSTABLE_FLAG)
             if flags == STABLE_FLAG | UNSTABLE_FLAG:
                 _fail("an rmap_item is both stable and unstable")
             if flags == STABLE_FLAG:
-                if item.head is None or id(item.head) not in node_ids:
+                if cur.head is None or id(cur.head) not in node_ids:
                     _fail("a stable rmap_item's node is not in the stable tree")
                 per_mm_merging[id(mm)] = per_mm_merging.get(id(mm), 0) + 1
             elif flags == UNSTABLE_FLAG:
                 unshared += 1
-                age = (seqnr - item.address) & SEQNR_MASK
+                age = (seqnr - cur.address) & SEQNR_MASK
                 if age > 1:
                     _fail("an unstable rmap_item is older than one scan")
                 if age == 0 and not between_rounds:
-                    fresh_unstable.add(id(item))
-            elif item.address & SEQNR_MASK:
+                    fresh_unstable.add(id(cur))
+            elif cur.address & SEQNR_MASK:
                 _fail("an rmap_item with no flag keeps a seqnr")
-            item = item.rmap_list
+            cur = cur.rmap_list
     if total_items != ksm.ksm_rmap_items:
         _fail(f"ksm_rmap_items {ksm.ksm_rmap_items} != recount {total_items}")
     if unshared != ksm.ksm_pages_unshared:
@@ -247,9 +247,9 @@ def check_invariants(ksm: Ksm, mem: PhysMem, mms: list[Mm]) -> None:
         if frame.mapcount != mapcount.get(frame.pfn, 0):
             _fail(f"frame {frame.pfn}: mapcount {frame.mapcount} != "
                   f"{mapcount.get(frame.pfn, 0)} PTEs")
-        node = frame.stable_node
-        if node is not None:
+        snode = frame.stable_node
+        if snode is not None:
             if not frame.ksm:
                 _fail(f"frame {frame.pfn} has a stable node but is not KSM")
-            if node.kpfn != frame.pfn or id(node) not in node_ids:
+            if snode.kpfn != frame.pfn or id(snode) not in node_ids:
                 _fail(f"frame {frame.pfn}: its stable node does not point back to it")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Sequence
-from typing import IO, Any
+from collections.abc import Iterable, Sequence
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -64,6 +64,7 @@ from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
 from ..tracing import Event, Tracer, tracing
 from .invariants import check_invariants
 from .ksm import Ksm
+from .ksm_structs import StableNode
 from .mm import PAGE_MASK, SPLIT_ZERO_PFN, Mm, PhysMem, Vma
 
 
@@ -580,6 +581,8 @@ class KsmSysfs:
     """``m.ksm``: every sysfs file of /sys/kernel/mm/ksm/ as an attribute, plus ksmd."""
 
     __slots__ = ("_ksm", "_guard")
+    _ksm: Ksm
+    _guard: Guard
 
     def __init__(self, ksm: Ksm, guard: Guard) -> None:
         object.__setattr__(self, "_ksm", ksm)
@@ -599,7 +602,7 @@ class KsmSysfs:
         return [*self._ksm.mem.profile.sysfs_files, "sysfs_write", "sysfs_read", "do_scan",
                 "scan", "stats"]
 
-    def sysfs_write(self, name: str, text: str) -> None:
+    def sysfs_write(self, name: str, text: str | bytes) -> None:
         self._ksm.store(name, text)
 
     def sysfs_read(self, name: str) -> str:
@@ -662,7 +665,7 @@ class KsmSysfs:
 
         out: list[dict[str, Any]] = []
         for nid in range(ksm.mem.nodes):
-            for node in ksm.root_stable_tree[nid]:
+            for node in cast(Iterable[StableNode], ksm.root_stable_tree[nid]):
                 if node.is_chain():
                     dups = [d for d in node.dups if live(d)]
                     kpfns = [d.kpfn for d in dups]
@@ -677,7 +680,8 @@ class KsmSysfs:
         every stable node with rmap_items as the global counters do (numastat)."""
         ksm = self._ksm
         out = {n: {"pages_shared": 0, "pages_sharing": 0} for n in range(ksm.mem.nodes)}
-        nodes = [d for nid in range(ksm.mem.nodes) for n in ksm.root_stable_tree[nid]
+        nodes = [d for nid in range(ksm.mem.nodes)
+                 for n in cast(Iterable[StableNode], ksm.root_stable_tree[nid])
                  for d in (n.dups if n.is_chain() else [n])] + list(ksm.migrate_nodes)
         for node in nodes:
             if node.rmap_hlist_len == 0:
