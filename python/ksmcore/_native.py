@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._ksmcore import ffi, lib  # type: ignore[import-untyped,unused-ignore]
+from ._ksmcore import ffi, lib  # compiled by cffi: untyped (pyproject [tool.mypy])
 
 __all__ = ["ffi", "lib", "ptr", "calc_checksums"]
 
