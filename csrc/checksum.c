@@ -163,7 +163,6 @@ int ksm_checksum_select(int impl)
 {
 #ifdef KSM_HAVE_AVX512_CSUM
     __builtin_cpu_init();
-    __builtin_cpu_init();
     int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                  __builtin_cpu_supports("avx512vl");
 #else

@@ -4,6 +4,7 @@ The block between CFFI-BEGIN and CFFI-END in the header is the cdef: the header 
 the one source of truth for the C API. Only C is generated here; CMake compiles it.
 """
 
+import hashlib
 import pathlib
 import re
 import sys
@@ -23,10 +24,20 @@ def cdef_text() -> str:
     return m.group(1)
 
 
+def cdef_hash(text: str) -> str:
+    """What _native.py compares to tell a stale build: the cdef's SHA-256."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def main(out: str) -> None:
     ffi = cffi.FFI()
-    ffi.cdef(cdef_text())
-    ffi.set_source("ksmcore._ksmcore", '#include "ksmcore.h"')
+    text = cdef_text()
+    ffi.cdef(text + "\nconst char *ksmcore_cdef_hash(void);\n")
+    ffi.set_source(
+        "ksmcore._ksmcore",
+        '#include "ksmcore.h"\n'
+        f'const char *ksmcore_cdef_hash(void) {{ return "{cdef_hash(text)}"; }}\n',
+    )
     ffi.emit_c_code(out)
 
 

@@ -4,9 +4,10 @@
  * Function names are the kernel's.  One call of ksm_scan_range() runs
  * scan_get_next_rmap_item()'s page walk and cmp_and_merge_page() for a whole run
  * of slots of one VMA, so Python is called once per VMA and batch, not per page.
- * The model has no GUP pins, swap, THP or allocation failures (ksm_reserve()
+ * The model has no GUP pins, swap or allocation failures (ksm_reserve()
  * guarantees the nodes a batch can need), so write_protect_page() and friends
- * succeed whenever the kernel's logic lets them.
+ * succeed whenever the kernel's logic lets them. Transparent huge pages are
+ * large folios (struct ksm_folio) that try_to_merge_one_page() splits.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -105,12 +106,21 @@ int ksm_ctx_init(struct ksm_ctx *c)
     c->uprefix = NULL;
     c->ucap = c->ucount = 0;
     c->uquiet_from = 0;
+    c->folios = NULL;
+    c->folios_cap = c->folios_used = 0;
+    c->folios_free = NIL;
     c->zero_checksum = 0; /* set by Python from calc_checksum of the zero page */
     return ksm_reserve(c, 64, 64);
 }
 
 void ksm_ctx_release(struct ksm_ctx *c)
 {
+    for (int32_t i = 0; i < c->folios_used; i++)
+        free(c->folios[i].maps);
+    free(c->folios);
+    c->folios = NULL;
+    c->folios_cap = c->folios_used = 0;
+    c->folios_free = NIL;
     free(c->stable);
     free(c->stable_rb);
     free(c->trace);
@@ -229,25 +239,175 @@ void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t
 
 /* drop one mapping; the frame is freed with its last one, and a freed KSM
  * frame no longer names its stable node, which is how the node goes stale */
+static void free_folio(struct ksm_ctx *c, int32_t f);
+static void free_frame(struct ksm_ctx *c, int32_t pfn);
+
 static void put_frame(struct ksm_ctx *c, int32_t pfn)
 {
+    int32_t f = c->frame_folio[pfn];
+    if (f >= 0) {
+        /* a subpage of a large folio: the folio holds the memory until its last
+         * subpage is unmapped (partially mapped folios wait for a split) */
+        int32_t mc = --c->frame_mapcount[pfn];
+        if (mc == 1)
+            c->folios[f].shared--;
+        else if (mc == 0 && --c->folios[f].mapped == 0)
+            free_folio(c, f);
+        return;
+    }
     if (--c->frame_mapcount[pfn] > 0)
         return;
     if (c->frame_stable[pfn] >= 0)
         c->stable[c->frame_stable[pfn]].stale = 1;
-    if (frame_is_image(c, pfn)) {
-        c->frame_stable[pfn] = KSM_FRAME_NOT_KSM; /* the image's memory is not ours */
-        return;
-    }
+    free_frame(c, pfn);
+}
+
+static inline int frame_is_ksm(const struct ksm_ctx *c, int32_t pfn)
+{
+    return c->frame_stable[pfn] != KSM_FRAME_NOT_KSM;
+}
+
+/* ---------------------------------------------------------------- large folios */
+
+static void free_frame(struct ksm_ctx *c, int32_t pfn)
+{
+    c->frame_stable[pfn] = KSM_FRAME_NOT_KSM;
+    if (frame_is_image(c, pfn))
+        return; /* the image's memory is not ours */
     int nid = frame_nid(c, pfn);
     c->frame_stable[pfn] = KSM_FREE_LINK(c->free_head[nid]);
     c->free_head[nid] = pfn;
     c->nr_free[nid]++;
 }
 
-static inline int frame_is_ksm(const struct ksm_ctx *c, int32_t pfn)
+/* the folio's last subpage went: every frame becomes free (small) memory */
+static void free_folio(struct ksm_ctx *c, int32_t f)
 {
-    return c->frame_stable[pfn] != KSM_FRAME_NOT_KSM;
+    struct ksm_folio *fo = &c->folios[f];
+    for (int64_t k = 0; k < KSM_HPAGE_PMD_NR; k++) {
+        int32_t pfn = (int32_t)(fo->head + k);
+        c->frame_folio[pfn] = -1;
+        free_frame(c, pfn);
+    }
+    fo->nr_maps = 0;
+    fo->next_free = c->folios_free;
+    c->folios_free = f;
+}
+
+static int folio_add_map(struct ksm_ctx *c, int32_t f, int64_t base)
+{
+    struct ksm_folio *fo = &c->folios[f];
+    for (int32_t i = 0; i < fo->nr_maps; i++)
+        if (fo->maps[i] == base)
+            return 0;
+    if (fo->nr_maps == fo->maps_cap) {
+        int32_t cap = fo->maps_cap ? 2 * fo->maps_cap : 2;
+        int64_t *m = realloc(fo->maps, (size_t)cap * sizeof(*m));
+        if (!m)
+            return -1;
+        fo->maps = m;
+        fo->maps_cap = cap;
+    }
+    fo->maps[fo->nr_maps++] = base;
+    return 0;
+}
+
+int32_t ksm_make_folio(struct ksm_ctx *c, int64_t slot, int64_t head)
+{
+    int32_t f = c->folios_free;
+    if (f != NIL) {
+        c->folios_free = c->folios[f].next_free;
+    } else {
+        if (c->folios_used == c->folios_cap) {
+            int32_t cap = c->folios_cap ? 2 * c->folios_cap : 64;
+            struct ksm_folio *n = realloc(c->folios, (size_t)cap * sizeof(*n));
+            if (!n)
+                return -1;
+            c->folios = n;
+            c->folios_cap = cap;
+        }
+        f = c->folios_used++;
+        c->folios[f].maps = NULL;
+        c->folios[f].maps_cap = 0;
+    }
+    struct ksm_folio *fo = &c->folios[f];
+    fo->head = head;
+    fo->nr_maps = 0;
+    fo->mapped = KSM_HPAGE_PMD_NR;
+    fo->shared = 0;
+    fo->next_free = NIL;
+    if (folio_add_map(c, f, slot) != 0) {
+        fo->next_free = c->folios_free;
+        c->folios_free = f;
+        return -1;
+    }
+    for (int64_t k = 0; k < KSM_HPAGE_PMD_NR; k++)
+        c->frame_folio[head + k] = f;
+    return f;
+}
+
+static int page_is_zero(const uint8_t *p)
+{
+    static const uint8_t zero[KSM_PAGE_SIZE];
+    return memcmp(p, zero, KSM_PAGE_SIZE) == 0;
+}
+
+/* split_huge_page(): unmap_folio() + remap_page(RMP_USE_SHARED_ZEROPAGE). Every
+ * mapping of a zero-filled subpage becomes the shared zero page
+ * (try_to_map_unused_to_zeropage(): no mlock or userfaultfd in the model); the other
+ * subpages stay mapped as small pages; subpages no longer mapped are freed. */
+static void split_huge_page(struct ksm_ctx *c, int32_t f)
+{
+    struct ksm_folio *fo = &c->folios[f];
+    int64_t head = fo->head;
+    unstable_tree_disturbed(c);
+    c->thp_splits++;
+    uint8_t zero[KSM_HPAGE_PMD_NR];
+    for (int64_t k = 0; k < KSM_HPAGE_PMD_NR; k++)
+        zero[k] = c->frame_mapcount[head + k] > 0 && page_is_zero(page_address(c, head + k));
+    for (int32_t i = 0; i < fo->nr_maps; i++) {
+        int64_t base = fo->maps[i];
+        for (int64_t k = 0; k < KSM_HPAGE_PMD_NR; k++) {
+            int64_t s = base + k;
+            if (!zero[k] || c->pte[s] != head + k)
+                continue;
+            c->pte[s] = KSM_PTE_SPLIT_ZERO;
+            c->ri_flags[s] &= (uint16_t)~KSM_SLOT_CSUM_FRESH;
+            c->thp_split_zero_pages++;
+            c->mm_thp_split_zero_pages[SLOT_MM(c, s)]++;
+            c->frame_mapcount[head + k]--;
+        }
+    }
+    for (int64_t k = 0; k < KSM_HPAGE_PMD_NR; k++) {
+        int32_t pfn = (int32_t)(head + k);
+        c->frame_folio[pfn] = -1;
+        if (c->frame_mapcount[pfn] == 0)
+            free_frame(c, pfn);
+    }
+    fo->nr_maps = 0;
+    fo->next_free = c->folios_free;
+    c->folios_free = f;
+}
+
+void ksm_split_folio(struct ksm_ctx *c, int64_t pfn)
+{
+    if (c->frame_folio[pfn] >= 0)
+        split_huge_page(c, c->frame_folio[pfn]);
+}
+
+/* a write to a subpage of a large folio reuses it unless the folio is mapped by
+ * another mm too (__wp_can_reuse_large_anon_folio(); do_huge_pmd_wp_page() splits
+ * the PMD and falls back to a 4 KiB copy) */
+static inline int folio_shared(const struct ksm_ctx *c, int32_t pfn)
+{
+    int32_t f = c->frame_folio[pfn];
+    return f >= 0 && c->folios[f].shared > 0;
+}
+
+static void ksm_unmap_split_zero_page(struct ksm_ctx *c, int64_t slot)
+{
+    c->thp_split_zero_pages--;
+    c->mm_thp_split_zero_pages[SLOT_MM(c, slot)]--;
 }
 
 static void ksm_unmap_zero_page(struct ksm_ctx *c, int64_t slot)
@@ -269,17 +429,19 @@ int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, cons
         int32_t p = c->pte[s];
         int whole = s >= full_lo && s < full_hi;
         if (p >= 0 && !frame_is_ksm(c, p) && c->frame_mapcount[p] == 1 &&
-            !frame_is_image(c, p))
+            !frame_is_image(c, p) && !folio_shared(c, p))
             continue; /* exclusive anonymous page: written in place */
         used++;
         if (dry_run)
             continue;
         int32_t n = ksm_frame_alloc(c, nids ? nids[s - lo] : nid);
-        if (p == KSM_PTE_NONE || p == KSM_PTE_ZERO) {
+        if (p < 0) {
             if (!whole)
                 memset(page_address(c, n), 0, KSM_PAGE_SIZE);
             if (p == KSM_PTE_ZERO)
                 ksm_unmap_zero_page(c, s);
+            else if (p == KSM_PTE_SPLIT_ZERO)
+                ksm_unmap_split_zero_page(c, s);
         } else {
             /* COW of a KSM page or of a page shared since fork */
             if (!whole)
@@ -301,8 +463,10 @@ int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, const 
     int64_t used = 0;
     for (int64_t s = lo; s < hi; s++) {
         int32_t p = c->pte[s];
-        if (p == KSM_PTE_NONE || (p >= 0 && !frame_is_ksm(c, p)))
+        if (p == KSM_PTE_NONE || p == KSM_PTE_SPLIT_ZERO || (p >= 0 && !frame_is_ksm(c, p)))
             continue;
+        if (p == KSM_PTE_ZERO && !c->unshare_zero_pages)
+            continue; /* before 6.6 break_ksm() left KSM-placed zero pages mapped */
         used++;
         if (dry_run)
             continue;
@@ -359,6 +523,8 @@ void ksm_zap_range(struct ksm_ctx *c, int64_t lo, int64_t hi)
         int32_t p = c->pte[s];
         if (p == KSM_PTE_ZERO)
             ksm_unmap_zero_page(c, s);
+        else if (p == KSM_PTE_SPLIT_ZERO)
+            ksm_unmap_split_zero_page(c, s);
         else if (p >= 0)
             put_frame(c, p);
         c->pte[s] = KSM_PTE_NONE;
@@ -377,8 +543,15 @@ void ksm_fork_range(struct ksm_ctx *c, int64_t src, int64_t dst, int64_t n, int3
             /* the child's zero PTEs add to the global count (ksm_fork) */
             c->ksm_zero_pages++;
             c->mm_zero_pages[child_mm]++;
+        } else if (p == KSM_PTE_SPLIT_ZERO) {
+            c->thp_split_zero_pages++;
+            c->mm_thp_split_zero_pages[child_mm]++;
         } else if (p >= 0) {
-            c->frame_mapcount[p]++;
+            int32_t f = c->frame_folio[p];
+            if (++c->frame_mapcount[p] == 2 && f >= 0)
+                c->folios[f].shared++;
+            if (f >= 0) /* copy_huge_pmd() / copy_present_ptes(): the child maps it too */
+                folio_add_map(c, f, dst + i - (p - c->folios[f].head));
         }
     }
 }
@@ -707,10 +880,21 @@ static void replace_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpa
  * compared: the caller's tree walk has just found page and kpage equal, and nothing can
  * run in between in the model, so the kernel's pages_identical() would find them equal. */
 static int try_to_merge_one_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpage,
-                                 int compared)
+                                 int compared, int pinned_twice)
 {
     if (page == kpage) /* a forked KSM page: nothing to do */
         return 0;
+    if (c->frame_folio[page] >= 0) {
+        /* split_huge_page() fails while ksmd holds two references to the folio
+         * (the scanned page and the tree page are subpages of one THP) */
+        if (pinned_twice)
+            return -1;
+        split_huge_page(c, c->frame_folio[page]);
+    }
+    /* write_protect_page(): the page must still be mapped here (a zero-filled
+     * subpage became the shared zero page in the split) */
+    if (c->pte[s] != page)
+        return -1;
     /* write_protect_page() fails on a KSM folio: page_address_in_vma() finds no
      * anon_vma for it ("KSM folios don't reach here because of the !anon_vma
      * check"). Otherwise it cannot fail in the model: no GUP pins, no swap. */
@@ -731,11 +915,12 @@ static inline int find_mergeable_vma(const struct ksm_ctx *c, int64_t s)
     return c->ri_flags[s] & KSM_SLOT_VM_MERGEABLE;
 }
 
-static int try_to_merge_with_ksm_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpage)
+static int try_to_merge_with_ksm_page(struct ksm_ctx *c, int64_t s, int32_t page, int32_t kpage,
+                                      int pinned_twice)
 {
     int err = -1;
     if (find_mergeable_vma(c, s)) {
-        err = try_to_merge_one_page(c, s, page, kpage, 1);
+        err = try_to_merge_one_page(c, s, page, kpage, 1, pinned_twice);
         if (!err) /* the unstable nid shares storage with the stable anon_vma */
             remove_rmap_item_from_tree(c, s);
     }
@@ -749,7 +934,7 @@ static int try_to_merge_with_zero_page(struct ksm_ctx *c, int64_t s, int32_t pag
     if (c->use_zero_pages && c->ri_oldchecksum[s] == c->zero_checksum) {
         if (!find_mergeable_vma(c, s))
             return 0;
-        int err = try_to_merge_one_page(c, s, page, 0, 0);
+        int err = try_to_merge_one_page(c, s, page, 0, 0, 0);
         trace_event(c, KSM_TRACE_MERGE_ONE_PAGE, NIL, 0, s, err ? -14 : 0);
         return err;
     }
@@ -760,9 +945,10 @@ static int32_t try_to_merge_two_pages(struct ksm_ctx *c, int64_t s, int32_t page
                                       int64_t t, int32_t tree_page)
 {
     /* the scanned page becomes the KSM page; the tree item's PTE moves onto it */
-    int err = try_to_merge_with_ksm_page(c, s, page, NIL);
+    int same = c->frame_folio[page] >= 0 && c->frame_folio[page] == c->frame_folio[tree_page];
+    int err = try_to_merge_with_ksm_page(c, s, page, NIL, same);
     if (!err) {
-        err = try_to_merge_with_ksm_page(c, t, tree_page, page);
+        err = try_to_merge_with_ksm_page(c, t, tree_page, page, 0);
         /* a KSM tree page cannot be write-protected: then the scanned page, now a
          * KSM page with one mapping, is unshared (break_cow) - by Python, which
          * knows where the owner's policy allocates; ksm_scan_range stops here */
@@ -1070,11 +1256,31 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
     return NIL;
 }
 
+/* The checksum test of cmp_and_merge_page(): 1 when there is nothing more to do,
+ * because the page changed since its last visit (volatile) or was merged with the
+ * zero page. */
+static int volatile_or_zero(struct ksm_ctx *c, int64_t s, int32_t page)
+{
+    uint32_t checksum;
+    if (c->ri_flags[s] & KSM_SLOT_CSUM_FRESH) {
+        /* nothing wrote this page since its checksum was taken: a cache, the value
+         * is the one calc_checksum() would return */
+        checksum = c->ri_oldchecksum[s];
+    } else {
+        checksum = calc_checksum(page_address(c, page));
+        c->ri_flags[s] |= KSM_SLOT_CSUM_FRESH;
+    }
+    if (c->ri_oldchecksum[s] != checksum) {
+        c->ri_oldchecksum[s] = checksum;
+        return 1;
+    }
+    return !try_to_merge_with_zero_page(c, s, page);
+}
+
 static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
 {
     int32_t page = c->pte[s];
     int32_t stable_node = c->frame_stable[page] >= 0 ? c->frame_stable[page] : NIL;
-    int bypass = 0; /* a KSM fork may go over max_page_sharing; only the kernel's WARN cares */
 
     if (stable_node != NIL) {
         struct ksm_stable_node *sn = &c->stable[stable_node];
@@ -1085,28 +1291,14 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
         if (c->stable[stable_node].head != KSM_HEAD_MIGRATE &&
             (c->ri_flags[s] & KSM_STABLE_FLAG) && c->ri_head[s] == stable_node)
             return; /* already accounted */
-        if (!is_page_sharing_candidate(c, stable_node))
-            bypass = 1;
-    } else {
+        /* the kernel notes here whether a KSM fork took the chain past
+         * max_page_sharing (max_page_sharing_bypass); it only feeds a WARN */
+    } else if (c->checksum_first) {
+        /* 6.11+: a page that is not a KSM page meets the checksum first */
         remove_rmap_item_from_tree(c, s);
-        /* a page whose checksum changed since the last visit is volatile */
-        uint32_t checksum;
-        if (c->ri_flags[s] & KSM_SLOT_CSUM_FRESH) {
-            /* nothing wrote this page since its checksum was taken: a cache, the
-             * value is the one calc_checksum() would return */
-            checksum = c->ri_oldchecksum[s];
-        } else {
-            checksum = calc_checksum(page_address(c, page));
-            c->ri_flags[s] |= KSM_SLOT_CSUM_FRESH;
-        }
-        if (c->ri_oldchecksum[s] != checksum) {
-            c->ri_oldchecksum[s] = checksum;
-            return;
-        }
-        if (!try_to_merge_with_zero_page(c, s, page))
+        if (volatile_or_zero(c, s, page))
             return;
     }
-    (void)bypass;
 
     int64_t kfolio = stable_tree_search(c, page);
     if (kfolio == page && stable_node != NIL && (c->ri_flags[s] & KSM_STABLE_FLAG) &&
@@ -1116,19 +1308,28 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
     remove_rmap_item_from_tree(c, s);
 
     if (kfolio != NIL) {
-        if (!try_to_merge_with_ksm_page(c, s, page, (int32_t)kfolio))
+        if (!try_to_merge_with_ksm_page(c, s, page, (int32_t)kfolio, 0))
             stable_tree_append(c, s, c->frame_stable[kfolio]);
         return;
     }
+    /* before 6.11 every page searched the stable tree first, then the checksum */
+    if (!c->checksum_first && volatile_or_zero(c, s, page))
+        return;
 
     int32_t tree_page = NIL;
     int32_t t = unstable_tree_search_insert(c, s, page, &tree_page);
+    if (t == NIL && c->pte[s] != page)
+        unstable_tree_disturbed(c); /* inserted with its page gone (split to zero) */
     if (t != NIL) {
+        /* both subpages of one THP: the merge failed, split it now (no merge) */
+        int split = c->frame_folio[page] >= 0 && c->frame_folio[page] == c->frame_folio[tree_page];
         int32_t kpfn = try_to_merge_two_pages(c, s, page, t, tree_page);
         if (kpfn != NIL) {
             int32_t node = stable_tree_insert(c, kpfn);
             stable_tree_append(c, t, node);
             stable_tree_append(c, s, node);
+        } else if (split && c->frame_folio[page] >= 0) {
+            split_huge_page(c, c->frame_folio[page]);
         }
     }
 }

@@ -18,6 +18,10 @@
 #include <stdint.h>
 
 /* CFFI-BEGIN */
+/* The version of this API: raise it with every change between CFFI-BEGIN and
+ * CFFI-END that Python must follow; python/ksmcore/_native.py refuses a library
+ * built for another. */
+#define KSMCORE_ABI_VERSION 3
 #define KSM_PAGE_SIZE 4096
 #define KSM_MAX_NUMNODES 64
 #define KSM_NIL -1
@@ -25,6 +29,11 @@
 /* pte[] values besides a pfn (pfn 0 is the zero page and never a pte value) */
 #define KSM_PTE_NONE -1
 #define KSM_PTE_ZERO -2 /* the KSM-placed zero page: a dirty special zero PTE */
+#define KSM_PTE_SPLIT_ZERO -3 /* the shared zero page, mapped by a huge page split to a
+                               * zero-filled subpage (RMP_USE_SHARED_ZEROPAGE) */
+
+/* transparent huge pages: a PMD-sized anonymous folio of HPAGE_PMD_NR frames */
+#define KSM_HPAGE_PMD_NR 512
 
 /* frame_stable[] values besides a stable node index */
 #define KSM_FRAME_NOT_KSM -1
@@ -91,6 +100,19 @@ struct ksm_trace_event {
     int64_t slot;
 };
 
+/* a PMD-sized anonymous folio (THP): frames head .. head + 511, subpage k at head + k */
+struct ksm_folio {
+    int64_t head;
+    int64_t *maps;   /* per mm that maps it: the slot of subpage 0 (stale entries are
+                      * harmless: a subpage counts as mapped there only while the
+                      * slot's pte still names it) */
+    int32_t nr_maps, maps_cap;
+    int32_t mapped;  /* subpages with mapcount > 0: at 0 the folio is freed */
+    int32_t shared;  /* subpages with mapcount > 1: mapped by another mm too (fork) */
+    int32_t next_free;
+    int32_t pad;
+};
+
 struct ksm_ctx {
     /* page frames: contents in chunks of (1 << chunk_shift) pages; a chunk's frames
      * all lie on one node, and a chunk is either ordinary memory or an image */
@@ -102,6 +124,7 @@ struct ksm_ctx {
     int32_t *frame_mapcount;
     int32_t *frame_stable;    /* stable node index, or KSM_FRAME_*; on a free frame
                                * it links the free list: KSM_FREE_LINK(next) */
+    int32_t *frame_folio;     /* the large folio (THP) the frame belongs to, or -1 */
     int32_t free_head[64];
     int64_t nr_free[64];
 
@@ -120,6 +143,7 @@ struct ksm_ctx {
     int64_t *mm_rmap_items;
     int64_t *mm_merging_pages;
     int64_t *mm_zero_pages;
+    int64_t *mm_thp_split_zero_pages; /* KSM_PTE_SPLIT_ZERO entries of the mm */
 
     /* stable nodes and the unstable tree's nodes (owned by C) */
     struct ksm_stable_node *stable;
@@ -140,11 +164,19 @@ struct ksm_ctx {
     int32_t root_unstable_tree[64];
     int32_t migrate_nodes; /* first stable node on the migrate_nodes list */
 
+    /* large folios (owned by C) */
+    struct ksm_folio *folios;
+    int32_t folios_cap, folios_used, folios_free;
+
     /* knobs */
     int32_t max_page_sharing;
     int32_t merge_across_nodes;
     int32_t use_zero_pages;
     int32_t smart_scan;
+    /* the kernel profile (python/ksmcore/profiles.py): cmp_and_merge_page() checks the
+     * checksum before the stable tree (6.11+); break_ksm() unshares KSM zero pages (6.6+) */
+    int32_t checksum_first;
+    int32_t unshare_zero_pages;
     int32_t ksm_nr_node_ids;
     uint64_t stable_node_chains_prune_millisecs;
     uint64_t jiffies; /* the simulated clock, in ms */
@@ -163,6 +195,8 @@ struct ksm_ctx {
     int64_t pages_scanned, pages_skipped, ksm_zero_pages;
     int64_t stable_node_chains, stable_node_dups;
     int64_t cow_ksm;
+    int64_t thp_split_zero_pages; /* KSM_PTE_SPLIT_ZERO entries (not a sysfs counter) */
+    int64_t thp_splits;           /* huge pages split by ksmd or migration */
 };
 
 /* checksums and comparison */
@@ -196,6 +230,11 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable);
 void ksm_add_frames(struct ksm_ctx *c, int64_t first, int64_t count);
 int32_t ksm_frame_alloc(struct ksm_ctx *c, int nid);
 void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t n);
+/* frames head..head+511, mapped once each at slots slot..slot+511, become one large
+ * folio; returns its index, or -1 when out of memory */
+int32_t ksm_make_folio(struct ksm_ctx *c, int64_t slot, int64_t head);
+/* split_huge_page() of the folio frame pfn belongs to (nothing if it is small) */
+void ksm_split_folio(struct ksm_ctx *c, int64_t pfn);
 
 /* faults and mapping changes, over slot ranges [lo, hi) of one mm.
  * Each returns how many new frames it needs, or did use; with dry_run it only counts. */
@@ -222,6 +261,16 @@ int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget
 void ksm_remove_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi);
 void ksm_start_round(struct ksm_ctx *c);
 int ksm_remove_all_stable_nodes(struct ksm_ctx *c);
+
+/* memory images that shrink underneath (image_guard.c): while a range is registered,
+ * a SIGBUS inside it maps a zero page there and counts a fault against the range
+ * instead of killing the process; the caller checks ksm_image_guard_faults(start)
+ * after each call that may have read the image (-1: no such range).
+ * ksm_image_guard_add returns 0, or -1 when the handler cannot be installed or the
+ * table is full; ksm_image_guard_remove forgets the range that starts at start. */
+int ksm_image_guard_add(const void *start, size_t len);
+void ksm_image_guard_remove(const void *start);
+int64_t ksm_image_guard_faults(const void *start);
 /* CFFI-END */
 
 #endif /* KSMCORE_H */

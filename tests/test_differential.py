@@ -8,6 +8,7 @@ and pass both invariant checkers.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import numpy as np
@@ -25,13 +26,16 @@ from hypothesis.stateful import (
 import ksmcore
 from ksmcore.constants import (
     MADV_DONTNEED,
+    MADV_HUGEPAGE,
     MADV_MERGEABLE,
+    MADV_NOHUGEPAGE,
     MADV_UNMERGEABLE,
     MPOL_MF_MOVE,
     MPOL_MF_MOVE_ALL,
     PAGE_SIZE,
 )
 from ksmcore.errors import KsmdNotRunning
+from ksmcore.thp import HPAGE_PMD_NR, HPAGE_PMD_SIZE
 from ksmcore.tracing import EVENT_FIELDS
 
 from conftest import machine_class
@@ -43,9 +47,12 @@ index = st.integers(0, 1 << 16)
 
 
 class Differential(RuleBasedStateMachine):
+    KERNEL = "6.18"  # the kernel profile both machines follow
+
     def __init__(self) -> None:
         super().__init__()
-        self.machines = [machine_class("engine")(nodes=2), machine_class("reference")(nodes=2)]
+        self.machines = [machine_class(name)(nodes=2, kernel=self.KERNEL)
+                         for name in ("engine", "reference")]
         self.procs: list[list[Any]] = [[], []]
         self.vmas: list[tuple[int, int, int]] = []  # (process index, address, npages)
         # every tracepoint event of each machine since the last check
@@ -53,6 +60,7 @@ class Differential(RuleBasedStateMachine):
         for m, events in zip(self.machines, self.events, strict=True):
             m.trace.subscribe(events.append)
         self.seen: set[str] = set()  # event names raised so far
+        self.move_statuses: set[int] = set()  # move_pages statuses returned so far
 
     # ---- helpers
 
@@ -64,10 +72,20 @@ class Differential(RuleBasedStateMachine):
                 outcomes.append(("ok", fn(side, m)))
             except OSError as e:
                 outcomes.append(("error", type(e).__name__, e.errno))
-            except (KsmdNotRunning, ValueError) as e:
+            except (KsmdNotRunning, ValueError, TypeError, AttributeError) as e:
+                # AttributeError: a sysfs file this kernel profile does not have
                 outcomes.append(("error", type(e).__name__, None))
         assert outcomes[0] == outcomes[1], f"engine {outcomes[0]} != reference {outcomes[1]}"
         return outcomes[0]
+
+    def both_refuse(self, fn: Any) -> None:
+        """An invalid call: both raise the same error and neither changes anything."""
+        before = [snapshot(m, self.procs[s]) for s, m in enumerate(self.machines)]
+        clocks = [m.clock_ns for m in self.machines]
+        out = self.both(fn)
+        assert out[0] == "error", f"accepted: {out}"
+        assert [snapshot(m, self.procs[s]) for s, m in enumerate(self.machines)] == before
+        assert [m.clock_ns for m in self.machines] == clocks
 
     def live(self) -> list[int]:
         return [i for i, p in enumerate(self.procs[0]) if not p.exited]
@@ -205,7 +223,9 @@ class Differential(RuleBasedStateMachine):
         i, addr, npages = self.pick_vma(k)
         start = addr + (first % npages) * PAGE_SIZE
         flags = MPOL_MF_MOVE_ALL if all_ else MPOL_MF_MOVE
-        self.both(lambda side, m: self.procs[side][i].move_pages(start, count, node, flags))
+        out = self.both(lambda side, m: self.procs[side][i].move_pages(start, count, node, flags))
+        if out[0] == "ok":
+            self.move_statuses |= set(out[1])
 
     @rule(value=st.integers(0, 1))
     def set_merge_across_nodes(self, value: int) -> None:
@@ -260,6 +280,54 @@ class Differential(RuleBasedStateMachine):
     def set_tuning_knob(self, name: str, value: str) -> None:
         self.both(lambda side, m: m.ksm.sysfs_write(name, value))
 
+    # ---- invalid operations: the same error on both, and nothing changes
+
+    @precondition(lambda self: self.vmas)
+    @rule(k=index, op=st.integers(0, 23))
+    def invalid_call(self, k: int, op: int) -> None:
+        i, addr, npages = self.pick_vma(k)
+        big = 1 << 63
+
+        def call(side: int, m: Any) -> Any:
+            p = self.procs[side][i]
+            return [
+                lambda: p.mmap(True),
+                lambda: p.mmap(4, node=0.5),
+                lambda: p.mmap(4, node=2),
+                lambda: p.mmap(-3),
+                lambda: p.mmap(m.max_pages + 1),
+                lambda: p.munmap(-PAGE_SIZE, PAGE_SIZE),
+                lambda: p.munmap(addr, 0),
+                lambda: p.madvise(-PAGE_SIZE, PAGE_SIZE, MADV_MERGEABLE),
+                lambda: p.madvise(addr, npages * PAGE_SIZE, 1.0),
+                lambda: p.madvise(addr, (npages + 1) * PAGE_SIZE, MADV_UNMERGEABLE),
+                lambda: p.read(addr + npages * PAGE_SIZE, 1 << 31),
+                lambda: p.read(addr, -1),
+                lambda: p.write(-5, b"x"),
+                lambda: p.prctl_set_memory_merge(1, 0.0),
+                lambda: p.prctl_set_memory_merge(0, 1),
+                lambda: p.set_mempolicy(1, [0.5]),
+                lambda: p.move_pages(addr, 1, 0, flags=0),
+                lambda: p.move_pages(addr + 1, 1, 0),
+                lambda: m.ksm.do_scan(big),
+                lambda: m.ksm.do_scan(None),
+                lambda: m.ksm.scan(-1),
+                lambda: setattr(m, "clock", 1e20),
+                lambda: m.run_for(1e12),
+                lambda: m.pfn_to_nid(1 << 40),
+            ][op]()
+
+        self.both_refuse(call)
+
+    @precondition(lambda self: self.vmas)
+    @rule(k=index, count=st.integers(1, 6))
+    def numpy_integers(self, k: int, count: int) -> None:
+        """numpy integers are integers: accepted wherever an int is."""
+        i, addr, npages = self.pick_vma(k)
+        self.both(lambda side, m: self.procs[side][i].read(np.int64(addr),
+                                                           np.uint16(count * PAGE_SIZE)))
+        self.both(lambda side, m: m.ksm.do_scan(np.int32(count)))
+
     # ---- after every step
 
     def check(self) -> dict[str, Any]:
@@ -284,6 +352,11 @@ class Differential(RuleBasedStateMachine):
         ]
         assert placed[0] == placed[1]
         assert self.machines[0].ksm.node_stats() == self.machines[1].ksm.node_stats()
+        # huge pages: the pages their splits freed, per process and in all
+        split_zero = [(m.thp_split_zero_pages, m.thp_splits,
+                       [p.thp_split_zero_pages for p in self.procs[s] if not p.exited])
+                      for s, m in enumerate(self.machines)]
+        assert split_zero[0] == split_zero[1]
         return engine["stats"]
 
     @invariant()
@@ -291,8 +364,95 @@ class Differential(RuleBasedStateMachine):
         stats = self.check()
         for name in ("pages_sharing", "pages_unshared", "stable_node_chains", "ksm_zero_pages",
                      "pages_skipped"):
-            if stats[name]:
+            if stats.get(name):
                 event(f"reached {name} > 0")
+
+
+class ThpDifferential(Differential):
+    """The same, with mappings that huge pages back: PMD-aligned mmaps of 2 MiB
+    multiples, MADV_HUGEPAGE, the THP knobs, zero-filled subpages, duplicates within
+    and across huge pages, read faults (the huge zero page), fork + write, zaps of
+    whole and partial PMD ranges."""
+
+    @rule(k=index, huge=st.sampled_from([HPAGE_PMD_NR, 2 * HPAGE_PMD_NR, HPAGE_PMD_NR + 3]),
+          advise=st.sampled_from([MADV_HUGEPAGE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, None]))
+    def mmap_huge(self, k: int, huge: int, advise: int | None) -> None:
+        if not self.live():
+            self.spawn()
+        i = self.live()[k % len(self.live())]
+        out = self.both(lambda side, m: self.procs[side][i].mmap(huge))
+        if out[0] != "ok":
+            return
+        self.vmas.append((i, out[1], huge))
+        if advise is not None:
+            self.both(lambda side, m: self.procs[side][i].madvise(out[1], huge * PAGE_SIZE,
+                                                                   advise))
+
+    def huge_vmas(self) -> list[tuple[int, int, int]]:
+        return [v for v in self.vmas if v[2] >= HPAGE_PMD_NR]
+
+    @precondition(lambda self: any(v[2] >= HPAGE_PMD_NR for v in self.vmas))
+    @rule(k=index, seed=st.integers(0, 1 << 16), start=st.integers(0, 600),
+          count=st.sampled_from([1, 3, 64, 512, 1024]))
+    def fill_huge(self, k: int, seed: int, start: int, count: int) -> None:
+        """Pages of few contents (zero-filled ones among them), so that subpages repeat
+        within one huge page and across huge pages and processes."""
+        i, addr, npages = self.huge_vmas()[k % len(self.huge_vmas())]
+        start %= npages
+        count = min(count, npages - start)
+        rng = np.random.default_rng(seed)
+        fills = rng.choice([0, 0, 0, 1, 2, 3, 0xCF], count)
+        pages = np.repeat(fills.astype(np.uint8)[:, None], PAGE_SIZE, axis=1)
+        self.both(lambda side, m: self.procs[side][i].fill(addr + start * PAGE_SIZE, pages))
+
+    @precondition(lambda self: any(v[2] >= HPAGE_PMD_NR for v in self.vmas))
+    @rule(k=index, which=st.integers(0, 3), whole=st.booleans(), advice=st.sampled_from(
+        [MADV_DONTNEED, MADV_MERGEABLE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_UNMERGEABLE]))
+    def madvise_pmd(self, k: int, which: int, whole: bool, advice: int) -> None:
+        """madvise() of a whole PMD range, or of a piece that cuts one."""
+        i, addr, npages = self.huge_vmas()[k % len(self.huge_vmas())]
+        first = (which * HPAGE_PMD_NR) % npages
+        count = min(HPAGE_PMD_NR, npages - first) if whole else 7
+        start = addr + (first + (0 if whole else 100)) * PAGE_SIZE
+        self.both(lambda side, m: self.procs[side][i].madvise(start, count * PAGE_SIZE, advice))
+
+    @precondition(lambda self: any(v[2] >= HPAGE_PMD_NR for v in self.vmas))
+    @rule(k=index, first=st.integers(0, 1100), count=st.sampled_from([1, 5, HPAGE_PMD_NR]))
+    def read_fault(self, k: int, first: int, count: int) -> None:
+        i, addr, npages = self.huge_vmas()[k % len(self.huge_vmas())]
+        first %= npages
+        count = min(count, npages - first)
+        self.both(lambda side, m: self.procs[side][i].read_fault(addr + first * PAGE_SIZE,
+                                                                  count * PAGE_SIZE))
+
+    @precondition(lambda self: any(v[2] >= HPAGE_PMD_NR for v in self.vmas))
+    @rule(k=index, page=st.integers(0, 1100), data=st.binary(min_size=1, max_size=3))
+    def write_huge(self, k: int, page: int, data: bytes) -> None:
+        """A write anywhere in a huge mapping (after a fork: the COW of one subpage)."""
+        i, addr, npages = self.huge_vmas()[k % len(self.huge_vmas())]
+        a = addr + (page % npages) * PAGE_SIZE
+        self.both(lambda side, m: self.procs[side][i].write(a, data))
+
+    @rule(enabled=st.sampled_from(["always", "madvise", "madvise", "never", "bad"]),
+          use_zero_page=st.sampled_from([0, 1, 1]))
+    def set_thp(self, enabled: str, use_zero_page: int) -> None:
+        self.both(lambda side, m: setattr(m, "thp_enabled", enabled))
+        self.both(lambda side, m: setattr(m, "thp_use_zero_page", use_zero_page))
+
+    @invariant()
+    def huge_vmas_aligned(self) -> None:
+        for _, addr, npages in self.vmas:
+            if npages % HPAGE_PMD_NR == 0:
+                assert addr % HPAGE_PMD_SIZE == 0
+
+
+ThpDifferential.TestCase.settings = settings(
+    max_examples=30,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestThpDifferential = ThpDifferential.TestCase
 
 
 Differential.TestCase.settings = settings(
@@ -325,10 +485,12 @@ NUMA_WEIGHTS = dict(WEIGHTS, migrate_page=8, do_scan=8, set_merge_across_nodes=0
                     exit=0, set_max_page_sharing=0)
 
 
-def run_program(seed: int, steps: int = 250, numa: bool = False) -> set[str]:
-    """Run one seeded random program through both machines; returns what it reached."""
+def run_program(seed: int, steps: int = 250, numa: bool = False,
+                kernel: str = Differential.KERNEL) -> set[str]:
+    """Run one seeded random program through both machines (the kernel profile
+    ``kernel``); returns what it reached."""
     rng = np.random.default_rng(seed)
-    d = Differential()
+    d = type(f"Differential_{kernel}", (Differential,), {"KERNEL": kernel})()
     if numa:
         d.both(lambda side, m: setattr(m.ksm, "merge_across_nodes", 0))
     d.start(int(rng.integers(1, 7)), True, [int(x) for x in rng.choice(FILLS, 6)])
@@ -411,14 +573,16 @@ def run_program(seed: int, steps: int = 250, numa: bool = False) -> set[str]:
             d.set_run(1)
         stats = d.check()
         reached |= {n for n in ("pages_sharing", "pages_unshared", "stable_node_chains",
-                                "ksm_zero_pages", "pages_skipped") if stats[n]}
+                                "ksm_zero_pages", "pages_skipped") if stats.get(n)}
         if any(n["where"] == "migrate" for n in d.machines[0].ksm.stable_nodes()):
             reached.add("migrate_nodes")
         if not stats["merge_across_nodes"] and stats["pages_sharing"]:
             reached.add("per-node trees")
-        if any(p.ksm_stat()["ksm_merge_any"] for p in d.procs[0] if not p.exited):
+        if any(p.ksm_stat().get("ksm_merge_any") for p in d.procs[0] if not p.exited):
             reached.add("merge_any")
     reached |= {f"event {name}" for name in d.seen}
+    if -errno.EBUSY in d.move_statuses:  # two addresses of one page queued in one call
+        reached.add("move_pages -EBUSY")
     return reached
 
 
@@ -432,15 +596,101 @@ def test_seeded_numa_program(seed: int) -> None:
     run_program(seed, numa=True)
 
 
+@pytest.mark.parametrize("kernel", ["6.1", "6.6", "6.8", "6.12"])
+@pytest.mark.parametrize("seed", range(3))
+def test_seeded_program_older_kernels(kernel: str, seed: int) -> None:
+    """The profiles of older kernels keep the engine and the reference in agreement."""
+    reached = run_program(1000 + seed, steps=150, numa=bool(seed % 2), kernel=kernel)
+    assert "pages_sharing" in reached
+
+
 def test_seeded_programs_reach_every_path() -> None:
     """The seeded programs are only worth something if they reach the interesting states."""
     reached: set[str] = set()
     for seed in range(100, 112):
         reached |= run_program(seed, steps=150)
     # a stable node stays on migrate_nodes only in rarer programs (a single-mapped
-    # migrated page meeting equal content, or the replace path): these seeds get there
-    for seed in (321, 334, 341):
+    # migrated page meeting equal content, or the replace path): these seeds get there;
+    # 351 moves two addresses of one KSM page in one move_pages call (-EBUSY)
+    for seed in (321, 334, 341, 351):
         reached |= run_program(seed, steps=250, numa=True)
     assert reached >= {"pages_sharing", "pages_unshared", "stable_node_chains",
                        "ksm_zero_pages", "pages_skipped", "migrate_nodes", "per-node trees",
-                       "merge_any"} | {f"event {name}" for name in EVENT_FIELDS}
+                       "merge_any", "move_pages -EBUSY"} \
+        | {f"event {name}" for name in EVENT_FIELDS}
+
+
+THP_WEIGHTS = dict(WEIGHTS, mmap_huge=2, fill_huge=6, madvise_pmd=3, read_fault=2,
+                   write_huge=4, set_thp=1, munmap=0)
+
+
+def run_thp_program(seed: int, steps: int = 80) -> set[str]:
+    """A seeded program over huge mappings: THP on (madvise), MADV_MERGEABLE and
+    MADV_HUGEPAGE on most of them, with the base rules mixed in."""
+    rng = np.random.default_rng(seed)
+    d = ThpDifferential()
+    d.start(int(rng.integers(1, 7)), True, [int(x) for x in rng.choice(FILLS, 6)])
+    reached: set[str] = set()
+    names = list(THP_WEIGHTS)
+    p = np.array([THP_WEIGHTS[n] for n in names], dtype=float)
+    k = lambda: int(rng.integers(0, 1 << 16))  # noqa: E731
+    for _ in range(steps):
+        op = names[rng.choice(len(names), p=p / p.sum())]
+        huge = [v for v in d.vmas if v[2] >= HPAGE_PMD_NR]
+        if op in ("fill_huge", "madvise_pmd", "read_fault", "write_huge") and not huge:
+            op = "mmap_huge"
+        if op == "mmap_huge":
+            d.mmap_huge(k(), int(rng.choice([HPAGE_PMD_NR, 2 * HPAGE_PMD_NR])), MADV_HUGEPAGE)
+            i, addr, npages = d.vmas[-1]
+            d.both(lambda side, m, i=i, addr=addr, npages=npages: d.procs[side][i].madvise(
+                addr, npages * PAGE_SIZE, MADV_MERGEABLE))
+        elif op == "fill_huge":
+            d.fill_huge(k(), k(), int(rng.integers(0, 600)),
+                        int(rng.choice([1, 3, 64, 512, 1024])))
+        elif op == "madvise_pmd":
+            d.madvise_pmd(k(), int(rng.integers(0, 4)), bool(rng.random() < 0.5),
+                          int(rng.choice([MADV_DONTNEED, MADV_MERGEABLE, MADV_HUGEPAGE,
+                                          MADV_NOHUGEPAGE, MADV_UNMERGEABLE])))
+        elif op == "read_fault":
+            d.read_fault(k(), int(rng.integers(0, 1100)), int(rng.choice([1, 5, 512])))
+        elif op == "write_huge":
+            d.write_huge(k(), int(rng.integers(0, 1100)), b"\x01")
+        elif op == "set_thp":
+            d.set_thp(str(rng.choice(["always", "madvise", "never"])), int(rng.integers(0, 2)))
+        elif op == "fill":
+            d.fill(k(), int(rng.integers(0, 6)), [int(x) for x in rng.choice(FILLS, 3)])
+        elif op == "fork" and d.live():
+            d.fork(k())
+        elif op == "exit" and d.live():
+            d.exit(k())
+        elif op in ("do_scan", "run_for"):
+            d.do_scan(int(rng.integers(1, 400)))
+        elif op == "do_scan_to_round_end":
+            d.do_scan_to_round_end()
+        elif op == "set_bool_knob":
+            d.set_bool_knob(str(rng.choice(["use_zero_pages", "smart_scan"])),
+                            bool(rng.random() < 0.5))
+        elif op == "migrate_page" and d.vmas:
+            d.migrate_page(k(), int(rng.integers(0, 6)), int(rng.integers(0, 2)))
+        else:
+            continue
+        stats = d.check()
+        if d.machines[0].thp_split_zero_pages:
+            reached.add("split zero pages")
+        if d.machines[0].thp_splits:
+            reached.add("huge page split")
+        if stats["pages_sharing"]:
+            reached.add("pages_sharing")
+    return reached
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_seeded_thp_program(seed: int) -> None:
+    run_thp_program(seed)
+
+
+def test_seeded_thp_programs_split_huge_pages() -> None:
+    reached: set[str] = set()
+    for seed in range(200, 203):
+        reached |= run_thp_program(seed, steps=60)
+    assert reached >= {"split zero pages", "huge page split", "pages_sharing"}

@@ -35,4 +35,9 @@ def __getattr__(name: str) -> Any:
         from . import engine
 
         return getattr(engine, name)
+    if name in ("reference", "estimate"):
+        # "ksmcore.reference.Machine" after a plain "import ksmcore"
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ksmcore' has no attribute {name!r}")

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._ksmcore import ffi, lib  # type: ignore[attr-defined]
+from ._ksmcore import ffi, lib  # compiled by cffi: untyped (pyproject [tool.mypy])
 
 __all__ = ["ffi", "lib", "ptr", "calc_checksums"]
+
+ABI_VERSION = 3  # csrc/ksmcore.h KSMCORE_ABI_VERSION, which this Python code follows
+
+
+def _check_build(header: Path | None = None) -> None:
+    """Refuse a compiled core built for other Python code: its ABI version differs, or
+    (in a source tree, as after ``pip install -e .``) csrc/ksmcore.h changed since."""
+    how = "rebuild it: pip install -e . (or reinstall the package)"
+    if lib.KSMCORE_ABI_VERSION != ABI_VERSION:
+        raise ImportError(f"ksmcore: the compiled core has ABI version "
+                          f"{lib.KSMCORE_ABI_VERSION}, this Python code needs {ABI_VERSION}; {how}")
+    if header is None:
+        header = Path(__file__).resolve().parents[2] / "csrc" / "ksmcore.h"
+    if not header.is_file():
+        return  # an installed wheel: no source to compare with
+    m = re.search(r"/\* CFFI-BEGIN \*/(.*?)/\* CFFI-END \*/", header.read_text(), re.S)
+    built = ffi.string(lib.ksmcore_cdef_hash()).decode()
+    if m and hashlib.sha256(m.group(1).encode()).hexdigest() != built:
+        raise ImportError(f"ksmcore: the compiled core is stale: {header} changed since it was "
+                          f"built; {how}")
+
+
+_check_build()
 
 _CTYPES = {
     np.dtype(np.uint8): "uint8_t *",

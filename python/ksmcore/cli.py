@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -95,10 +97,62 @@ def _cpu_model() -> str:
     return "unknown CPU"
 
 
+def _add_version(parser: argparse.ArgumentParser) -> None:
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"ksmcore {__version__}")
+
+
+EXIT_SIGPIPE = 128 + 13  # what a shell reports for a writer killed by SIGPIPE
+
+
+def _stdout_gone() -> None:
+    """Point fd 1 at /dev/null, so that the interpreter's own flush at exit does not
+    fail again (and print "Exception ignored ...")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: the command's exit code. Output errors end in one line on
+    stderr (no traceback): a closed stdout or a full device exit 1; a pipe closed by
+    its reader (``| head``) exits quietly with 141, as a writer killed by SIGPIPE."""
+    if sys.stdout is None or not _fd_open(1):
+        print("ksmcore: standard output is closed; nowhere to write the result",
+              file=sys.stderr)
+        return 1
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _stdout_gone()
+        return EXIT_SIGPIPE
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EBADF, errno.EIO, errno.EDQUOT, errno.EFBIG):
+            _stdout_gone()
+            print(f"ksmcore: cannot write the output: {e.strerror}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ksmcore", description="Linux KSM (mm/ksm.c) as a user-space engine."
     )
+    _add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run ksmd on a built-in VM-like workload")
     demo.add_argument("--processes", type=int, default=3)
@@ -120,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .estimate.commands import add_parsers
 
     commands = add_parsers(sub)
+    # sketch and fleet (ksmcore.fleet)
+    from .fleet.commands import add_parsers as add_fleet_parsers
+
+    commands.update(add_fleet_parsers(sub))
     from .estimate.record import add_parser as add_record
 
     add_record(sub)

@@ -10,6 +10,8 @@ MMAP_BASE = 0x10000000  # first address a process's mmap returns
 MADV_MERGEABLE = 12
 MADV_UNMERGEABLE = 13
 MADV_DONTNEED = 4
+MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
 
 # rmap_item->address flag bits (mm/ksm.c)
 SEQNR_MASK = 0x0FF

@@ -82,6 +82,8 @@ from typing import Any
 import numpy as np
 
 from .constants import KNOB_DEFAULTS, KSM_STAT_FIELDS, PAGE_SIZE, SYSFS_FILES
+from .pageflags import zero_page_ptes
+from .thp import HPAGE_PMD_SIZE as THP_PMD_SIZE
 from .workloads import Result, Workload, make_result
 
 __all__ = [
@@ -96,6 +98,7 @@ __all__ = [
 ]
 
 KSM_DIR = Path("/sys/kernel/mm/ksm")
+THP_ENABLED_PATH = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 LONG_SLEEP_MS = 60  # sleep after the last round: the window for writing run=0
 FAST_SLEEP_MS = 8  # sleep during the earlier rounds (>= 1 jiffy up to HZ=250)
@@ -370,7 +373,46 @@ def _check_no_thp(area: mmap.mmap) -> None:
     raise RuntimeError("the area is not in /proc/self/smaps")
 
 
-def _child(pages: np.ndarray, ready_w: int, go_r: int) -> None:
+def _check_thp(area: mmap.mmap, npages: int) -> None:
+    """Every page of a THP workload's area is backed by a huge page (smaps
+    AnonHugePages), so that the kernel and the model start alike."""
+    start = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    if start % THP_PMD_SIZE:
+        raise RuntimeError(f"the THP area at {start:#x} is not PMD-aligned")
+    for lo, hi, fields in _smaps_areas():
+        if lo <= start < hi:
+            huge_kb = fields.get("AnonHugePages", 0)
+            if huge_kb != npages * PAGE_SIZE // 1024:
+                raise RuntimeError(f"only {huge_kb} kB of the {npages * 4} kB area are huge "
+                                   "pages (THP allocation failed?)")
+            return
+    raise RuntimeError("the area is not in /proc/self/smaps")
+
+
+def _smaps_areas() -> Iterator[tuple[int, int, dict[str, int]]]:
+    lo = hi = 0
+    fields: dict[str, int] = {}
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if m:
+            if hi:
+                yield lo, hi, fields
+            lo, hi, fields = int(m.group(1), 16), int(m.group(2), 16), {}
+        elif line.endswith(" kB"):
+            key, _, value = line.partition(":")
+            fields[key] = int(value.split()[0])
+    if hi:
+        yield lo, hi, fields
+
+
+def thp_setting() -> str:
+    """The host's /sys/kernel/mm/transparent_hugepage/enabled (the bracketed word)."""
+    text = THP_ENABLED_PATH.read_text()
+    m = re.search(r"\[(\w+)\]", text)
+    return m.group(1) if m else text.strip()
+
+
+def _child(pages: np.ndarray, ready_w: int, go_r: int, thp: bool = False) -> None:
     npages = pages.shape[0]
     area = mmap.mmap(
         -1,
@@ -378,6 +420,15 @@ def _child(pages: np.ndarray, ready_w: int, go_r: int) -> None:
         flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
         prot=mmap.PROT_READ | mmap.PROT_WRITE,
     )
+    if thp:
+        area.madvise(mmap.MADV_HUGEPAGE)  # before the first fault
+        _fill_area(area, pages)
+        _check_thp(area, npages)
+        area.madvise(mmap.MADV_MERGEABLE)
+        os.write(ready_w, b"ready")
+        os.close(ready_w)
+        os.read(go_r, 1)
+        return
     try:
         area.madvise(mmap.MADV_NOHUGEPAGE)  # before the first fault
     except OSError:
@@ -432,7 +483,8 @@ def _child_tree(
 
 
 def _spawn(pages: np.ndarray, go_r: int, go_w: int, deadline: float,
-           writes: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[int, bytes]:
+           writes: list[tuple[np.ndarray, np.ndarray]] | None = None,
+           thp: bool = False) -> tuple[int, bytes]:
     """Fork a child for ``pages`` (with ``writes``: a fork tree, see _child_tree); return
     its pid and its report (b"ready" or an error) once it has madvised its area."""
     ready_r, ready_w = os.pipe()
@@ -443,7 +495,7 @@ def _spawn(pages: np.ndarray, go_r: int, go_w: int, deadline: float,
             os.close(ready_r)
             os.close(go_w)
             if writes is None:
-                _child(pages, ready_w, go_r)
+                _child(pages, ready_w, go_r, thp)
             else:
                 _child_tree(pages, writes, ready_w, go_r)
             code = 0
@@ -504,7 +556,7 @@ def _children(w: Workload, deadline: float,
     go_r, go_w = os.pipe()
     try:
         for i, pages in enumerate(w.processes):
-            pid, msg = _spawn(pages, go_r, go_w, deadline, writes)
+            pid, msg = _spawn(pages, go_r, go_w, deadline, writes, w.thp)
             pids.append(pid)
             if msg != b"ready":
                 raise RuntimeError(f"{w.name}: child for process {i} failed: {msg.decode()}")
@@ -594,6 +646,10 @@ def _attempt(w: Workload, fast_ms: int | None, deadline: float, info: dict[str, 
         after = read_sysfs()
         stats = [read_ksm_stat(pid) for pid in pids]
         result = make_result(before, after, stats, elapsed)
+        if w.thp:
+            # the zero-page PTEs KSM did not place are the ones THP splits placed
+            result.thp_split_zero_pages = [zero_page_ptes(pid) - int(s["ksm_zero_pages"])
+                                           for pid, s in zip(pids, stats, strict=True)]
         result.info = dict(info, fast_sleep_ms=fast_ms, stop_gap_ms=round(gap * 1000, 3))
         if trace is not None:
             result.info["trace"] = trace.read()
@@ -606,6 +662,9 @@ def _run_kernel_locked(workload: Workload, timeout: float = 60.0, trace: bool = 
     ok, why = kernel_available()
     if not ok:
         raise RuntimeError(f"cannot run the kernel harness: {why}")
+    if workload.thp and thp_setting() not in ("always", "madvise"):
+        raise RuntimeError(f"THP workloads need transparent_hugepage/enabled always or "
+                           f"madvise, not {thp_setting()}")
     missing = set(KSM_STAT_FIELDS) - set(read_ksm_stat("self"))
     if missing:
         raise RuntimeError(f"/proc/<pid>/ksm_stat lacks {sorted(missing)}")

@@ -9,8 +9,11 @@ each implementation's ``ksm`` object.
 from __future__ import annotations
 
 import errno
+import operator
+from collections.abc import Collection
+from typing import SupportsIndex, cast
 
-from .constants import COUNTERS, KNOB_DEFAULTS, PAGE_SIZE
+from .constants import COUNTERS, KNOB_DEFAULTS, PAGE_SIZE, SYSFS_FILES
 from .errors import ksm_error
 
 U32_MAX = (1 << 32) - 1
@@ -106,10 +109,11 @@ def _einval(parse, text: str) -> int:
         raise ksm_error(errno.EINVAL, str(e.strerror)) from None
 
 
-def check_file(name: str, write: bool) -> None:
-    """What open(2) of /sys/kernel/mm/ksm/``name`` says: ENOENT for no such file,
-    EACCES when opening a read-only file (mode 0444, no store) for writing."""
-    if name not in KNOB_DEFAULTS and name not in COUNTERS:
+def check_file(name: str, write: bool, files: Collection[str] = SYSFS_FILES) -> None:
+    """What open(2) of /sys/kernel/mm/ksm/``name`` says: ENOENT for no such file (the
+    kernel's ``files``: a profile's), EACCES when opening a read-only file (mode 0444,
+    no store) for writing."""
+    if name not in files or (name not in KNOB_DEFAULTS and name not in COUNTERS):
         raise ksm_error(errno.ENOENT, f"no such file /sys/kernel/mm/ksm/{name}")
     if write and name in COUNTERS:
         raise ksm_error(errno.EACCES, f"/sys/kernel/mm/ksm/{name} is read-only")
@@ -159,10 +163,12 @@ def knob_text(value: object) -> str | bytes:
     """The text an attribute assignment writes: ints as decimal, bools as 0/1."""
     if isinstance(value, bool):
         return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
     if isinstance(value, (str, bytes)):
         return value
+    try:
+        return str(operator.index(cast(SupportsIndex, value)))  # int, numpy ints
+    except TypeError:
+        pass
     raise TypeError(f"a knob takes an int, a str or bytes, not {type(value).__name__}")
 
 

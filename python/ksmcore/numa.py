@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
+from .checks import as_int
 from .constants import (
     MPOL_BIND,
     MPOL_DEFAULT,
@@ -41,7 +42,8 @@ def check_policy(nodes: int, mode: int, policy_nodes: Sequence[int]) -> tuple[in
     MPOL_PREFERRED with no node is MPOL_LOCAL and with several keeps the first;
     MPOL_DEFAULT and MPOL_LOCAL take no node; the others need at least one.
     """
-    ns = tuple(sorted(set(int(n) for n in policy_nodes)))
+    mode = as_int(mode, "mode")
+    ns = tuple(sorted(set(as_int(n, "a node") for n in policy_nodes)))
     if any(not 0 <= n < nodes for n in ns):
         raise ksm_error(errno.EINVAL, f"bad node set {tuple(policy_nodes)} for {nodes} nodes")
     if mode in (MPOL_DEFAULT, MPOL_LOCAL) and not ns:

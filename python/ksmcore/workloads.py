@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from .constants import COUNTERS, KNOB_DEFAULTS, KSM_STAT_FIELDS, MADV_MERGEABLE, PAGE_SIZE
+from .constants import (
+    COUNTERS,
+    KNOB_DEFAULTS,
+    KSM_STAT_FIELDS,
+    MADV_HUGEPAGE,
+    MADV_MERGEABLE,
+    PAGE_SIZE,
+)
+from .thp import HPAGE_PMD_NR
 
 # The knobs a workload may set; the harness sets the others (sleep_millisecs, run,
 # advisor_*) itself. Every one of these is written on every run, to the workload's
@@ -44,6 +52,9 @@ class Workload:
     knobs: dict[str, int] = field(default_factory=dict)
     full_scans: int = 2
     description: str = ""
+    # THP-backed: each mapping (a whole number of 2 MiB) is PMD-aligned and
+    # MADV_HUGEPAGE before its first fault, instead of MADV_NOHUGEPAGE
+    thp: bool = False
 
     def __post_init__(self) -> None:
         if not self.processes:
@@ -65,6 +76,8 @@ class Workload:
             raise ValueError(f"{self.name}: knobs {sorted(unknown)} are not workload knobs")
         if self.full_scans < 1:
             raise ValueError(f"{self.name}: full_scans must be >= 1")
+        if self.thp and any(arr.shape[0] % HPAGE_PMD_NR for arr in self.processes):
+            raise ValueError(f"{self.name}: THP workloads map whole 2 MiB huge pages")
 
     @property
     def npages(self) -> int:
@@ -85,6 +98,9 @@ class Result:
 
     counters: dict[str, int]
     ksm_stat: list[dict[str, int | bool]]
+    # THP workloads: per process, the PTEs that map the shared zero page because a
+    # huge page split found their subpage zero-filled (empty for other workloads)
+    thp_split_zero_pages: list[int] = field(default_factory=list)
     sysfs: dict[str, int | str] = field(default_factory=dict, compare=False)
     elapsed: float = field(default=0.0, compare=False)
     info: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -120,6 +136,8 @@ def run_model(machine_cls: Any, workload: Workload, trace: bool = False) -> Resu
         p = m.spawn()
         n = arr.shape[0]
         addr = p.mmap(n)
+        if workload.thp:
+            p.madvise(addr, n * PAGE_SIZE, MADV_HUGEPAGE)
         p.fill(addr, arr)
         p.madvise(addr, n * PAGE_SIZE, MADV_MERGEABLE)
         procs.append(p)
@@ -132,6 +150,8 @@ def run_model(machine_cls: Any, workload: Workload, trace: bool = False) -> Resu
     m.ksm.run = 1
     m.ksm.scan(full_scans=workload.full_scans)
     result = make_result(before, m.ksm.stats(), [p.ksm_stat() for p in procs])
+    if workload.thp:
+        result.thp_split_zero_pages = [p.thp_split_zero_pages for p in procs]
     if trace:
         result.info["trace"] = events
     return result
@@ -358,3 +378,49 @@ def w1_workload(npages: int = 262_144, copies: int = 64, seed: int = 1) -> Workl
         full_scans=2,
         description=f"{npages} pages, {len(distinct)} distinct x {copies} copies",
     )
+
+
+def thp_workloads() -> list[Workload]:
+    """THP-backed workloads (deterministic): PMD-aligned MADV_HUGEPAGE mappings of whole
+    huge pages, mixing zero-filled subpages, duplicates within one huge page and across
+    huge pages and processes, and unique pages."""
+    star = ord("*")
+
+    def rng(seed: int) -> np.random.Generator:
+        return np.random.default_rng(seed)
+
+    def vm_like(seed: int, n: int, shared: np.ndarray) -> np.ndarray:
+        """A guest-like mix: 30% zero, 30% from ``shared`` (common to the processes),
+        10% repeated within this process, 30% unique."""
+        r = rng(seed)
+        kind = r.choice(4, n, p=[0.3, 0.3, 0.1, 0.3])
+        out = r.integers(0, 256, size=(n, PAGE_SIZE), dtype=np.uint8)
+        out[kind == 0] = 0
+        picks = r.integers(0, len(shared), n)
+        out[kind == 1] = shared[picks[kind == 1]]
+        out[kind == 2] = 7
+        return np.ascontiguousarray(out)
+
+    shared = rng(99).integers(0, 256, size=(64, PAGE_SIZE), dtype=np.uint8)
+    half_zero = _fill(HPAGE_PMD_NR, star)
+    half_zero[::2] = 0
+    within = _fill(HPAGE_PMD_NR, 0)
+    within[100:140] = star
+    w = [
+        Workload("thp_within", [within], {}, 3,
+                 "one huge page: 40 equal subpages, the rest zero-filled", thp=True),
+        Workload("thp_half_zero_2p", [half_zero, half_zero.copy()], {}, 3,
+                 "two processes, each one huge page: every other subpage zero", thp=True),
+        Workload("thp_vm_like_3p", [vm_like(s, 2 * HPAGE_PMD_NR, shared) for s in (1, 2, 3)],
+                 {"pages_to_scan": 500}, 3,
+                 "three VM-like processes of two huge pages each", thp=True),
+        Workload("thp_use_zero_pages", [half_zero.copy()], {"use_zero_pages": 1}, 3,
+                 "use_zero_pages=1 meets zero-filled subpages", thp=True),
+        Workload("thp_all_zero_and_dup", [np.concatenate([_fill(HPAGE_PMD_NR, 0),
+                                                          _fill(HPAGE_PMD_NR, star)])],
+                 {"smart_scan": 0}, 3, "a zero huge page and a huge page of one content",
+                 thp=True),
+        Workload("thp_ksm_tests_H", [_fill(5 * HPAGE_PMD_NR, star)], {}, 2,
+                 "ksm_tests -H on 10 MiB: huge pages of '*', two full scans", thp=True),
+    ]
+    return w

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._native import ffi, lib
+from ..thp import HPAGE_PMD_NR
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .memory import Memory
 
 NIL = lib.KSM_NIL
 
@@ -175,6 +177,7 @@ def check_invariants(m: Machine) -> None:
         ("pages_unshared", int(((flags & lib.KSM_UNSTABLE_FLAG) != 0).sum())),
         ("rmap_items", int(exists.sum())),
         ("ksm_zero_pages", int((sl["pte"] == lib.KSM_PTE_ZERO).sum())),
+        ("thp_split_zero_pages", int((sl["pte"] == lib.KSM_PTE_SPLIT_ZERO).sum())),
     ):
         _check(getattr(c, name) == want, f"{name} is {getattr(c, name)}, a recount gives {want}")
 
@@ -185,10 +188,13 @@ def check_invariants(m: Machine) -> None:
         "mm_rmap_items": np.bincount(mm_ids[exists], minlength=nmm),
         "mm_merging_pages": np.bincount(mm_ids[(flags & lib.KSM_STABLE_FLAG) != 0], minlength=nmm),
         "mm_zero_pages": np.bincount(mm_ids[sl["pte"] == lib.KSM_PTE_ZERO], minlength=nmm),
+        "mm_thp_split_zero_pages": np.bincount(mm_ids[sl["pte"] == lib.KSM_PTE_SPLIT_ZERO],
+                                               minlength=nmm),
     }
-    for name, want in per_mm.items():
+    for name, recount in per_mm.items():
         got = mem.mm[name][:nmm]
-        _check(np.array_equal(got, want[:nmm]), f"{name} per mm {got} != recount {want[:nmm]}")
+        _check(np.array_equal(got, recount[:nmm]),
+               f"{name} per mm {got} != recount {recount[:nmm]}")
 
     # page tables and frames: mapcounts, no mapping of a free frame, KSM marks
     pte = sl["pte"]
@@ -204,6 +210,38 @@ def check_invariants(m: Machine) -> None:
         _check(stable[node].head != lib.KSM_HEAD_FREE and stable[node].kpfn == f,
                f"frame {f} names stable node {node}, which does not name it")
         _check(counts[f] > 0, f"KSM frame {f} is not mapped")
+    _check_folios(c, mem, counts, nframes)
+
+
+def _check_folios(c, mem: Memory, counts: np.ndarray, nframes: int) -> None:
+    """Large folios (THP): frame_folio names a live folio whose head..head+511 are its
+    frames; its mapped/shared counts match the mapcounts; every slot that maps a
+    subpage k is listed as a mapping (its slot minus k); no subpage is KSM."""
+    frame_folio = mem.frames["frame_folio"][:nframes]
+    pte = mem.slots["pte"][: mem.nr_slots]
+    in_folio = np.nonzero(frame_folio >= 0)[0]
+    folios = {int(f) for f in np.unique(frame_folio[in_folio])}
+    free = set()
+    i = c.folios_free
+    while i != NIL:
+        free.add(i)
+        i = c.folios[i].next_free
+    for f in folios:
+        _check(f not in free and 0 <= f < c.folios_used, f"frame names freed folio {f}")
+        fo = c.folios[f]
+        head = int(fo.head)
+        sub = np.arange(head, head + HPAGE_PMD_NR)
+        _check(bool((frame_folio[sub] == f).all()), f"folio {f}: frames {head}.. disagree")
+        mc = counts[sub]
+        _check(int((mc > 0).sum()) == fo.mapped and fo.mapped > 0,
+               f"folio {f}: mapped {fo.mapped} != {(mc > 0).sum()}")
+        _check(int((mc > 1).sum()) == fo.shared, f"folio {f}: shared {fo.shared} != recount")
+        _check(not (mem.frames["frame_stable"][sub] >= 0).any(), f"folio {f}: a KSM subpage")
+        bases = {int(fo.maps[i]) for i in range(fo.nr_maps)}
+        slots = np.nonzero((pte >= head) & (pte < head + HPAGE_PMD_NR))[0]
+        for s in slots:
+            _check(int(s) - (int(pte[s]) - head) in bases,
+                   f"folio {f}: slot {s} maps it but is not listed")
 
 
 def _is_chain(c, node: int) -> bool:

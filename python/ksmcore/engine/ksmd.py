@@ -13,8 +13,8 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from .._native import ffi, lib
+from ..checks import U32_MAX, as_count, as_int, check_clock
 from ..constants import (
-    COUNTERS,
     EWMA_WEIGHT,
     KNOB_DEFAULTS,
     KSM_ADVISOR_MIN_CPU,
@@ -27,6 +27,7 @@ from ..constants import (
     ZERO_CHECKSUM,
 )
 from ..errors import KsmdNotRunning, ksm_error
+from ..guard import serialized
 from ..knobs import check_file, format_sysfs, knob_text, parse_knob, sysfs_buffer
 from ..timing import NSEC_PER_MSEC, CostModel, seconds_to_ns
 from ..tracing import Event, Tracer, scan_event
@@ -67,17 +68,41 @@ class _MmSlot:
         self.mm = mm
 
 
+@serialized
 class Ksm:
     """``m.ksm``: every file of /sys/kernel/mm/ksm/ as an attribute, and ksmd itself."""
 
+    # set through object.__setattr__ (attribute writes of other names are sysfs writes)
+    _m: Machine
+    _guard: Any
+    _knobs: dict[str, Any]  # ints, and advisor_mode's name
+    _files: Any
+    _slots: list[_MmSlot]
+    _cursor: _MmSlot | None
+    _address: int
+    _clock_ns: int
+    _cpu_ns: int
+    _batch_pages: int
+    _cost: CostModel
+    _wake: int | None
+    _advisor: _AdvisorCtx
+    _trace: Tracer
+
     def __init__(self, machine: Machine) -> None:
         object.__setattr__(self, "_m", machine)
+        object.__setattr__(self, "_guard", machine._guard)
         object.__setattr__(self, "_knobs", dict(KNOB_DEFAULTS))
+        profile = machine.profile
+        object.__setattr__(self, "_files", profile.sysfs_files)
         c = machine.ctx
         c.max_page_sharing = 256
         c.merge_across_nodes = 1
         c.use_zero_pages = 0
-        c.smart_scan = 1
+        if not profile.has("smart_scan"):
+            self._knobs["smart_scan"] = 0  # a ksmd without smart scan never skips
+        c.smart_scan = int(self._knobs["smart_scan"])
+        c.checksum_first = int(profile.has("checksum_first"))
+        c.unshare_zero_pages = int(profile.has("unshare_zero_pages"))
         c.ksm_nr_node_ids = 1
         c.stable_node_chains_prune_millisecs = 2000
         c.zero_checksum = ZERO_CHECKSUM
@@ -99,30 +124,30 @@ class Ksm:
     # ---- sysfs
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in self._files:
+            raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
         if name in KNOB_DEFAULTS:
             return self._knobs[name]
-        if name in COUNTERS:
-            return self.stats()[name]
-        raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
+        return self.stats()[name]
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_"):
             object.__setattr__(self, name, value)
-        elif name in KNOB_DEFAULTS or name in COUNTERS:
+        elif name in self._files:
             self.sysfs_write(name, knob_text(value))
         else:
             raise AttributeError(f"/sys/kernel/mm/ksm has no file {name!r}")
 
     def sysfs_read(self, name: str) -> str:
         """The file's contents as the kernel prints them (with the newline)."""
-        check_file(name, write=False)
+        check_file(name, write=False, files=self._files)
         return format_sysfs(name, self.stats()[name])
 
     def sysfs_write(self, name: str, text: str | bytes) -> None:
         """write(2) of ``text`` to /sys/kernel/mm/ksm/``name``: the store's parsing and
         checks in the kernel's order; a rejected write raises OSError and changes
         nothing (an EBUSY keeps the stale-node removals the kernel makes too)."""
-        check_file(name, write=True)
+        check_file(name, write=True, files=self._files)
         buf = sysfs_buffer(text)
         if buf is None:
             return  # an empty write never reaches the store
@@ -134,7 +159,7 @@ class Ksm:
         if name == "run":
             if value != knobs["run"]:
                 knobs["run"] = value
-                if value & KSM_RUN_UNMERGE:
+                if int(value) & KSM_RUN_UNMERGE:
                     self._unmerge_and_remove_all_rmap_items()
             return
         if name in ("merge_across_nodes", "max_page_sharing"):
@@ -163,7 +188,9 @@ class Ksm:
         if name in _CTX_KNOBS:
             setattr(c, _CTX_KNOBS[name], int(value))
 
-    def stats(self) -> dict[str, int | str]:
+    def stats(self, every: bool = False) -> dict[str, int | str]:
+        """Every file of this kernel's /sys/kernel/mm/ksm; ``every``: also the values
+        the model keeps for files the kernel profile does not have."""
         c = self._m.ctx
         k = self._knobs
         counters: dict[str, int | str] = {
@@ -182,7 +209,8 @@ class Ksm:
             "general_profit": (c.pages_sharing + c.ksm_zero_pages) * PAGE_SIZE
             - c.rmap_items * SIZEOF_RMAP_ITEM,
         }
-        return {name: (k[name] if name in k else counters[name]) for name in SYSFS_FILES}
+        files = SYSFS_FILES if every else self._files
+        return {name: (k[name] if name in k else counters[name]) for name in files}
 
     # ---- introspection
 
@@ -293,9 +321,11 @@ class Ksm:
         cmp_and_merge_page. The batch costs simulated time and ksmd CPU time
         (cost_model): the clock stands at the batch's start (after its overhead)
         while it runs, and moves on by the pages' cost at its end."""
+        n = as_count(n, "do_scan's page count", U32_MAX)  # scan_npages is unsigned int
+        cost = self._cost
+        check_clock(self._clock_ns + cost.batch(n), "the clock after this batch")
         if not self._ksmd_should_run():
             return 0
-        cost = self._cost
         self._charge(cost.batch_ns)
         self._batch_pages = 0
         processed = 0
@@ -309,6 +339,11 @@ class Ksm:
     def scan(self, full_scans: int = 1) -> None:
         """Run ksmd, a batch of pages_to_scan at a time, until full_scans grew by that
         many. The batches follow each other without ksmd's sleeps (run_for sleeps)."""
+        full_scans = as_int(full_scans, "full_scans")
+        if full_scans < 0:
+            raise ValueError(f"full_scans must not be negative, not {full_scans}")
+        # a full scan takes at least one batch: so many would pass ktime_t's range
+        check_clock(self._clock_ns + full_scans * self._cost.batch_ns, "the clock after them")
         if self._knobs["run"] != KSM_RUN_MERGE:
             raise KsmdNotRunning(f"ksmd is not running (run = {self._knobs['run']}); set run = 1")
         c = self._m.ctx
@@ -394,6 +429,8 @@ class Ksm:
                 # a whole pass found no VM_MERGEABLE VMA: drop the mm, as __ksm_exit would
                 self._slots.remove(slot)
                 mm.ksm_registered = False
+                if not self._m.profile.has("merge_any_kept"):
+                    mm.merge_any = False
             if self._cursor is None:
                 self._stop_round(processed)
                 return processed
@@ -406,7 +443,7 @@ class Ksm:
             slot = self._cursor
             mm = slot.mm
             if not mm.exited:
-                mm.unmerge_all()
+                mm._unmerge_all()
             for r in mm.regions():
                 lib.ksm_remove_rmap_items(c, r.slot_base, r.slot(r.end))
                 self._drain()
@@ -442,7 +479,7 @@ class Ksm:
         """ksm_scan_thread() for ``seconds`` of simulated time: while ksmd should run,
         a batch of pages_to_scan, then a sleep of sleep_millisecs; otherwise it waits
         for work. A batch that starts before the end runs to its end."""
-        end = self._clock_ns + seconds_to_ns(seconds, "run_for")
+        end = check_clock(self._clock_ns + seconds_to_ns(seconds, "run_for"), "run_for's end")
         while True:
             if self._wake is None:  # waiting on ksm_thread_wait
                 if not self._ksmd_should_run():

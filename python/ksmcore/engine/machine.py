@@ -11,9 +11,19 @@ from typing import IO, Any
 import numpy as np
 
 from .._native import lib, ptr
+from ..checks import MAX_PAGES, as_int, as_node, check_clock
 from ..constants import FIRST_PID
 from ..errors import ksm_error
+from ..guard import Guard, serialized
 from ..numa import check_distances
+from ..profiles import Profile
+from ..profiles import resolve as resolve_profile
+from ..thp import (
+    THP_ENABLED_DEFAULT,
+    THP_USE_ZERO_PAGE_DEFAULT,
+    check_enabled,
+    check_use_zero_page,
+)
 from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
 from ..tracing import Event, Tracer, tracing
 from .ksmd import Ksm
@@ -21,20 +31,35 @@ from .memory import CHUNK_PAGES, Memory
 from .process import Process
 
 
+@serialized
 class Machine:
-    """A machine with ``nodes`` NUMA nodes, its processes and its ksmd (``m.ksm``)."""
+    """A machine with ``nodes`` NUMA nodes, its processes and its ksmd (``m.ksm``).
 
-    def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None) -> None:
-        if not isinstance(nodes, int) or not 1 <= nodes <= 64:
+    Thread-safe: calls on one machine are serialized by its lock (ksmcore/guard.py)."""
+
+    def __init__(self, nodes: int = 1, distances: Sequence[Sequence[int]] | None = None,
+                 max_pages: int = MAX_PAGES, kernel: str | Profile | None = None) -> None:
+        nodes = as_int(nodes, "nodes")
+        if not 1 <= nodes <= 64:
             raise ksm_error(errno.EINVAL, f"nodes must be 1..64, not {nodes!r}")
+        max_pages = as_int(max_pages, "max_pages")
+        if max_pages < 1:
+            raise ValueError(f"max_pages must be positive, not {max_pages}")
+        self._guard = Guard()
         self.nodes = nodes
+        self.max_pages = max_pages  # mmap beyond this many pages in all: ENOMEM
         self.distances = check_distances(nodes, distances)
+        # the kernel whose KSM this is (ksmcore.profiles): the running one by default
+        self.profile = resolve_profile(kernel)
         self.mem = Memory(nodes)
+        self._guard.checks.append(self._check_images)
         self.ctx: Any = self.mem.ctx
         self.ksm = Ksm(self)
         self._all: list[Process] = []
         self._mms: dict[int, Process] = {}  # mm id -> its process (or an mm left by exec)
         self._next_pid = FIRST_PID
+        self._thp_enabled = THP_ENABLED_DEFAULT
+        self._thp_use_zero_page = THP_USE_ZERO_PAGE_DEFAULT
 
     def _new_process(self, node: int = 0) -> Process:
         p = Process(self, self._next_pid, node)
@@ -45,9 +70,17 @@ class Machine:
 
     def spawn(self, node: int = 0) -> Process:
         """A new process with an empty address space, running on ``node``."""
-        if not isinstance(node, int) or not 0 <= node < self.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
-        return self._new_process(node)
+        return self._new_process(as_node(node, self.nodes))
+
+    def _check_images(self) -> None:
+        if self.mem.images:
+            self.mem.check_images()
+
+    @property
+    def broken(self) -> BaseException | None:
+        """Why this machine refuses every call (an earlier call failed half way, or an
+        image changed underneath), or None."""
+        return self._guard.broken
 
     @property
     def processes(self) -> list[Process]:
@@ -68,8 +101,7 @@ class Machine:
 
     @clock_ns.setter
     def clock_ns(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError("the clock is an int of nanoseconds")
+        value = check_clock(as_int(value, "the clock (ns)"))
         if value < self.ksm._clock_ns:
             raise ValueError("the clock never goes back")
         self.ksm._set_clock(value)
@@ -90,11 +122,10 @@ class Machine:
 
     @clock_ms.setter
     def clock_ms(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError("clock_ms is an int of milliseconds")
+        value = as_int(value, "clock_ms")
         if value < self.clock_ms:
             raise ValueError("the clock never goes back")
-        self.ksm._set_clock(max(self.ksm._clock_ns, value * NSEC_PER_MSEC))
+        self.ksm._set_clock(max(self.ksm._clock_ns, check_clock(value * NSEC_PER_MSEC)))
 
     @property
     def cost_model(self) -> CostModel:
@@ -130,20 +161,62 @@ class Machine:
         ``record`` they are also written there as JSON lines."""
         return tracing(self.ksm._trace, record)
 
+    # ---- transparent huge pages (ksmcore.thp)
+
+    @property
+    def thp_enabled(self) -> str:
+        """/sys/kernel/mm/transparent_hugepage/enabled: always, madvise or never."""
+        return self._thp_enabled
+
+    @thp_enabled.setter
+    def thp_enabled(self, value: str) -> None:
+        self._thp_enabled = check_enabled(value)
+
+    @property
+    def thp_use_zero_page(self) -> int:
+        """/sys/kernel/mm/transparent_hugepage/use_zero_page (0 or 1)."""
+        return self._thp_use_zero_page
+
+    @thp_use_zero_page.setter
+    def thp_use_zero_page(self, value: int) -> None:
+        self._thp_use_zero_page = check_use_zero_page(value)
+
+    @property
+    def thp_split_zero_pages(self) -> int:
+        """Pages freed by splitting huge pages: PTEs that map the shared zero page
+        because a split found their subpage zero-filled. Not a KSM counter (and not in
+        ksm_zero_pages): ksmd never visits them again."""
+        return int(self.ctx.thp_split_zero_pages)
+
+    @property
+    def thp_splits(self) -> int:
+        """Huge pages split so far (by ksmd's merges, or to migrate a page of one)."""
+        return int(self.ctx.thp_splits)
+
     def pfn_to_nid(self, pfn: int) -> int:
-        if not 0 <= pfn < len(self.mem.chunks) * CHUNK_PAGES:
-            raise ksm_error(errno.EINVAL, f"no page frame {pfn}")
+        """The node of frame ``pfn``: the zero page (pfn 0) or a frame in use; EINVAL
+        for a free frame, whose node is an artefact of how each model grows memory."""
+        pfn = as_int(pfn, "pfn")
+        if pfn == 0:
+            return 0
+        if not 0 < pfn < len(self.mem.chunks) * CHUNK_PAGES \
+                or self.mem.frames["frame_mapcount"][pfn] <= 0:
+            raise ksm_error(errno.EINVAL, f"page frame {pfn} is not in use")
         return self.mem.frame_nid(pfn)
 
     def migrate_page(self, pfn: int, node: int) -> int:
         """Move frame ``pfn`` to a new frame on ``node`` as the migration core does;
         every mapping follows. Returns the new pfn."""
         frames = self.mem.frames
-        if not isinstance(pfn, int) or not 0 < pfn < len(self.mem.chunks) * CHUNK_PAGES \
-                or frames["frame_mapcount"][pfn] <= 0:
+        pfn = as_int(pfn, "pfn")
+        if not 0 < pfn < len(self.mem.chunks) * CHUNK_PAGES or frames["frame_mapcount"][pfn] <= 0:
             raise ksm_error(errno.EINVAL, f"page frame {pfn} is not in use")
-        if not isinstance(node, int) or not 0 <= node < self.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node!r}")
+        node = as_node(node, self.nodes)
+        if frames["frame_folio"][pfn] >= 0:
+            lib.ksm_split_folio(self.ctx, pfn)  # the model splits a huge page to move it
+            if frames["frame_mapcount"][pfn] <= 0:
+                raise ksm_error(errno.EINVAL, f"page frame {pfn} was zero-filled: the "
+                                              "split mapped the zero page instead")
         return self._migrate([pfn], node)[0]
 
     def _migrate(self, pfns: list[int], node: int) -> list[int]:

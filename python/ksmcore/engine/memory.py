@@ -8,11 +8,13 @@ any growth the pointers in the C context are refreshed.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import numpy as np
 
 from .._native import ffi, lib, ptr
+from ..images import file_watch
 
 CHUNK_SHIFT = 12
 CHUNK_PAGES = 1 << CHUNK_SHIFT
@@ -27,12 +29,14 @@ _SLOT_FIELDS = (
     ("ri_head", np.int32, -1),
     ("ri_hnext", np.int32, -1),
 )
-# and of the per-frame arrays: 8 bytes a frame (the node and kind are per chunk)
+# and of the per-frame arrays: 12 bytes a frame (the node and kind are per chunk)
 _FRAME_FIELDS = (
     ("frame_mapcount", np.int32, 0),
     ("frame_stable", np.int32, lib.KSM_FRAME_NOT_KSM),
+    ("frame_folio", np.int32, -1),
 )
-_MM_FIELDS = ("mm_rmap_items", "mm_merging_pages", "mm_zero_pages")
+_MM_FIELDS = ("mm_rmap_items", "mm_merging_pages", "mm_zero_pages", "mm_thp_split_zero_pages")
+HPAGE_PMD_NR = lib.KSM_HPAGE_PMD_NR
 SLOT_BLOCK = 1 << lib.KSM_SLOT_BLOCK_SHIFT
 MERGEABLE = np.uint16(lib.KSM_SLOT_VM_MERGEABLE)
 
@@ -70,12 +74,22 @@ class Memory:
         self.slot_mm = np.full(1024 // SLOT_BLOCK, -1, dtype=np.int32)
         self.nr_slots = 0
         self.mm: dict[str, np.ndarray] = {name: np.zeros(16, dtype=np.int64) for name in _MM_FIELDS}
+        # free PMD-sized blocks of frames for huge pages, per node: whole chunks kept
+        # off the small free lists (a huge page that is freed whole or split returns
+        # its frames to the small free lists)
+        self.thp_pool: list[list[int]] = [[] for _ in range(nodes)]
         self.nr_mm = 0
+        # images read in place: their start addresses (image_guard.c), and a watch of
+        # each file behind them, once per file (images.py)
+        self.images: list[Any] = []
+        self.watches: dict[object, Any] = {}
         self._refresh()
         # pfn 0 is the zero page: the first frame of node 0's first chunk, never free
         self._add_chunks(0, 1, reserve_zero=True)
 
     def __del__(self) -> None:
+        for start in getattr(self, "images", ()):
+            lib.ksm_image_guard_remove(start)
         ctx = getattr(self, "ctx", None)
         if ctx is not None:
             lib.ksm_ctx_release(ctx)
@@ -112,12 +126,28 @@ class Memory:
         the first pfn. The image is never written: the C core copies an image frame
         on write and never puts one on a free list."""
         base = ffi.cast("uint8_t *", ffi.from_buffer(image, require_writable=False))
+        if lib.ksm_image_guard_add(base, image.nbytes) != 0:
+            raise OSError(errno.ENOMEM, "cannot guard the image against truncation (too many)")
+        self.images.append(base)
+        watch = file_watch(image)
+        if watch is not None:
+            self.watches.setdefault(*watch)
         first = len(self.chunks) * CHUNK_PAGES
         for k in range(0, len(image), CHUNK_PAGES):
             self._append_chunk(image[k : k + CHUNK_PAGES], nid, lib.KSM_CHUNK_IMAGE,
                                base + k * 4096)
         self._refresh()
         return first
+
+    def check_images(self) -> None:
+        """OSError(ESTALE) if an image file changed, or shrank under a read, since it
+        was mapped (images.py)."""
+        whys = [why for why in (watch() for watch in self.watches.values()) if why]
+        if not whys and any(lib.ksm_image_guard_faults(start) > 0 for start in self.images):
+            whys.append("a page of the image vanished while it was read (the file shrank)")
+        if whys:
+            raise OSError(errno.ESTALE, f"memory image changed underneath: {whys[0]}; the "
+                          "model no longer describes it (map it again on a new Machine)")
 
     def _append_chunk(self, chunk: np.ndarray, nid: int, flags: int = 0,
                       address: Any = None) -> None:
@@ -139,6 +169,19 @@ class Memory:
         need = len(self.chunks) * CHUNK_PAGES
         for name, _, init in _FRAME_FIELDS:
             self.frames[name] = _grown(self.frames[name], need, init)
+
+    def alloc_thp(self, nid: int) -> int:
+        """The first pfn of HPAGE_PMD_NR free, contiguous, zeroed frames on ``nid``."""
+        pool = self.thp_pool[nid]
+        if not pool:
+            first = len(self.chunks) * CHUNK_PAGES
+            self._append_chunk(np.empty((CHUNK_PAGES, 4096), dtype=np.uint8), nid)
+            self._refresh()
+            pool.extend(range(first + CHUNK_PAGES - HPAGE_PMD_NR, first - 1, -HPAGE_PMD_NR))
+        head = pool.pop()
+        off = head & (CHUNK_PAGES - 1)
+        self.chunks[head >> CHUNK_SHIFT][off : off + HPAGE_PMD_NR] = 0
+        return head
 
     def ensure_free(self, nid: int, count: int) -> None:
         """Make sure node ``nid`` has ``count`` free frames (memory grows, never fails)."""

@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._native import ffi, lib
+from ..checks import TASK_SIZE, as_int, as_opt_node, as_user_addr, check_move_pages
 from ..constants import (
     MADV_DONTNEED,
+    MADV_HUGEPAGE,
     MADV_MERGEABLE,
+    MADV_NOHUGEPAGE,
     MADV_UNMERGEABLE,
     MMAP_BASE,
     MPOL_DEFAULT,
@@ -24,29 +27,47 @@ from ..constants import (
     PAGE_SIZE,
 )
 from ..errors import ksm_error
+from ..guard import serialized
 from ..images import open_image
 from ..numa import check_policy, policy_node
+from ..thp import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SIZE,
+    VM_HUGEPAGE,
+    VM_NOHUGEPAGE,
+    mmap_address,
+    pmd_ranges,
+    vma_thp_allowed,
+)
 from .vma import Region
 
 if TYPE_CHECKING:
     from .machine import Machine
 
 
-def _page_range(addr: int, length: int) -> tuple[int, int]:
-    if addr % PAGE_SIZE:
-        raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
+def _page_range(addr: object, length: object) -> tuple[int, int]:
+    """[start, end) of a page-aligned range given to munmap or madvise: EINVAL when
+    unaligned, outside the user address space, or empty."""
+    start = as_user_addr(addr)
+    length = as_int(length, "length")
+    if start % PAGE_SIZE:
+        raise ksm_error(errno.EINVAL, f"address {start:#x} is not page aligned")
     if length <= 0:
         raise ksm_error(errno.EINVAL, f"length {length} must be positive")
-    return addr, addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+    end = start + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+    as_user_addr(end - 1, "end of range")
+    return start, end
 
 
+@serialized
 class Process:
     """One process (mm) of a :class:`Machine`."""
 
     def __init__(self, machine: Machine, pid: int, node: int = 0) -> None:
+        self._guard = machine._guard
         self.machine = machine
         self.pid = pid
-        self.node = node  # the home node, where MPOL_DEFAULT allocates
+        self._node = node  # the home node, where MPOL_DEFAULT allocates
         self.mempolicy: tuple[int, tuple[int, ...]] = (MPOL_DEFAULT, ())
         self.mm_id = machine.mem.new_mm()
         self.vmas: list[Region] = []  # live VMAs, by address
@@ -55,9 +76,21 @@ class Process:
         self.exited = False
         self.ksm_registered = False  # MMF_VM_MERGEABLE
         self.merge_any = False  # MMF_VM_MERGE_ANY
+        # what ksm_stat adds to the mm's counts: before 6.6 (profiles) a forked mm
+        # starts from its parent's counts (dup_mm() copies them)
+        self.ksm_stat_base = (0, 0)
+        # PMD ranges (by address) with a page table but no page KSM could see (read
+        # faults map the small zero page there), and those mapping the huge zero page
+        self.pmd_table: set[int] = set()
+        self.pmd_hzero: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<ksmcore.Process pid={self.pid}{' exited' if self.exited else ''}>"
+
+    @property
+    def node(self) -> int:
+        """The home node: where the process runs, and where MPOL_DEFAULT allocates."""
+        return self._node
 
     # ---- helpers
 
@@ -67,6 +100,8 @@ class Process:
 
     def _cover(self, start: int, end: int, err: int) -> list[tuple[Region, int, int]]:
         """The VMA pieces that map [start, end), or OSError(err) if any page is unmapped."""
+        if start < 0:
+            raise ksm_error(err, f"{start:#x} is not mapped in process {self.pid}")
         out = []
         i = bisect.bisect_right([v.start for v in self.vmas], start) - 1
         addr = start
@@ -96,7 +131,7 @@ class Process:
             return v.node
         mode, nodes = self.mempolicy
         m = self.machine
-        return policy_node(mode, nodes, self.node, m.distances, v.start if addr is None else addr)
+        return policy_node(mode, nodes, self._node, m.distances, v.start if addr is None else addr)
 
     def _nids(self, v: Region, lo: int, hi: int) -> tuple[int, Any, set[int]]:
         """The node for slots [lo, hi): one nid, or (interleave) an int16 array of them."""
@@ -127,42 +162,73 @@ class Process:
     def mmap(self, npages: int, node: int | None = None) -> int:
         """Map ``npages`` of private anonymous memory; returns its address."""
         self._alive()
-        if not isinstance(npages, int) or npages <= 0:
-            raise ksm_error(errno.EINVAL, f"npages must be a positive int, not {npages!r}")
-        if node is not None and not 0 <= node < self.machine.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node}")
-        addr = self.next_addr
+        npages = as_int(npages, "npages")
+        node = as_opt_node(node, self.machine.nodes)
+        self._check_mmap(npages)
+        return self._mmap(npages, node)
+
+    def _check_mmap(self, npages: int, align: bool = False) -> None:
+        if npages <= 0:
+            raise ksm_error(errno.EINVAL, f"npages must be positive, not {npages}")
+        m = self.machine
+        mapped = sum(v.end - v.start for p in m.processes for v in p.vmas) >> PAGE_SHIFT
+        if mapped + npages > m.max_pages:
+            raise ksm_error(errno.ENOMEM, f"mmap of {npages} pages: the machine maps {mapped} "
+                            f"and allows {m.max_pages} in all (Machine(max_pages=...))")
+        addr = self._mmap_address(npages, align)
+        if addr + (npages + 1) * PAGE_SIZE > TASK_SIZE:
+            raise ksm_error(errno.ENOMEM, f"mmap of {npages} pages: no room left in the "
+                            "address space")
+
+    def _mmap_address(self, npages: int, align: bool = False) -> int:
+        """Where the next mapping goes: PMD-aligned for 2 MiB multiples (ksmcore.thp),
+        or when ``align`` asks (guest RAM)."""
+        if align:
+            return (self.next_addr + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+        return mmap_address(self.next_addr, npages)
+
+    def _mmap(self, npages: int, node: int | None, align: bool = False) -> int:
+        addr = self._mmap_address(npages, align)
         base = self.machine.mem.alloc_slots(npages, self.mm_id)
         self.vmas.append(Region(addr, addr + npages * PAGE_SIZE, base, node=node))
-        self.next_addr += (npages + 1) * PAGE_SIZE  # a guard page keeps VMAs apart
+        self.next_addr = addr + (npages + 1) * PAGE_SIZE  # a guard page keeps VMAs apart
         if self.merge_any:
             # ksm_vma_flags() (6.17+): a new VMA of a MERGE_ANY mm is VM_MERGEABLE from
             # the start; 6.18 re-enters the mm if ksmd dropped it meanwhile
-            if not self.ksm_registered:
+            if not self.ksm_registered and self.machine.profile.has("merge_any_kept"):
                 self.machine.ksm._ksm_enter(self)
             self.vmas[-1].mergeable = True
             self.machine.mem.set_mergeable(base, base + npages, True)
         return addr
 
-    def mmap_image(self, source: Any, node: int | None = None) -> int:
+    def mmap_image(self, source: Any, node: int | None = None, hugepage: bool = False) -> int:
         """Map a memory image (a path, or a uint8 numpy array such as np.memmap) as
         private anonymous memory, without copying it: frames read the image until a
-        write copies them, and the image itself is never modified."""
+        write copies them, and the image itself is never modified. ``hugepage``: map
+        it as QEMU maps guest RAM: PMD-aligned, MADV_HUGEPAGE, and every 2 MiB range
+        that THP allows backed by a huge page."""
         self._alive()
-        if node is not None and not 0 <= node < self.machine.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node}")
+        node = as_opt_node(node, self.machine.nodes)
         image = open_image(source)
         n = len(image)
         m = self.machine
-        addr = self.mmap(n, node=node)
+        self._check_mmap(n, align=hugepage)
+        addr = self._mmap(n, node, align=hugepage)
         v = self.vmas[-1]
+        if hugepage:
+            v.thp = VM_HUGEPAGE
         first = m.mem.add_image(image, self._nid(v))
         lib.ksm_map_image(m.ctx, v.slot_base, first, n)
+        if hugepage and vma_thp_allowed(m.thp_enabled, v.thp):
+            for k in range(0, n - HPAGE_PMD_NR + 1, HPAGE_PMD_NR):
+                if lib.ksm_make_folio(m.ctx, v.slot_base + k, first + k) < 0:
+                    raise MemoryError("ksm_make_folio")
         return addr
 
     def write(self, addr: int, data: Any) -> None:
         """Write bytes at ``addr``; faults (and COW) every page touched."""
         self._alive()
+        addr = as_int(addr, "address")
         buf = memoryview(data).cast("B")
         n = len(buf)
         if n == 0:
@@ -176,6 +242,7 @@ class Process:
             # pages written whole need neither zeroing nor a COW copy
             full_lo = v.slot((lo + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
             full_hi = v.slot(hi & ~(PAGE_SIZE - 1))
+            self._thp_fault(lo, hi, write=True)
             self._fault(v, first, last, full_lo, full_hi)
             lib.ksm_copy_in(self.machine.ctx, first, lo % PAGE_SIZE, src + done, hi - lo)
             done += hi - lo
@@ -186,6 +253,7 @@ class Process:
             raise ValueError("pages must be a numpy uint8 array of shape (n, 4096)")
         if pages.ndim != 2 or pages.shape[1] != PAGE_SIZE:
             raise ValueError(f"pages must have shape (n, 4096), not {pages.shape}")
+        addr = as_int(addr, "address")
         if addr % PAGE_SIZE:
             raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
         if not len(pages):
@@ -232,28 +300,43 @@ class Process:
 
     def read(self, addr: int, n: int) -> bytes:
         self._alive()
+        addr = as_int(addr, "address")
+        n = as_int(n, "length")
         if n < 0:
             raise ksm_error(errno.EINVAL, "negative length")
         if n == 0:
             return b""
+        pieces = self._cover(addr, addr + n, errno.EFAULT)  # before allocating the buffer
         out = bytearray(n)
         dst = ffi.from_buffer("uint8_t[]", out)
         done = 0
-        for v, lo, hi in self._cover(addr, addr + n, errno.EFAULT):
+        for v, lo, hi in pieces:
             first = v.slot(lo & ~(PAGE_SIZE - 1))
             lib.ksm_copy_out(self.machine.ctx, first, lo % PAGE_SIZE, dst + done, hi - lo)
             done += hi - lo
         return bytes(out)
 
+    def read_fault(self, addr: int, length: int) -> None:
+        """Touch [addr, addr + length) for reading, as loads by the process would: the
+        faults that reads take (``read`` only inspects and faults nothing). Only THP
+        makes them visible: a read fault in an empty PMD range maps the huge zero page
+        (or, with use_zero_page 0, a huge page) where THP is allowed, else the small
+        zero page, which leaves a page table behind."""
+        self._alive()
+        start, end = _page_range(addr, length)
+        self._cover(start, end, errno.EFAULT)
+        self._thp_fault(start, end, write=False)
+
     def pfn(self, addr: int) -> int | None:
         """The frame backing the page at ``addr`` (0 for the zero page), or None."""
         self._alive()
+        addr = as_int(addr, "address")
         (v, _, _), = self._cover(addr & ~(PAGE_SIZE - 1), (addr & ~(PAGE_SIZE - 1)) + 1,
                                   errno.EFAULT)
         p = int(self.machine.mem.slots["pte"][v.slot(addr & ~(PAGE_SIZE - 1))])
         if p == lib.KSM_PTE_NONE:
-            return None
-        return 0 if p == lib.KSM_PTE_ZERO else p
+            return 0 if (addr & ~(HPAGE_PMD_SIZE - 1)) in self.pmd_hzero else None
+        return 0 if p in (lib.KSM_PTE_ZERO, lib.KSM_PTE_SPLIT_ZERO) else p
 
     def maps(self) -> list[tuple[int, int, bool]]:
         self._alive()
@@ -262,18 +345,27 @@ class Process:
     def madvise(self, addr: int, length: int, advice: int) -> None:
         self._alive()
         start, end = _page_range(addr, length)
-        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED):
+        advice = as_int(advice, "advice")
+        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_DONTNEED, MADV_HUGEPAGE,
+                          MADV_NOHUGEPAGE):
             raise ksm_error(errno.EINVAL, f"unknown advice {advice}")
         pieces = self._cover(start, end, errno.ENOMEM)  # checked before anything changes
         m = self.machine
+        if advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
+            self._thp_madvise(start, end, VM_HUGEPAGE if advice == MADV_HUGEPAGE
+                              else VM_NOHUGEPAGE)
+            return
         if advice == MADV_DONTNEED:
             # zap the PTEs, keep the VMAs; the rmap_items go when ksmd passes
+            self._thp_zap(start, end)
             for v, lo, hi in pieces:
                 s_lo, s_hi = v.slot(lo), v.slot(hi)
                 lib.ksm_zap_range(m.ctx, s_lo, s_hi)
                 m.mem.set_mergeable(s_lo, s_hi, v.mergeable)  # the zap unmapped the VMA too
             return
         want = advice == MADV_MERGEABLE
+        if all(v.mergeable == want for v, _, _ in pieces):
+            return  # ksm_madvise() leaves the flags as they are: no VMA is split
         self._split_at(start)
         self._split_at(end)
         for v, lo, hi in self._cover(start, end, errno.ENOMEM):
@@ -293,7 +385,7 @@ class Process:
     def _break_ksm(self, v: Region, lo: int, hi: int) -> None:
         self._allocating(lib.ksm_break_ksm, v, lo, hi)
 
-    def unmerge_all(self) -> None:
+    def _unmerge_all(self) -> None:
         """unmerge_ksm_pages() over every VM_MERGEABLE VMA (run=2)."""
         for v in self.vmas:
             if v.mergeable:
@@ -302,6 +394,7 @@ class Process:
     def munmap(self, addr: int, length: int) -> None:
         self._alive()
         start, end = _page_range(addr, length)
+        self._thp_zap(start, end)
         self._split_at(start)
         self._split_at(end)
         keep = []
@@ -319,14 +412,31 @@ class Process:
     def fork(self) -> Process:
         self._alive()
         m = self.machine
-        child = m._new_process(self.node)
-        for v in self.vmas:
+        child = m._new_process(self._node)
+        group_start, group_base = 0, 0
+        for i, v in enumerate(self.vmas):
             n = (v.end - v.start) >> PAGE_SHIFT
-            base = m.mem.alloc_slots(n, child.mm_id)
+            if i == 0 or v.start - self.vmas[i - 1].end >= HPAGE_PMD_SIZE:
+                # one slot range for VMAs that may share a PMD range, so that a huge
+                # page's subpages keep consecutive slots in the child too
+                j = i
+                while j + 1 < len(self.vmas) and \
+                        self.vmas[j + 1].start - self.vmas[j].end < HPAGE_PMD_SIZE:
+                    j += 1
+                group_start = v.start
+                group_base = m.mem.alloc_slots((self.vmas[j].end - v.start) >> PAGE_SHIFT,
+                                               child.mm_id)
+            base = group_base + ((v.start - group_start) >> PAGE_SHIFT)
             lib.ksm_fork_range(m.ctx, v.slot_base, base, n, child.mm_id)
-            child.vmas.append(Region(v.start, v.end, base, v.mergeable, True, v.node))
+            child.vmas.append(Region(v.start, v.end, base, v.mergeable, True, v.node, v.thp))
+        child.pmd_table = set(self.pmd_table)
+        child.pmd_hzero = set(self.pmd_hzero)
         child.next_addr = self.next_addr
         child.merge_any = self.merge_any
+        if not m.profile.has("fork_resets_ksm_counters"):
+            parent = self.ksm_stat(every=True)
+            child.ksm_stat_base = (int(parent["ksm_rmap_items"]),
+                                   int(parent["ksm_merging_pages"]))
         child.mempolicy = self.mempolicy
         if self.ksm_registered:
             m.ksm._ksm_enter(child)
@@ -365,11 +475,15 @@ class Process:
         m._mms[self.mm_id] = self
         self.vmas = []
         self.dead = []
+        self.pmd_table = set()
+        self.pmd_hzero = set()
         self.next_addr = MMAP_BASE
         self.ksm_registered = False
-        self.merge_any = old.merge_any
-        if self.merge_any:
-            m.ksm._ksm_enter(self)  # ksm_execve()
+        self.ksm_stat_base = (0, 0)
+        # MERGE_ANY survives exec from 6.7, and ksm_execve() enters the mm from 6.10
+        self.merge_any = old.merge_any and m.profile.has("merge_any_exec")
+        if self.merge_any and m.profile.has("ksm_execve"):
+            m.ksm._ksm_enter(self)
         old._exit_mm()  # exec_mmap(): mmput() of the old mm
 
     # ---- prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE)
@@ -380,9 +494,8 @@ class Process:
         future, VM_MERGEABLE (ksm_enable_merge_any); 0 unmerges and clears every
         VM_MERGEABLE VMA, madvised ones too (ksm_disable_merge_any)."""
         self._alive()
-        for arg in (value, arg3, arg4, arg5):
-            if not isinstance(arg, int):
-                raise TypeError("prctl arguments are ints")
+        value, arg3, arg4, arg5 = (as_int(a, "a prctl argument") for a in (value, arg3, arg4, arg5))
+        self._check_prctl()
         if arg3 or arg4 or arg5:
             raise ksm_error(errno.EINVAL, "PR_SET_MEMORY_MERGE takes no arg3..arg5")
         m = self.machine
@@ -410,12 +523,15 @@ class Process:
                                arg5: int = 0) -> int:
         """PR_GET_MEMORY_MERGE: 1 while MMF_VM_MERGE_ANY is set, else 0."""
         self._alive()
-        for arg in (arg2, arg3, arg4, arg5):
-            if not isinstance(arg, int):
-                raise TypeError("prctl arguments are ints")
-        if arg2 or arg3 or arg4 or arg5:
+        args = [as_int(a, "a prctl argument") for a in (arg2, arg3, arg4, arg5)]
+        self._check_prctl()
+        if any(args):
             raise ksm_error(errno.EINVAL, "PR_GET_MEMORY_MERGE takes no arguments")
         return int(self.merge_any)
+
+    def _check_prctl(self) -> None:
+        if not self.machine.profile.has("prctl_memory_merge"):
+            raise ksm_error(errno.EINVAL, f"{self.machine.profile} has no PR_SET_MEMORY_MERGE")
 
     # ---- NUMA
 
@@ -433,44 +549,149 @@ class Process:
         """move_pages(2) of npages pages from addr to node: the per-page status."""
         self._alive()
         m = self.machine
-        if flags & ~(MPOL_MF_MOVE | MPOL_MF_MOVE_ALL) or not flags:
-            raise ksm_error(errno.EINVAL, f"bad move_pages flags {flags:#x}")
-        if not 0 <= node < m.nodes:
-            raise ksm_error(errno.EINVAL, f"no NUMA node {node}")
-        if addr % PAGE_SIZE or npages < 0:
-            raise ksm_error(errno.EINVAL, "move_pages takes a page-aligned address")
+        addr, npages, node, flags = check_move_pages(addr, npages, node, flags, m.nodes)
         pte = m.mem.slots["pte"]
         frames = m.mem.frames
-        status: list[int] = []
-        moving: dict[int, list[int]] = {}  # old pfn -> indices in status
+        # do_pages_move(): pages are queued (isolated) one by one; any page that is not
+        # queued stores its status and migrates the queue so far. A second address of a
+        # page already queued finds it isolated: -EBUSY.
+        status = [0] * npages
+        enoent = m.profile.has("move_pages_enoent")
+        queue: dict[int, int] = {}  # old pfn -> its index in status
+
+        def flush() -> None:
+            m._migrate(list(queue), node)
+            for j in queue.values():
+                status[j] = node
+            queue.clear()
+
         for i in range(npages):
             a = addr + i * PAGE_SIZE
             v = next((v for v in self.vmas if v.start <= a < v.end), None)
             if v is None:
-                status.append(-errno.EFAULT)
-                continue
-            p = int(pte[v.slot(a)])
-            if p == lib.KSM_PTE_NONE:
-                status.append(-errno.ENOENT)
-            elif p == lib.KSM_PTE_ZERO:
-                status.append(-errno.EFAULT)
-            elif m.mem.frame_nid(p) == node:
-                status.append(node)
-            elif frames["frame_mapcount"][p] > 1 and not flags & MPOL_MF_MOVE_ALL:
-                status.append(-errno.EACCES)
+                err = -errno.EFAULT
             else:
-                moving.setdefault(p, []).append(i)
-                status.append(node)
-        m._migrate(list(moving), node)
+                p = int(pte[v.slot(a)])
+                if p > 0 and frames["frame_folio"][p] >= 0:
+                    lib.ksm_split_folio(m.ctx, p)  # the model splits a huge page to move it
+                    p = int(pte[v.slot(a)])
+                if p == lib.KSM_PTE_NONE:
+                    # follow_page(FOLL_DUMP) before 6.12 made a non-present page -EFAULT
+                    err = -errno.ENOENT if enoent else -errno.EFAULT
+                elif p in (lib.KSM_PTE_ZERO, lib.KSM_PTE_SPLIT_ZERO):
+                    err = -errno.EFAULT  # the zero page does not move
+                elif m.mem.frame_nid(p) == node:
+                    err = node
+                elif frames["frame_mapcount"][p] > 1 and not flags & MPOL_MF_MOVE_ALL:
+                    err = -errno.EACCES  # mapped by others: needs MOVE_ALL
+                elif p in queue:
+                    err = -errno.EBUSY  # isolated already, by an earlier address
+                else:
+                    queue[p] = i
+                    continue
+            status[i] = err
+            flush()
+        flush()
         return status
 
-    def ksm_stat(self) -> dict[str, int | bool]:
+    # ---- transparent huge pages (ksmcore.thp, docs/MODEL.md)
+
+    @property
+    def thp_split_zero_pages(self) -> int:
+        """PTEs of this process mapping the shared zero page because a huge page split
+        found their subpage zero-filled (pages freed by splitting; not a KSM counter)."""
+        return int(self.machine.mem.mm["mm_thp_split_zero_pages"][self.mm_id])
+
+    def _thp_madvise(self, start: int, end: int, advice: int) -> None:
+        """MADV_HUGEPAGE / MADV_NOHUGEPAGE (hugepage_madvise()): the VMA flag only."""
+        self._split_at(start)
+        self._split_at(end)
+        for v, _, _ in self._cover(start, end, errno.ENOMEM):
+            v.thp = advice
+
+    def _pmd_slots(self, haddr: int) -> tuple[Region, int] | None:
+        """The VMA holding the PMD range at haddr and the range's first slot, if the
+        range lies in VMAs that the kernel would have merged into one."""
+        try:
+            pieces = self._cover(haddr, haddr + HPAGE_PMD_SIZE, errno.EFAULT)
+        except OSError:
+            return None
+        v = pieces[0][0]
+        if any((w.mergeable, w.thp, w.node) != (v.mergeable, v.thp, v.node) for w, _, _ in pieces):
+            return None
+        return v, v.slot(haddr)
+
+    def _pmd_present(self, haddr: int) -> bool:
+        """Any page mapped in the PMD range (it has a page table or a huge PMD)."""
+        for v, lo, hi in self._cover_partial(haddr, haddr + HPAGE_PMD_SIZE):
+            pte = self.machine.mem.slots["pte"][v.slot(lo):v.slot(hi)]
+            if (pte != lib.KSM_PTE_NONE).any():
+                return True
+        return False
+
+    def _cover_partial(self, start: int, end: int) -> list[tuple[Region, int, int]]:
+        out = []
+        for v in self.vmas:
+            lo, hi = max(start, v.start), min(end, v.end)
+            if lo < hi:
+                out.append((v, lo, hi))
+        return out
+
+    def _pmd_none(self, haddr: int) -> bool:
+        return (haddr not in self.pmd_table and haddr not in self.pmd_hzero
+                and not self._pmd_present(haddr))
+
+    def _thp_fault(self, lo: int, hi: int, write: bool) -> None:
+        """The huge-page part of faults on [lo, hi), in address order: a fault in a
+        PMD range with nothing mapped, inside one THP-eligible VMA, maps a new 2 MiB
+        folio (do_huge_pmd_anonymous_page(); a read fault maps the huge zero page
+        instead while use_zero_page is 1). A write to the huge zero page splits it
+        into a page table (do_huge_pmd_wp_page(): 4 KiB pages from then on)."""
+        m = self.machine
+        for haddr in pmd_ranges(lo, hi):
+            if haddr in self.pmd_hzero:
+                if write:
+                    self.pmd_hzero.discard(haddr)
+                    self.pmd_table.add(haddr)
+                continue
+            if not self._pmd_none(haddr):
+                continue
+            where = self._pmd_slots(haddr)
+            if where is None or not vma_thp_allowed(m.thp_enabled, where[0].thp):
+                if not write:
+                    self.pmd_table.add(haddr)  # the read maps the small zero page
+                continue
+            if not write and m.thp_use_zero_page:
+                self.pmd_hzero.add(haddr)
+                continue
+            v, slot = where
+            head = m.mem.alloc_thp(self._nid(v, haddr))
+            lib.ksm_map_image(m.ctx, slot, head, HPAGE_PMD_NR)
+            if lib.ksm_make_folio(m.ctx, slot, head) < 0:
+                raise MemoryError("ksm_make_folio")
+
+    def _thp_zap(self, start: int, end: int) -> None:
+        """What a zap of [start, end) does to the PMD ranges it touches: one it covers
+        whole is left with nothing (zap_huge_pmd(), or the empty page table freed:
+        CONFIG_PT_RECLAIM); one it covers in part keeps a page table (a huge PMD is
+        split, __split_huge_pmd())."""
+        for haddr in pmd_ranges(start, end):
+            if start <= haddr and haddr + HPAGE_PMD_SIZE <= end:
+                self.pmd_table.discard(haddr)
+                self.pmd_hzero.discard(haddr)
+            elif haddr in self.pmd_hzero or self._pmd_present(haddr):
+                self.pmd_hzero.discard(haddr)
+                self.pmd_table.add(haddr)
+
+    def ksm_stat(self, every: bool = False) -> dict[str, int | bool]:
+        """/proc/PID/ksm_stat as this kernel prints it; ``every``: every field the
+        model keeps, whatever the kernel profile prints."""
         self._alive()
         mm = self.machine.mem.mm
-        rmap_items = int(mm["mm_rmap_items"][self.mm_id])
+        rmap_items = int(mm["mm_rmap_items"][self.mm_id]) + self.ksm_stat_base[0]
         zero = int(mm["mm_zero_pages"][self.mm_id])
-        merging = int(mm["mm_merging_pages"][self.mm_id])
-        return {
+        merging = int(mm["mm_merging_pages"][self.mm_id]) + self.ksm_stat_base[1]
+        stat: dict[str, int | bool] = {
             "ksm_rmap_items": rmap_items,
             "ksm_zero_pages": zero,
             "ksm_merging_pages": merging,
@@ -478,3 +699,6 @@ class Process:
             "ksm_merge_any": self.merge_any,
             "ksm_mergeable": any(v.mergeable for v in self.vmas),
         }
+        if every:
+            return stat
+        return {name: stat[name] for name in self.machine.profile.ksm_stat_fields}

@@ -22,12 +22,14 @@ class Region:
     mergeable: bool = False
     live: bool = True
     node: int | None = None  # faults in this VMA allocate on this node
+    thp: int = 0  # VM_HUGEPAGE / VM_NOHUGEPAGE (ksmcore.thp), 0 for neither
 
     def slot(self, addr: int) -> int:
         return self.slot_base + ((addr - self.start) >> PAGE_SHIFT)
 
     def split(self, addr: int) -> Region:
         """Cut at ``addr``: self keeps [start, addr), the returned region [addr, end)."""
-        tail = Region(addr, self.end, self.slot(addr), self.mergeable, self.live, self.node)
+        tail = Region(addr, self.end, self.slot(addr), self.mergeable, self.live, self.node,
+                      self.thp)
         self.end = addr
         return tail

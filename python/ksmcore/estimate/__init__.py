@@ -6,11 +6,14 @@ with which knobs, without touching the host's KSM.
   :mod:`.samples`: the built-in sample.
 - :mod:`.simulate`: ksmd to convergence, and the simulated clock.
 - :mod:`.report`: the report as JSON and text; :mod:`.plot`: PNG plots;
-  :mod:`.tune`: the knob sweep; :mod:`.commands`: the subcommands.
+  :mod:`.tune`: the knob sweep; :mod:`.export`: Prometheus and CSV output;
+  :mod:`.commands`: the subcommands; :mod:`.api`: :func:`estimate`, the ``--json``
+  object from one call.
 """
 
 from __future__ import annotations
 
+from .api import estimate
 from .errors import EstimateError
 from .simulate import Knobs, Run, ksmd_times, load, new_machine, run_ksmd
 from .sources import Source, open_file
@@ -20,6 +23,7 @@ __all__ = [
     "Knobs",
     "Run",
     "Source",
+    "estimate",
     "ksmd_times",
     "load",
     "new_machine",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,9 +28,18 @@ from elftools.construct.core import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from .errors import EstimateError
-from .sources import Source, check_file, map_file, page_rows
+from .extents import data_extents, holes_within
+from .sources import Source, check_file, map_file, present_rows
 
+# A raw memory image may start with the ELF magic (a guest's RAM holding a kernel).
+RAW_HINT = "; if it is a raw memory image, --format raw reads it as one"
 AT_SYSINFO_EHDR = 33  # auxv: address of the vDSO
+NT_AUXV = 6
+NT_FILE = 0x46494C45  # "FILE"
+# The notes of a core are small (registers, auxv, the file table: kilobytes, a few
+# MiB for a process with very many mappings); a note segment larger than this is not
+# read, so that a hostile core cannot make us read gigabytes before we refuse it.
+MAX_NOTE_SEGMENT = 64 << 20
 # Segments shorter than this are copied into one array instead of being mapped on
 # their own: each mapped image costs the engine frame metadata for 4096 pages.
 SMALL_SEGMENT_PAGES = 64
@@ -66,6 +76,42 @@ def _auxv_vdso(desc: bytes, elfclass: int, little: bool) -> int | None:
     return None
 
 
+def _notes(raw: bytes, little: bool, seg: int) -> Iterator[tuple[str, int, bytes]]:
+    """(name, type, desc) of each note of a PT_NOTE segment, every size checked against
+    the bytes that are really there (a core's notes are 4-byte aligned)."""
+    end = ("<" if little else ">") + "III"
+    pos = 0
+    while pos + 12 <= len(raw):
+        namesz, descsz, ntype = struct.unpack_from(end, raw, pos)
+        name_at = pos + 12
+        desc_at = name_at + ((namesz + 3) & ~3)
+        nxt = desc_at + ((descsz + 3) & ~3)
+        if desc_at + descsz > len(raw) or nxt > len(raw) + 3:
+            raise _Corrupt(f"note at byte {pos} of note segment {seg} claims a "
+                           f"{namesz}-byte name and a {descsz}-byte description, past the "
+                           f"segment's {len(raw)} bytes")
+        name = raw[name_at:name_at + namesz].split(b"\0", 1)[0].decode("latin-1")
+        yield name, ntype, raw[desc_at:desc_at + descsz]
+        pos = nxt
+
+
+def _nt_file(desc: bytes, elfclass: int, little: bool) -> list[tuple[int, int]]:
+    """The (start, end) ranges of an NT_FILE note: count and page size, then count
+    (start, end, file offset) triples, then the names; the count is checked against
+    the description's real size before anything is read."""
+    word = 8 if elfclass == 64 else 4
+    fmt = ("<" if little else ">") + ("Q" if word == 8 else "I")
+    if len(desc) < 2 * word:
+        raise _Corrupt(f"NT_FILE note of {len(desc)} bytes has no header")
+    count = struct.unpack_from(fmt, desc, 0)[0]
+    if count > (len(desc) - 2 * word) // (3 * word):
+        raise _Corrupt(f"NT_FILE note claims {count} mappings but holds at most "
+                       f"{(len(desc) - 2 * word) // (3 * word)}")
+    triples = np.frombuffer(desc, dtype=np.dtype(fmt[1]).newbyteorder("<" if little else ">"),
+                            count=3 * count, offset=2 * word).reshape(count, 3)
+    return [(int(a), int(b)) for a, b in triples[:, :2]]
+
+
 def _parse(path: str, size: int) -> tuple[list[_Load], list[tuple[int, int]], int | None, str]:
     """PT_LOAD segments, NT_FILE ranges, the vDSO address and what made the core."""
     loads: list[_Load] = []
@@ -78,7 +124,7 @@ def _parse(path: str, size: int) -> tuple[list[_Load], list[tuple[int, int]], in
         etype = elf.header["e_type"]
         if etype != "ET_CORE":
             what = _ELF_TYPES.get(etype, f"an ELF file of type {etype}")
-            raise EstimateError(f"{path}: {what}, not a core dump (ELF type ET_CORE)")
+            raise EstimateError(f"{path}: {what}, not a core dump (ELF type ET_CORE){RAW_HINT}")
         for i, seg in enumerate(elf.iter_segments()):
             h = seg.header
             if h["p_type"] not in ("PT_NOTE", "PT_LOAD"):
@@ -92,15 +138,19 @@ def _parse(path: str, size: int) -> tuple[list[_Load], list[tuple[int, int]], in
             if h["p_type"] == "PT_LOAD":
                 loads.append(_Load(h["p_vaddr"], h["p_offset"], h["p_filesz"], h["p_memsz"]))
                 continue
-            for note in seg.iter_notes():
-                if note["n_name"]:
-                    names.add(note["n_name"])
-                if note["n_type"] == "NT_FILE":
+            if h["p_filesz"] > MAX_NOTE_SEGMENT:
+                raise _Corrupt(f"note segment {i} claims {h['p_filesz']} bytes "
+                               f"(cores write at most a few MiB of notes)")
+            f.seek(h["p_offset"])
+            raw = f.read(h["p_filesz"])
+            for name, ntype, desc in _notes(raw, elf.little_endian, i):
+                if name:
+                    names.add(name)
+                if ntype == NT_FILE and name == "CORE":
                     has_file_note = True
-                    for e in note["n_desc"]["Elf_Nt_File_Entry"]:
-                        files.append((int(e["vm_start"]), int(e["vm_end"])))
-                elif note["n_type"] == "NT_AUXV":
-                    vdso = _auxv_vdso(bytes(note["n_desc"]), elf.elfclass, elf.little_endian)
+                    files.extend(_nt_file(desc, elf.elfclass, elf.little_endian))
+                elif ntype == NT_AUXV and name == "CORE":
+                    vdso = _auxv_vdso(desc, elf.elfclass, elf.little_endian)
     if "QEMU" in names:
         origin = "QEMU guest memory"
     elif has_file_note:
@@ -134,17 +184,18 @@ def _pack(segments: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def open_core(path: str, allow_partial: bool = False) -> Source:
-    """An ELF core as one process: its anonymous memory segments in address order."""
+def open_core(path: str, allow_partial: bool = False, zero_pages: str = "absent") -> Source:
+    """An ELF core as one process: its anonymous memory segments in address order.
+    ``zero_pages="absent"``: all-zero pages (holes too) count as never touched."""
     size = check_file(path)
     try:
         loads, files, vdso, origin = _parse(path, size)
     except EstimateError:
         raise
     except _Corrupt as e:
-        raise EstimateError(f"{path}: corrupt ELF core: {e}") from None
+        raise EstimateError(f"{path}: corrupt ELF core: {e}{RAW_HINT}") from None
     except (ELFError, ConstructError, struct.error, ValueError, EOFError) as e:
-        raise EstimateError(f"{path}: corrupt ELF core: {e}") from None
+        raise EstimateError(f"{path}: corrupt ELF core: {e}{RAW_HINT}") from None
     except OSError as e:
         raise EstimateError(f"{path}: cannot read: {e.strerror}") from None
     starts = [a for a, _ in files]
@@ -152,6 +203,16 @@ def open_core(path: str, allow_partial: bool = False) -> Source:
     segments: list[np.ndarray] = []
     notes: list[str] = []
     left_out = {"file-backed": 0, "vDSO": 0, "not dumped": 0}
+    zeros = holes = 0
+    # A core with holes (the kernel's: dump_skip() seeks over every page that was not
+    # present or was the zero page) says which pages were untouched: its holes. Its
+    # all-zero pages written as data were present (zero-filled) and count as such.
+    # A core without holes (gcore, or a pipe) cannot tell, so all its zero pages
+    # count as untouched.
+    extents = data_extents(path, 0, size)
+    sparse = any(holes_within(extents, ld.offset, ld.offset + ld.filesz) for ld in loads
+                 if ld.filesz)
+    absent = zero_pages == "absent"
     for ld in sorted(loads, key=lambda x: x.vaddr):
         if ld.filesz == 0:
             left_out["not dumped"] += ld.memsz
@@ -164,11 +225,26 @@ def open_core(path: str, allow_partial: bool = False) -> Source:
             continue
         left_out["not dumped"] += max(0, ld.memsz - ld.filesz)
         what = f"{path}: segment at {ld.vaddr:#x}"
-        segments.extend(page_rows(data, ld.offset, ld.filesz, allow_partial, what))
-    if not segments:
+        got = present_rows(path, data, ld.offset, ld.filesz, allow_partial, what,
+                           drop_holes=absent and sparse, drop_zero=absent and not sparse)
+        segments.extend(got.segments)
+        zeros += got.zero_pages + got.hole_pages
+        holes += got.hole_pages
+    if not segments and not zeros:
         raise EstimateError(f"{path}: the core holds no anonymous memory to scan ({origin})")
     for why, nbytes in left_out.items():
         if nbytes:
             notes.append(f"{nbytes / 2**20:.1f} MiB {why} left out")
-    return Source(path, "core", _pack(segments), notes=[origin, *notes])
+    if zeros and sparse:
+        notes.append(f"{zeros} pages ({zeros * 4096 / 2**20:.1f} MiB) in holes of the core "
+                     "left out as never touched (--zero-pages present counts them)")
+    elif zeros:
+        notes.append(f"{zeros} all-zero pages ({zeros * 4096 / 2**20:.1f} MiB) left out as "
+                     "never touched (--zero-pages present counts them)")
+    packed = _pack(segments)
+    # guest memory is guest RAM (QEMU madvises it MADV_HUGEPAGE); a process core's
+    # anonymous memory gets huge pages only where THP is "always"
+    guest = origin != "process core"
+    return Source(path, "core", packed, notes=[origin, *notes], zero_pages=zeros,
+                  hugepage=[guest] * len(packed))
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import PAGE_SHIFT, PAGE_SIZE
+from ..pageflags import KPF_THP, kpageflags, pagemap
+from ..thp import HPAGE_PMD_NR
 from .errors import EstimateError
 from .sources import Source
 
@@ -58,6 +60,7 @@ INCOMPATIBLE = frozenset({"sh", "ms", "pf", "io", "de", "ht", "mm", "dp"})
 SPECIAL = frozenset({"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]"})
 READ_CHUNK = 64 << 20  # bytes per pread of /proc/PID/mem
 HEADROOM = 256 << 20  # memory left to the rest of the machine when copying
+HPAGE_PMD_ORDER = 9
 METHODS = ("auto", "scan", "pagemap", "pagemap-nopfn")
 
 _HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
@@ -191,7 +194,9 @@ def _scan_regions(fd: int, start: int, end: int) -> list[tuple[int, int]]:
         ))
         n = fcntl.ioctl(fd, PAGEMAP_SCAN, arg, True)
         walk_end = _PM_SCAN_ARG.unpack(arg)[4]
-        out.extend((int(a), int(b)) for a, b, _ in vec[:n])
+        # Only what lies before walk_end is final: a walk that stops early can hand
+        # back regions past it, which the next call (from walk_end) reports again.
+        out.extend((int(a), min(int(b), walk_end)) for a, b, _ in vec[:n] if a < walk_end)
         if walk_end <= start:
             break
         start = walk_end
@@ -268,7 +273,8 @@ def read_process(pid: int, mergeable_only: bool = False, method: str = "auto",
     if not Path(f"/proc/{pid}").is_dir():
         raise _gone(pid)
     comm = _read_text(pid, "comm").strip()
-    vmas = parse_smaps(_read_text(pid, "smaps"))
+    smaps_text = _read_text(pid, "smaps")
+    vmas = parse_smaps(smaps_text)
     if not vmas:
         raise ProcessUnreadable(
             f"process {pid} ({comm}) has no user memory (a kernel thread or a zombie)", "empty"
@@ -311,8 +317,97 @@ def read_process(pid: int, mergeable_only: bool = False, method: str = "auto",
     ]
     if (~got).any():
         notes.append(f"{int((~got).sum())} pages vanished while being read")
-    segments = [pages] if len(pages) else []
-    return Source(name, "process", segments, pid=pid, notes=notes)
+    kept = vpns[keep] if not keep.all() else vpns
+    huge, how = thp_mapped(pid, kept, chosen, smaps_text)
+    segments, hugepage = thp_segments(pages, kept, huge)
+    if how:
+        notes.append(f"{int(huge.sum()) // HPAGE_PMD_NR} huge pages (THP) {how}")
+    return Source(name, "process", segments, pid=pid, notes=notes, hugepage=hugepage)
+
+
+def thp_mapped(pid: int, vpns: np.ndarray, vmas: list[Vma],
+               smaps_text: str) -> tuple[np.ndarray, str]:
+    """Per page of ``vpns``: does a huge page (a PMD-sized THP, whole) back it, and how
+    that was learnt: /proc/kpageflags (KPF_THP, as root), else smaps AnonHugePages and
+    alignment (the first whole, present, aligned 2 MiB ranges of each mapping, as many
+    as AnonHugePages counts). "" when there are none."""
+    huge = np.zeros(len(vpns), dtype=bool)
+    if not len(vpns):
+        return huge, ""
+    groups = vpns >> HPAGE_PMD_ORDER
+    # whole aligned ranges: 512 consecutive entries of one group
+    whole = np.zeros(len(vpns), dtype=bool)
+    starts = np.flatnonzero((vpns & (HPAGE_PMD_NR - 1)) == 0)
+    starts = starts[starts + HPAGE_PMD_NR <= len(vpns)]
+    starts = starts[groups[starts + HPAGE_PMD_NR - 1] == groups[starts]]
+    for s in starts:
+        whole[s : s + HPAGE_PMD_NR] = True
+    if not whole.any():
+        return huge, ""
+    try:
+        flags = _kpageflags_of(pid, vpns)
+    except OSError:
+        flags = None
+    if flags is not None:
+        thp = ((flags >> np.uint64(KPF_THP)) & np.uint64(1)).astype(bool)
+        for s in starts:
+            if thp[s : s + HPAGE_PMD_NR].all():
+                huge[s : s + HPAGE_PMD_NR] = True
+        how = "found in /proc/kpageflags (KPF_THP)"
+    else:
+        anon_huge = _anon_huge_pages(smaps_text)
+        for v in vmas:
+            n = anon_huge.get(v.start, 0) // (HPAGE_PMD_NR * PAGE_SIZE // 1024)
+            for s in starts:
+                if n and v.start >> PAGE_SHIFT <= vpns[s] < v.end >> PAGE_SHIFT:
+                    huge[s : s + HPAGE_PMD_NR] = True
+                    n -= 1
+        how = ("assumed from smaps AnonHugePages and alignment (/proc/kpageflags "
+               "needs root)")
+    return huge, how if huge.any() else ""
+
+
+def _kpageflags_of(pid: int, vpns: np.ndarray) -> np.ndarray | None:
+    """The kpageflags of the frames behind ``vpns`` (None: pagemap hides pfns)."""
+    if not os.access("/proc/kpageflags", os.R_OK):
+        return None
+    entries = np.zeros(len(vpns), dtype=np.uint64)
+    starts, lengths = _runs(vpns)  # indices into vpns, and run lengths
+    for i, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+        entries[i : i + length] = pagemap(pid, int(vpns[i]) * PAGE_SIZE, length)
+    pfns = (entries & np.uint64(PM_PFN_MASK)).astype(np.int64)
+    if not pfns.any():
+        return None
+    return kpageflags(pfns)
+
+
+def _anon_huge_pages(smaps_text: str) -> dict[int, int]:
+    """AnonHugePages (kB) of each mapping of /proc/PID/smaps, by start address."""
+    out: dict[int, int] = {}
+    start = 0
+    for line in smaps_text.splitlines():
+        m = _HEADER.match(line)
+        if m:
+            start = int(m.group(1), 16)
+        elif line.startswith("AnonHugePages:"):
+            out[start] = int(line.split()[1])
+    return out
+
+
+def thp_segments(pages: np.ndarray, vpns: np.ndarray,
+                 huge: np.ndarray) -> tuple[list[np.ndarray], list[bool]]:
+    """``pages`` cut into runs that huge pages back (whole 2 MiB each, mapped as such)
+    and runs that they do not."""
+    if not len(pages):
+        return [], []
+    if not huge.any():
+        return [pages], [False]
+    cuts = np.flatnonzero(np.diff(huge.astype(np.int8))) + 1
+    # a run of huge pages must not join two ranges with a hole between them
+    gaps = np.flatnonzero(huge[1:] & huge[:-1] & (np.diff(vpns) != 1)) + 1
+    bounds = [0, *sorted(set(cuts.tolist()) | set(gaps.tolist())), len(pages)]
+    segments = [pages[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return segments, [bool(huge[a]) for a in bounds[:-1]]
 
 
 def _compact(pages: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -360,7 +455,7 @@ def _read_pages(pid: int, vpns: np.ndarray, out: np.ndarray) -> np.ndarray:
             done = 0
             while done < n * PAGE_SIZE:
                 want = min(READ_CHUNK, n * PAGE_SIZE - done)
-                view = memoryview(flat[s * PAGE_SIZE + done : s * PAGE_SIZE + done + want])
+                view = flat[s * PAGE_SIZE + done : s * PAGE_SIZE + done + want].data
                 try:
                     k = os.preadv(fd, [view], addr + done)
                 except OSError as e:
@@ -400,3 +495,26 @@ def readable_pids(uid: int | None = None) -> list[int]:
             continue
         pids.append(int(entry))
     return sorted(pids)
+
+
+def parse_numa_maps(text: str) -> dict[int, int]:
+    """Anonymous pages per node, from /proc/PID/numa_maps (``anon=`` lines, ``N<k>=``)."""
+    pages: dict[int, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if not any(f.startswith("anon=") for f in fields):
+            continue
+        for f in fields:
+            m = re.fullmatch(r"N(\d+)=(\d+)", f)
+            if m:
+                pages[int(m.group(1))] = pages.get(int(m.group(1)), 0) + int(m.group(2))
+    return pages
+
+
+def process_node(pid: int) -> int | None:
+    """The NUMA node holding most of the process's anonymous memory (None: unknown)."""
+    try:
+        pages = parse_numa_maps(Path(f"/proc/{pid}/numa_maps").read_text())
+    except OSError:
+        return None
+    return max(pages, key=lambda n: (pages[n], -n)) if pages else None

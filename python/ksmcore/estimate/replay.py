@@ -232,13 +232,45 @@ def plot_timeline(path: str, result: dict[str, Any]) -> None:
     _save(fig, path)
 
 
-def estimate_report(args: argparse.Namespace, path: str) -> tuple[str, dict[str, Any]]:
-    from .commands import _output
+def _csv(rows: list[dict[str, Any]]) -> str:
+    import csv
+    import io
 
+    out = io.StringIO()
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    w = csv.DictWriter(out, names, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return out.getvalue()
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], text_fn: Any,
+          rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Text (with the remarks and the plot's path), JSON, or CSV of ``rows``."""
+    from . import commands
+
+    fmt = commands.output_format(args) if hasattr(commands, "output_format") \
+        else ("json" if args.json else "text")
+    if fmt == "json":
+        return json.dumps(result, indent=1) + "\n", result
+    if fmt == "csv":
+        return _csv(rows), result
+    if fmt != "text":
+        raise EstimateError(f"--output-format {fmt}: a trace's replay is a timeline; use "
+                            f"text, json or csv", EXIT_USAGE)
+    out = text_fn(result)
+    extra = list(result["remarks"]) + ([f"plot: {args.plot}"] if args.plot else [])
+    if extra:
+        out += "\n" + "\n".join(extra) + "\n"
+    return out, result
+
+
+def estimate_report(args: argparse.Namespace, path: str) -> tuple[str, dict[str, Any]]:
     result = estimate_trace(args, path)
     if args.plot:
         plot_timeline(args.plot, result)
-    return _output(args, result, text)
+    return _emit(args, result, text, result["timeline"])
 
 
 # --------------------------------------------------------------------------------
@@ -380,9 +412,7 @@ def plot_tune(path: str, result: dict[str, Any]) -> None:
 
 
 def tune_report(args: argparse.Namespace, path: str) -> tuple[str, dict[str, Any]]:
-    from .commands import _output
-
     result = tune_trace(args, path)
     if args.plot:
         plot_tune(args.plot, result)
-    return _output(args, result, tune_text)
+    return _emit(args, result, tune_text, result["rows"])

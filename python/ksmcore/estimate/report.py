@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from ..constants import KSM_STAT_FIELDS, PAGE_SIZE, SIZEOF_RMAP_ITEM
+from ..profiles import Profile
+from .extents import nonzero_pages, zero_merge_savings
 from .simulate import (
     Knobs,
     Run,
@@ -45,15 +48,52 @@ def _nodes(m: Any, sources: Sequence[Source], stats: list[dict[str, Any]]) -> li
     return out
 
 
+def zero_pages_section(sources: Sequence[Source], knobs: Knobs, saved: int,
+                       mode: str) -> dict[str, Any]:
+    """What the pages left out as never touched would change: the all-zero pages of
+    cores (counted as present with ``--zero-pages present``) and the holes of images
+    (never written, always left out). Zero pages merge only with zero pages, so what
+    they would save follows from their number in each tree (one tree, or one per node
+    with merge_across_nodes=0), with the zero pages already scanned there."""
+    left: dict[int, int] = {}
+    for s in sources:
+        tree = 0 if knobs.merge_across_nodes else (s.node or 0)
+        left[tree] = left.get(tree, 0) + s.zero_pages
+    more = 0
+    for tree, z in left.items():
+        if not z:
+            continue
+        # the zero pages already scanned in this tree, which the left-out ones join
+        here = sum(int(len(seg) - nonzero_pages(seg).sum()) for s in sources
+                   if (0 if knobs.merge_across_nodes else (s.node or 0)) == tree
+                   for seg in s.segments)
+        more += (zero_merge_savings(here + z, knobs.max_page_sharing, knobs.use_zero_pages)
+                 - zero_merge_savings(here, knobs.max_page_sharing, knobs.use_zero_pages))
+    left_out = sum(s.zero_pages for s in sources)
+    return {
+        "mode": mode,
+        "left_out": left_out,
+        "hole_pages": sum(s.hole_pages for s in sources),
+        "saved_if_present": more,
+        "saved_pages_if_present": saved + more,
+        "saved_mib_if_present": round(mib(saved + more), 3),
+    }
+
+
 def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, knobs: Knobs,
-          cost_per_page_s: float) -> dict[str, Any]:
+          cost_per_page_s: float, zero_pages: str = "absent") -> dict[str, Any]:
     """The --json object: every sysfs file, per-process ksm_stat, per-node figures and
     the simulated time."""
-    ksm = m.ksm.stats()
-    stats = [{k: p.ksm_stat()[k] for k in KSM_STAT_FIELDS} for p in procs]
+    # every counter and ksm_stat field the model keeps, also where this kernel has no
+    # file for it (ksm_zero_pages before 6.6, ...): what KSM saves there all the same
+    ksm = m.ksm.stats(every=True)
+    stats = [{k: p.ksm_stat(every=True)[k] for k in KSM_STAT_FIELDS} for p in procs]
     times = ksmd_times(run.processed, knobs.sleep_millisecs, cost_per_page_s)
     total = sum(s.npages for s in sources)
     saved = int(ksm["pages_sharing"]) + int(ksm["ksm_zero_pages"])
+    # huge page splits: what they freed is not KSM's (no counter shows it) but real
+    split = int(m.thp_split_zero_pages)
+    huge = any(any(s.hugepage) for s in sources) and m.thp_enabled != "never" or split > 0
     t_conv = (
         float(times[run.scan_ends[run.converged_at - 1]])
         if run.converged and run.converged_at
@@ -68,6 +108,7 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
                                       "pages_volatile", "ksm_zero_pages", "general_profit")},
         })
     return {
+        "kernel": m.profile.name,
         "ksm": dict(ksm),
         "processes": [
             {
@@ -77,9 +118,10 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
                 "node": src.node or 0,
                 "pages": src.npages,
                 "ksm_stat": st,
+                "thp_split_zero_pages": int(p.thp_split_zero_pages),
                 "notes": list(src.notes),
             }
-            for src, st in zip(sources, stats, strict=True)
+            for src, st, p in zip(sources, stats, procs, strict=True)
         ],
         "nodes": _nodes(m, sources, stats),
         "time_to_converge_s": t_conv,
@@ -91,6 +133,22 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
             "bytes": saved * PAGE_SIZE,
             "mib": round(mib(saved), 3),
             "fraction": saved / total if total else 0.0,
+        },
+        "zero_pages": zero_pages_section(sources, knobs, saved, zero_pages),
+        # pages freed by splitting huge pages (zero-filled subpages mapped to the shared
+        # zero page); the memory saved in total is "saved" (KSM's) plus these
+        "thp": {"enabled": m.thp_enabled, "huge_pages_split": int(m.thp_splits),
+                "shown": huge},
+        "thp_split_zero_pages": {
+            "pages": split,
+            "bytes": split * PAGE_SIZE,
+            "mib": round(mib(split), 3),
+        },
+        "saved_total": {
+            "pages": saved + split,
+            "bytes": (saved + split) * PAGE_SIZE,
+            "mib": round(mib(saved + split), 3),
+            "fraction": (saved + split) / total if total else 0.0,
         },
         "savings_time_s": milestone_times(run.saved, times, saved),
         "full_scans": scans,
@@ -105,6 +163,39 @@ def build(m: Any, procs: Sequence[Any], sources: Sequence[Source], run: Run, kno
         },
         "machine": {"nodes": m.nodes},
     }
+
+
+SUMMARY_FROM = 4  # more sources than this: their notes are summed, not listed
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def summarise_notes(procs: Sequence[dict[str, Any]]) -> list[str]:
+    """Notes of the same form summed over the sources ("3 of 40 mappings ..." + "5 of
+    20 mappings ..." -> "8 of 60 mappings ... (2 sources)"), in first-seen order."""
+    groups: dict[str, tuple[list[float], bool, int]] = {}
+    for p in procs:
+        for note in p["notes"]:
+            form = _NUMBER.sub("{}", note)
+            nums = [float(x) for x in _NUMBER.findall(note)]
+            decimal = "." in "".join(_NUMBER.findall(note))
+            if form not in groups:
+                groups[form] = (nums, decimal, 1)
+            else:
+                total, dec, count = groups[form]
+                groups[form] = ([a + b for a, b in zip(total, nums, strict=True)],
+                                dec or decimal, count + 1)
+    out = []
+    for form, (nums, decimal, count) in groups.items():
+        shown = [f"{x:.1f}" if decimal else f"{x:.0f}" for x in nums]
+        out.append(form.format(*shown) + f" ({count} source{'s' * (count != 1)})")
+    return out
+
+
+def top_sources(result: dict[str, Any], n: int) -> None:
+    """Keep the ``n`` processes with the highest ksm_process_profit, best first."""
+    procs = result["processes"]
+    result["sources_total"] = len(procs)
+    result["processes"] = sorted(procs, key=lambda p: -int(p["ksm_stat"]["ksm_process_profit"]))[:n]
 
 
 def duration(seconds: float | None) -> str:
@@ -130,6 +221,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) 
     return out
 
 
+def kernel_line(kernel: str) -> str:
+    """Which kernel's KSM the report models (--kernel, else the running kernel)."""
+    return f"kernel: the KSM of Linux {kernel} (ksmcore profile {kernel}; --kernel)"
+
+
 def text(result: dict[str, Any]) -> str:
     """The readable report."""
     k = result["ksm"]
@@ -144,6 +240,7 @@ def text(result: dict[str, Any]) -> str:
         f"knobs: pages_to_scan {k['pages_to_scan']}, sleep_millisecs {k['sleep_millisecs']}, "
         f"smart_scan {k['smart_scan']}, use_zero_pages {k['use_zero_pages']}, "
         f"max_page_sharing {k['max_page_sharing']}, merge_across_nodes {k['merge_across_nodes']}",
+        kernel_line(result["kernel"]),
         "",
     ]
     if not total:
@@ -153,6 +250,28 @@ def text(result: dict[str, Any]) -> str:
         f"memory saved      {saved['pages']} pages = {saved['mib']:.1f} MiB"
         f"  (pages_sharing {k['pages_sharing']} + ksm_zero_pages {k['ksm_zero_pages']}){pct}"
     )
+    zp = result.get("zero_pages", {})
+    if zp.get("left_out"):
+        lines.append(
+            f"zero pages        {zp['left_out']} all-zero pages of cores left out as never "
+            f"touched; counted as present (--zero-pages present): "
+            f"{zp['saved_pages_if_present']} pages = {zp['saved_mib_if_present']:.1f} MiB saved"
+        )
+    if zp.get("hole_pages"):
+        lines.append(f"holes             {zp['hole_pages']} pages of images in holes (never "
+                     "written) left out")
+    if result["thp"]["shown"]:
+        split = result["thp_split_zero_pages"]
+        both = result["saved_total"]
+        lines.append(
+            f"THP splits        {split['pages']} pages = {split['mib']:.1f} MiB freed by "
+            "splitting huge pages (zero-filled subpages mapped to the shared zero page)"
+        )
+        lines.append(
+            f"saved in total    {both['pages']} pages = {both['mib']:.1f} MiB  (KSM + THP "
+            f"splits; {result['thp']['huge_pages_split']} huge pages split, THP "
+            f"{result['thp']['enabled']})"
+        )
     lines.append(
         f"general_profit    {int(k['general_profit']) / MIB:.1f} MiB  (saved memory less "
         f"{SIZEOF_RMAP_ITEM} bytes per rmap_item)"
@@ -191,7 +310,10 @@ def text(result: dict[str, Any]) -> str:
     shown = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
              "pages_skipped", "pages_scanned", "ksm_zero_pages", "full_scans",
              "stable_node_chains", "stable_node_dups", "general_profit")
-    lines += [f"  {name:<20} {k[name]}" for name in shown]
+    files = Profile(result["kernel"]).sysfs_files
+    lines += [f"  {name:<20} {k[name]}" + ("" if name in files else
+                                            f"  (no such file in Linux {result['kernel']})")
+              for name in shown]
 
     lines += ["", "per source (/proc/<pid>/ksm_stat):"]
     rows = []
@@ -203,9 +325,22 @@ def text(result: dict[str, Any]) -> str:
         ])
     lines += _table(["source", "node", "pages", "rmap_items", "merging_pages", "zero_pages",
                      "profit_MiB"], rows)
-    notes = [(p["source"], n) for p in procs for n in p["notes"]]
-    if notes:
-        lines += ["", "notes:"] + [f"  {src}: {n}" for src, n in notes]
+    if result.get("sources_total", len(procs)) > len(procs):
+        lines.append(f"  (the {len(procs)} of {result['sources_total']} sources that save the "
+                     "most, by ksm_process_profit: --top)")
+    if len(procs) > SUMMARY_FROM:
+        summary = summarise_notes(procs)
+        if summary:
+            lines += ["", "notes (summed over the sources):"] + [f"  {n}" for n in summary]
+    else:
+        notes = [(p["source"], n) for p in procs for n in p["notes"]]
+        if notes:
+            lines += ["", "notes:"] + [f"  {src}: {n}" for src, n in notes]
+
+    if result.get("security"):
+        from .domains import text as security_text
+
+        lines += security_text(result["security"])
 
     if len(result["nodes"]) > 1:
         lines += ["", "per node:"]

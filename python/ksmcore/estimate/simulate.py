@@ -25,6 +25,7 @@ clock still, so chains are pruned as in a kernel that scans faster than that gat
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from ..constants import MADV_MERGEABLE, PAGE_SIZE
+from ..profiles import resolve as resolve_profile
+from ..thp import THP_ENABLED_DEFAULT
 from ..timing import CostModel
 from .errors import EXIT_USAGE, EstimateError
 from .sources import Source, check_node
@@ -54,6 +57,7 @@ class Knobs:
     sleep_millisecs: int = 20
     smart_scan: int = 1
     use_zero_pages: int = 0
+    kernel: str | None = None  # the kernel profile (ksmcore.profiles); None: the running one
 
     def as_dict(self) -> dict[str, int]:
         # merge_across_nodes and max_page_sharing first: the kernel takes them only
@@ -92,38 +96,69 @@ def knob_option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def new_machine(nodes: int, knobs: Knobs, machine_cls: Any = None) -> Any:
+def new_machine(nodes: int, knobs: Knobs, machine_cls: Any = None,
+                thp: str = THP_ENABLED_DEFAULT) -> Any:
     """A machine with ``nodes`` nodes and the knobs set (invalid values are refused
-    with the kernel's errno, reported as the option that set them)."""
+    with the kernel's errno, reported as the option that set them); ``thp`` is its
+    transparent_hugepage/enabled."""
     if machine_cls is None:
         from .. import Machine as machine_cls
     try:
-        m = machine_cls(nodes=nodes)
+        profile = resolve_profile(knobs.kernel)
+    except OSError as e:
+        raise EstimateError(f"--kernel {knobs.kernel}: {e.strerror}", EXIT_USAGE) from None
+    try:
+        m = machine_cls(nodes=nodes, kernel=profile)
     except OSError:
         raise EstimateError(f"--nodes {nodes}: expected 1..64", EXIT_USAGE) from None
+    try:
+        m.thp_enabled = thp
+    except OSError:
+        raise EstimateError(f"--thp {thp}: expected always, madvise or never",
+                            EXIT_USAGE) from None
     if knobs.pages_to_scan == 0:
         raise EstimateError("--pages-to-scan 0: ksmd would never scan a page", EXIT_USAGE)
     for name, value in knobs.as_dict().items():
+        if name not in profile.sysfs_files:
+            continue  # a knob this kernel does not have (smart_scan before 6.7)
         try:
             setattr(m.ksm, name, value)
         except OSError as e:
-            why = e.strerror or errno.errorcode.get(e.errno or 0, "invalid")
-            raise EstimateError(f"{knob_option(name)} {value}: refused ({why})",
+            raise EstimateError(f"{knob_option(name)} {value}: refused ({refusal(e)})",
                                 EXIT_USAGE) from None
     return m
 
 
+def refusal(e: OSError) -> str:
+    """The errno's name once, then what was wrong (a re-raised error may carry the
+    errno's text twice: "Invalid argument: Invalid argument: ...")."""
+    why = e.strerror or ""
+    prefix = os.strerror(e.errno) + ": " if e.errno else ""
+    while prefix and why.startswith(prefix + prefix):
+        why = why[len(prefix):]
+    return why or errno.errorcode.get(e.errno or 0, "invalid")
+
+
 def load(m: Any, sources: Sequence[Source]) -> list[Any]:
     """One process per source, one MADV_MERGEABLE mapping per segment, in order (the
-    order of the mm_slot list, i.e. the order ksmd scans them in)."""
+    order of the mm_slot list, i.e. the order ksmd scans them in). A segment marked
+    ``hugepage`` is mapped as guest RAM is (huge pages where ``m.thp_enabled`` allows);
+    a live process's segments that huge pages back now are huge whatever it says."""
     procs = []
+    # the run's memory was checked against --max-memory (commands.check_memory)
+    m.max_pages = max(m.max_pages, sum(src.npages for src in sources))
     for src in sources:
         check_node(src.node, m.nodes, src.name)
         # the process runs on its memory's node (its home node, for later COW copies)
         p = m.spawn() if src.node is None else m.spawn(node=src.node)
-        for seg in src.segments:
-            addr = p.mmap_image(seg, node=src.node)
+        enabled = m.thp_enabled
+        if src.kind == "process":
+            m.thp_enabled = "madvise"  # what the process has: huge pages where it has them
+        for i, seg in enumerate(src.segments):
+            huge = bool(src.hugepage[i]) if i < len(src.hugepage) else False
+            addr = p.mmap_image(seg, node=src.node, hugepage=huge)
             p.madvise(addr, len(seg) * PAGE_SIZE, MADV_MERGEABLE)
+        m.thp_enabled = enabled
         procs.append(p)
     return procs
 
@@ -179,7 +214,7 @@ def run_ksmd(m: Any, max_scans: int = 50, on_batch: BatchHook | None = None) -> 
     pts = int(m.ksm.pages_to_scan)
     while len(scans) < max_scans:
         n = m.ksm.do_scan(pts)
-        s = m.ksm.stats()
+        s = m.ksm.stats(every=True)  # with what the model keeps beyond this kernel's files
         processed.append(n)
         saved.append(int(s["pages_sharing"]) + int(s["ksm_zero_pages"]))
         profit.append(int(s["general_profit"]))

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..constants import PAGE_SIZE
 from .errors import EXIT_USAGE, EstimateError
+from .extents import ZERO_PAGES, Present, data_extents, present_pages
 
 ELF_MAGIC = b"\x7fELF"
 FORMATS = ("auto", "raw", "core")
@@ -34,6 +35,11 @@ class Source:
     node: int | None = None  # NUMA node of its memory (None: node 0)
     pid: int | None = None  # the live process it was read from
     notes: list[str] = field(default_factory=list)  # what was padded or left out
+    zero_pages: int = 0  # all-zero pages of a core left out as never touched
+    hole_pages: int = 0  # pages of an image in holes (never written), left out
+    # per segment: map it as guest RAM is mapped (PMD-aligned, MADV_HUGEPAGE), so that
+    # huge pages back it where THP allows (empty: no segment is)
+    hugepage: list[bool] = field(default_factory=list)
 
     @property
     def npages(self) -> int:
@@ -109,28 +115,58 @@ def page_rows(data: np.ndarray, offset: int, size: int, allow_partial: bool,
     return rows
 
 
+def present_rows(path: str, data: np.ndarray, offset: int, size: int, allow_partial: bool,
+                 what: str, drop_holes: bool, drop_zero: bool) -> Present:
+    """The pages of ``data[offset:offset+size]`` that count as memory (see
+    :mod:`.extents`): with ``drop_holes`` those in holes left out, with ``drop_zero``
+    the all-zero pages (holes included)."""
+    rows = page_rows(data, offset, size, allow_partial, what)
+    whole, tail = divmod(size, PAGE_SIZE)
+    out = Present()
+    if whole:
+        extents = data_extents(path, offset, offset + size) if drop_holes or drop_zero else []
+        out = present_pages(rows[0], extents, offset, drop_holes, drop_zero)
+    if tail:  # the padded copy of the last page
+        if drop_zero and not rows[-1].any():
+            out.zero_pages += 1
+        else:
+            out.segments.append(rows[-1])
+    return out
+
+
 def open_raw_image(path: str, allow_partial: bool = False) -> Source:
-    """A raw memory image: the file's bytes are the pages, in order."""
+    """A raw memory image: the file's bytes are the pages, in order; holes
+    (SEEK_HOLE) are memory never written, left out without being read."""
     size = check_file(path)
     if size == 0:
         raise EstimateError(f"{path}: empty file (0 bytes), no pages to scan")
-    segments = page_rows(map_file(path), 0, size, allow_partial, path)
+    got = present_rows(path, map_file(path), 0, size, allow_partial, path, True, False)
     notes = []
     if size % PAGE_SIZE:
         notes.append(f"last {size % PAGE_SIZE} bytes padded to a whole page")
-    return Source(path, "image", segments, notes=notes)
+    if got.hole_pages:
+        notes.append(f"{got.hole_pages} pages ({got.hole_pages * PAGE_SIZE / 2**20:.1f} MiB) "
+                     "in holes of the file left out (never written)")
+    # a raw image is a VM's RAM: QEMU maps guest RAM PMD-aligned with MADV_HUGEPAGE
+    return Source(path, "image", got.segments, notes=notes, hole_pages=got.hole_pages,
+                  hugepage=[True] * len(got.segments))
 
 
-def open_file(path: str, fmt: str = "auto", allow_partial: bool = False) -> Source:
-    """A raw image or an ELF core dump; ``fmt="auto"`` tells them by the ELF magic."""
+def open_file(path: str, fmt: str = "auto", allow_partial: bool = False,
+              zero_pages: str = "absent") -> Source:
+    """A raw image or an ELF core dump; ``fmt="auto"`` tells them by the ELF magic.
+    ``zero_pages``: whether the all-zero pages of a core count as present."""
     if fmt not in FORMATS:
         raise EstimateError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}", EXIT_USAGE)
+    if zero_pages not in ZERO_PAGES:
+        raise EstimateError(f"--zero-pages {zero_pages!r}: expected one of "
+                            f"{', '.join(ZERO_PAGES)}", EXIT_USAGE)
     size = check_file(path)
     is_elf = size >= 4 and _head(path, 4) == ELF_MAGIC
     if fmt == "core" or (fmt == "auto" and is_elf):
         from .elfcore import open_core  # pyelftools is needed for cores only
 
-        return open_core(path, allow_partial)
+        return open_core(path, allow_partial, zero_pages)
     return open_raw_image(path, allow_partial)
 
 

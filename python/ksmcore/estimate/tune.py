@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from ..constants import PAGE_SIZE
+from ..knobs import kstrtoull
+from ..profiles import resolve as resolve_profile
 from .errors import EXIT_USAGE, EstimateError
-from .report import _table, duration, mib
+from .report import _table, duration, kernel_line, mib
 from .simulate import (
     Knobs,
     converged_at_scan,
@@ -43,7 +45,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 
 def parse_duration(text: str) -> float:
     """Seconds in ``"10m"``, ``"90s"``, ``"1.5h"``, ``"500ms"`` or ``"90"`` (seconds)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|min|m|h)?\s*", text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|min|m|h)?\s*", text, re.ASCII)
     if not m:
         raise EstimateError(f"--within {text!r}: expected a duration such as 10m, 90s or 1h",
                             EXIT_USAGE)
@@ -52,9 +54,9 @@ def parse_duration(text: str) -> float:
 
 def parse_values(text: str, option: str, low: int = 0) -> tuple[int, ...]:
     """``"100,500,1000"`` as ints (each >= ``low``), without duplicates, in order."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+    try:  # each as the kernel reads a sysfs write (kstrtoull): no spaces, '_' or non-ASCII
+        values = [kstrtoull(v) for v in text.split(",") if v]
+    except OSError:
         values = []
     if not values or any(v < low for v in values):
         raise EstimateError(f"{option} {text!r}: expected a comma-separated list of integers "
@@ -62,11 +64,13 @@ def parse_values(text: str, option: str, low: int = 0) -> tuple[int, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def advisor_status(nodes: int) -> tuple[bool, str]:
+def advisor_status(nodes: int, kernel: str | None = None) -> tuple[bool, str]:
     """Whether the scan-time advisor can join the sweep (it runs on the machine's
     simulated clock, ``Machine.run_for``, since it sets pages_to_scan from how long
     full scans take), and what its rows mean."""
-    m = new_machine(nodes, Knobs())
+    m = new_machine(nodes, Knobs(kernel=kernel))
+    if not m.profile.has("advisor"):
+        return False, f"Linux {m.profile.name} has no scan-time advisor (6.8+)"
     try:
         m.ksm.advisor_mode = "scan-time"
     except OSError as e:
@@ -104,7 +108,7 @@ def _advisor_row(sources: Sequence[Source], base: Knobs, nodes: int, cost_per_pa
             pts = max(1, int(m.ksm.pages_to_scan))
             scan_s = (total / pts + 1) * (sleep / 1000 + pts * cost_per_page_s)
             m.run_for(max(scan_s / 10, 1e-3))
-            s = m.ksm.stats()
+            s = m.ksm.stats(every=True)
             times.append(m.clock - t0)
             saved.append(int(s["pages_sharing"]) + int(s["ksm_zero_pages"]))
             while len(scans) < int(s["full_scans"]):
@@ -112,7 +116,7 @@ def _advisor_row(sources: Sequence[Source], base: Knobs, nodes: int, cost_per_pa
             converged_at = converged_at_scan(scans)
     elapsed = times[-1] if times else 0.0
     cpu_s = getattr(m, "ksmd_cpu_ns", 0) / 1e9
-    s = m.ksm.stats()
+    s = m.ksm.stats(every=True)
     row = {
         "advisor": True,
         "smart_scan": 1,
@@ -192,11 +196,128 @@ def cheapest(rows: Sequence[dict[str, Any]], within_s: float) -> dict[str, Any] 
                default=None)
 
 
+SYSFS = "/sys/kernel/mm/ksm"
+KERNEL_DEFAULTS = Knobs()
+# the scan-time advisor's own settings (the kernel's defaults, as the sweep ran it)
+ADVISOR_SETTINGS = ("advisor_max_cpu", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan",
+                    "advisor_target_scan_time")
+
+
+def advisor_settings(nodes: int) -> dict[str, int]:
+    m = new_machine(nodes, Knobs())
+    return {name: int(getattr(m.ksm, name)) for name in ADVISOR_SETTINGS}
+
+
+def apply_lines(best: dict[str, Any] | None, base: Knobs,
+                advisor: dict[str, int] | None = None) -> list[str]:
+    """The shell lines that set the pick on a host: the knobs that take effect only
+    while no KSM page exists (merge_across_nodes, max_page_sharing) after ``run=2``,
+    which unmerges everything; for the advisor row, advisor_mode and its settings
+    (the advisor sets pages_to_scan itself)."""
+    if best is None:
+        return []
+    lines = []
+    fixed = {k: v for k, v in base.as_dict().items()
+             if k in ("merge_across_nodes", "max_page_sharing", "use_zero_pages")
+             and v != getattr(KERNEL_DEFAULTS, k)}
+    if "merge_across_nodes" in fixed or "max_page_sharing" in fixed:
+        lines.append(f"echo 2 > {SYSFS}/run")
+    knobs: dict[str, Any] = dict(fixed)
+    if best.get("advisor"):
+        knobs["advisor_mode"] = "scan-time"
+        knobs |= advisor or {}
+    else:
+        knobs["advisor_mode"] = "none"
+        knobs["pages_to_scan"] = best["pages_to_scan"]
+    knobs["sleep_millisecs"] = best["sleep_millisecs"]
+    knobs["smart_scan"] = best["smart_scan"]
+    lines += [f"echo {v} > {SYSFS}/{k}" for k, v in knobs.items()]
+    lines.append(f"echo 1 > {SYSFS}/run")
+    return lines
+
+
+def edge_remark(best: dict[str, Any] | None, pages_to_scan: Sequence[int],
+                sleep_millisecs: Sequence[int]) -> str | None:
+    """Say when the pick is the cheapest corner of the grid in some knob: a cheaper
+    setting may lie beyond it."""
+    if best is None:
+        return None
+    beyond = []
+    if not best.get("advisor") and len(pages_to_scan) and best["pages_to_scan"] == min(
+            pages_to_scan):
+        beyond.append(f"pages_to_scan below {best['pages_to_scan']}")
+    if len(sleep_millisecs) and best["sleep_millisecs"] == max(sleep_millisecs):
+        beyond.append(f"sleep_millisecs above {best['sleep_millisecs']}")
+    if not beyond:
+        return None
+    return ("the pick sits on the edge of the grid: a cheaper setting may reach the target "
+            "too, with " + " or ".join(beyond) + " (widen --pages-to-scan-values / "
+            "--sleep-millisecs-values)")
+
+
+def cpu_per_saved(row: dict[str, Any]) -> float | None:
+    """ksmd's share of one CPU (in %) per GiB it keeps saved at this setting."""
+    gib = row["saved_pages"] * PAGE_SIZE / 2**30
+    return 100 * row["cpu_fraction"] / gib if gib else None
+
+
+RESULT_KEYS = ("pages_per_second", "cpu_fraction", "t50_s", "t90_s", "t100_s", "saved_pages",
+               "converged", "full_scans_to_converge", "advisor", "pages_to_scan",
+               "sleep_millisecs")
+
+
+def fold(rows: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], list[int]]]:
+    """Rows whose results are identical, folded: (the first row, its smart_scan values)."""
+    out: list[tuple[dict[str, Any], list[int]]] = []
+    seen: dict[tuple[Any, ...], int] = {}
+    for r in rows:
+        key = tuple(r[k] for k in RESULT_KEYS)
+        if key in seen:
+            out[seen[key]][1].append(r["smart_scan"])
+            continue
+        seen[key] = len(out)
+        out.append((r, [r["smart_scan"]]))
+    return out
+
+
+def numa_tradeoff(sources: Sequence[Source], base: Knobs, nodes: int, pages_to_scan: int,
+                  max_scans: int) -> list[dict[str, Any]]:
+    """merge_across_nodes 1 against 0 when the sources sit on several nodes: what
+    per-node trees lose in savings, against the mappings that 1 leaves on a KSM page
+    of another node (every access to them crosses the interconnect)."""
+    from .mappings import remote_mappings
+
+    out = []
+    for mam in (1, 0):
+        m = new_machine(nodes, replace(base, merge_across_nodes=mam, pages_to_scan=pages_to_scan))
+        procs = load(m, sources)
+        run = run_ksmd(m, max_scans)
+        saved = int(run.saved[-1]) if len(run.saved) else 0
+        out.append({
+            "merge_across_nodes": mam,
+            "saved_pages": saved,
+            "saved_mib": round(mib(saved), 3),
+            "remote_mappings": remote_mappings(m, procs, [s.node or 0 for s in sources]),
+            "converged": run.converged,
+        })
+    lost = out[0]["saved_pages"] - out[1]["saved_pages"]
+    out[1]["savings_lost"] = lost
+    out[0]["savings_lost"] = 0
+    return out
+
+
 def build(sources: Sequence[Source], rows: list[dict[str, Any]], within_s: float,
-          advisor: tuple[bool, str], base: Knobs, cost_per_page_s: float) -> dict[str, Any]:
+          advisor: tuple[bool, str], base: Knobs, cost_per_page_s: float,
+          grid: tuple[Sequence[int], Sequence[int]] = ((), ()),
+          advisor_knobs: dict[str, int] | None = None,
+          numa: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     total = sum(s.npages for s in sources)
     reference = max((r["saved_pages"] for r in rows), default=0)
+    for r in rows:
+        r["cpu_percent_per_gib_saved"] = cpu_per_saved(r)
+    best = cheapest(rows, within_s)
     return {
+        "kernel": resolve_profile(base.kernel).name,
         "sources": [s.name for s in sources],
         "pages": total,
         "reference_saved_pages": reference,
@@ -206,7 +327,10 @@ def build(sources: Sequence[Source], rows: list[dict[str, Any]], within_s: float
                   if k not in ("pages_to_scan", "sleep_millisecs", "smart_scan")},
         "cost_per_page_us": cost_per_page_s * 1e6,
         "settings": rows,
-        "cheapest": cheapest(rows, within_s),
+        "cheapest": best,
+        "apply": apply_lines(best, base, advisor_knobs),
+        "edge": edge_remark(best, *grid),
+        "merge_across_nodes": numa,
         "advisor": {"included": advisor[0], "reason": advisor[1]},
     }
 
@@ -222,21 +346,25 @@ def text(result: dict[str, Any]) -> str:
         f"= {result['reference_saved_mib']:.1f} MiB",
         "fixed knobs: " + ", ".join(f"{k} {v}" for k, v in result["knobs"].items())
         + f"; cost model {result['cost_per_page_us']:.2f} us per page",
+        kernel_line(result["kernel"]),
         "",
     ]
     table = []
-    for r in rows:
-        mark = " <" if best is r else ""
+    for r, smart in fold(rows):
+        mark = " <" if best is not None and any(
+            best is x for x in rows if all(x[k] == r[k] for k in RESULT_KEYS)) else ""
+        per = r.get("cpu_percent_per_gib_saved")
         table.append([
-            r["smart_scan"],
+            ",".join(map(str, smart)),
             f"advisor: {r['pages_to_scan']}" if r.get("advisor") else r["pages_to_scan"],
             r["sleep_millisecs"],
             f"{r['pages_per_second']:.0f}", f"{100 * r['cpu_fraction']:.1f}",
+            "-" if per is None else f"{per:.1f}",
             duration(r["t50_s"]), duration(r["t90_s"]), duration(r["t100_s"]),
             f"{r['full_scans_to_converge'] if r['converged'] else 'no'}{mark}",
         ])
     lines += _table(["smart_scan", "pages_to_scan", "sleep_ms", "pages/s", "CPU%",
-                     "to 50%", "to 90%", "to 100%", "scans"], table, left=0)
+                     "CPU%/GiB", "to 50%", "to 90%", "to 100%", "scans"], table, left=0)
     lines.append("")
     if not ref:
         lines.append("nothing to save: KSM would merge nothing in these sources")
@@ -255,6 +383,21 @@ def text(result: dict[str, Any]) -> str:
             f"smart_scan {best['smart_scan']}: {best['pages_per_second']:.0f} pages/s, "
             f"{100 * best['cpu_fraction']:.1f}% of one CPU, 90% after {duration(best['t90_s'])}"
         )
+    if result.get("edge"):
+        lines.append(result["edge"])
+    if result.get("apply"):
+        lines += ["", "to apply it (as root):"] + [f"  {x}" for x in result["apply"]]
+    if result.get("merge_across_nodes"):
+        lines += ["", "merge_across_nodes (the sources sit on several nodes):"]
+        lines += _table(["merge_across_nodes", "saved_MiB", "savings_lost_pages",
+                         "remote_mappings"],
+                        [[x["merge_across_nodes"], f"{x['saved_mib']:.1f}", x["savings_lost"],
+                          x["remote_mappings"]] for x in result["merge_across_nodes"]], left=0)
+        lines.append("  1: one tree, a KSM page serves every node (remote_mappings: pages "
+                     "mapped from a KSM page on another node); 0: a tree per node, no remote "
+                     "mapping, the savings lost to per-node trees")
+    lines.append("CPU%/GiB: ksmd's share of one CPU while scanning, per GiB it keeps saved; "
+                 "smart_scan \"0,1\": both gave identical results")
     adv = result["advisor"]
     if not adv["included"]:
         lines.append(f"advisor (advisor_mode=scan-time): left out of the sweep: {adv['reason']}")

@@ -1,4 +1,4 @@
-"""The scan-time advisor (mm/ksm.c, 6.8+): section 10 of the algorithm reference.
+"""The scan-time advisor (mm/ksm.c, 6.8+: scan_time_advisor and its helpers).
 
 At the end of every full scan it sets pages_to_scan so that a full scan takes
 advisor_target_scan_time seconds, within ksmd CPU limits. The kernel computes in

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ..constants import SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG, ZERO_PFN
+from ..constants import PAGE_SIZE, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG, ZERO_PFN
+from ..thp import HPAGE_PMD_SIZE
 from .ksm import Ksm
 from .ksm_structs import HEAD_DUP, HEAD_MIGRATE, HEAD_TREE, MmSlot, RmapItem, StableNode
-from .mm import PAGE_MASK, Frame, Mm, PhysMem
+from .mm import PAGE_MASK, SPLIT_ZERO_PFN, Frame, Mm, PhysMem
 from .rbtree import rb_check
 
 
@@ -138,34 +139,34 @@ def check_invariants(ksm: Ksm, mem: PhysMem, mms: list[Mm]) -> None:
     for slot in slots:
         mm = slot.mm
         assert mm is not None
-        item: RmapItem | None = slot.rmap_list
+        cur: RmapItem | None = slot.rmap_list
         last = -1
-        while item is not None:
-            if item.mm is not mm:
+        while cur is not None:
+            if cur.mm is not mm:
                 _fail("an rmap_item is on another mm's rmap_list")
-            addr = item.address & PAGE_MASK
+            addr = cur.address & PAGE_MASK
             if addr <= last:
                 _fail("an rmap_list is not sorted by address")
             last = addr
             total_items += 1
             per_mm_items[id(mm)] = per_mm_items.get(id(mm), 0) + 1
-            flags = item.address & (STABLE_FLAG | UNSTABLE_FLAG)
+            flags = cur.address & (STABLE_FLAG | UNSTABLE_FLAG)
             if flags == STABLE_FLAG | UNSTABLE_FLAG:
                 _fail("an rmap_item is both stable and unstable")
             if flags == STABLE_FLAG:
-                if item.head is None or id(item.head) not in node_ids:
+                if cur.head is None or id(cur.head) not in node_ids:
                     _fail("a stable rmap_item's node is not in the stable tree")
                 per_mm_merging[id(mm)] = per_mm_merging.get(id(mm), 0) + 1
             elif flags == UNSTABLE_FLAG:
                 unshared += 1
-                age = (seqnr - item.address) & SEQNR_MASK
+                age = (seqnr - cur.address) & SEQNR_MASK
                 if age > 1:
                     _fail("an unstable rmap_item is older than one scan")
                 if age == 0 and not between_rounds:
-                    fresh_unstable.add(id(item))
-            elif item.address & SEQNR_MASK:
+                    fresh_unstable.add(id(cur))
+            elif cur.address & SEQNR_MASK:
                 _fail("an rmap_item with no flag keeps a seqnr")
-            item = item.rmap_list
+            cur = cur.rmap_list
     if total_items != ksm.ksm_rmap_items:
         _fail(f"ksm_rmap_items {ksm.ksm_rmap_items} != recount {total_items}")
     if unshared != ksm.ksm_pages_unshared:
@@ -189,6 +190,7 @@ def check_invariants(ksm: Ksm, mem: PhysMem, mms: list[Mm]) -> None:
     # ---- per-mm counters, page tables and frames ----
     mapcount: dict[int, int] = {}
     zero_total = 0
+    split_total = 0
     for mm in mms:
         if per_mm_items.get(id(mm), 0) != mm.ksm_rmap_items:
             _fail(f"mm ksm_rmap_items {mm.ksm_rmap_items} != {per_mm_items.get(id(mm), 0)}")
@@ -197,32 +199,57 @@ def check_invariants(ksm: Ksm, mem: PhysMem, mms: list[Mm]) -> None:
                   f"{per_mm_merging.get(id(mm), 0)}")
         if sorted(mm.pte) != mm.pte_addrs:
             _fail("a page table's address index is out of date")
-        zero = 0
+        zero = split = 0
         for addr, pfn in mm.pte.items():
             if mm.vma_lookup(addr) is None:
                 _fail(f"a PTE at {addr:#x} lies outside every VMA")
             if pfn == ZERO_PFN:
                 zero += 1
                 continue
+            if pfn == SPLIT_ZERO_PFN:
+                split += 1
+                continue
+            folio = mem.frames[pfn].folio
+            if folio is not None and (mm, addr - mem.frames[pfn].subpage * PAGE_SIZE) \
+                    not in [(m, a) for m, a in folio.maps if m is mm]:
+                _fail(f"a huge page mapped at {addr:#x} does not list that mapping")
             if not mem.frames[pfn].allocated:
                 _fail(f"a PTE maps freed frame {pfn}")
             mapcount[pfn] = mapcount.get(pfn, 0) + 1
         if zero != mm.ksm_zero_pages:
             _fail(f"mm ksm_zero_pages {mm.ksm_zero_pages} != {zero} KSM zero PTEs")
         zero_total += zero
+        if split != mm.thp_split_zero_pages:
+            _fail(f"mm thp_split_zero_pages {mm.thp_split_zero_pages} != {split} PTEs")
+        split_total += split
+        if mm.pmd_table & mm.pmd_hzero:
+            _fail("a PMD range both has a page table and maps the huge zero page")
+        for haddr in mm.pmd_hzero:
+            if mm.present_in(haddr, haddr + HPAGE_PMD_SIZE):
+                _fail(f"the huge zero page at {haddr:#x} shares its range with pages")
     if zero_total != mem.ksm_zero_pages:
         _fail(f"ksm_zero_pages {mem.ksm_zero_pages} != recount {zero_total}")
+    if split_total != mem.thp_split_zero_pages:
+        _fail(f"thp_split_zero_pages {mem.thp_split_zero_pages} != recount {split_total}")
     for frame in mem.frames[1:]:
         if not frame.allocated:
-            if frame.ksm or frame.stable_node is not None or frame.mapcount:
+            if frame.ksm or frame.stable_node is not None or frame.mapcount or frame.folio:
                 _fail(f"freed frame {frame.pfn} keeps state")
             continue
+        folio = frame.folio
+        if folio is not None:
+            # a large folio: subpage k is frames[k]; a subpage KSM never marks; the
+            # folio lives while a subpage is mapped
+            if folio.frames[frame.subpage] is not frame or frame.ksm:
+                _fail(f"frame {frame.pfn}: inconsistent huge page subpage")
+            if not any(f.mapcount for f in folio.frames):
+                _fail(f"frame {frame.pfn}: a huge page with no mapped subpage lives on")
         if frame.mapcount != mapcount.get(frame.pfn, 0):
             _fail(f"frame {frame.pfn}: mapcount {frame.mapcount} != "
                   f"{mapcount.get(frame.pfn, 0)} PTEs")
-        node = frame.stable_node
-        if node is not None:
+        snode = frame.stable_node
+        if snode is not None:
             if not frame.ksm:
                 _fail(f"frame {frame.pfn} has a stable node but is not KSM")
-            if node.kpfn != frame.pfn or id(node) not in node_ids:
+            if snode.kpfn != frame.pfn or id(snode) not in node_ids:
                 _fail(f"frame {frame.pfn}: its stable node does not point back to it")

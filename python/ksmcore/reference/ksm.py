@@ -25,7 +25,7 @@ class Ksm(ScanOps):
         checks in the kernel's order. Raises OSError; a rejected write changes
         nothing, except that an EBUSY from remove_all_stable_nodes() keeps the
         removals it managed (as in the kernel)."""
-        check_file(name, write=True)
+        check_file(name, write=True, files=self.mem.profile.sysfs_files)
         buf = sysfs_buffer(text)
         if buf is None:
             return
@@ -92,8 +92,11 @@ class Ksm(ScanOps):
                     - self.ksm_rmap_items * SIZEOF_RMAP_ITEM)
         raise ksm_error(errno.ENOENT, f"no such file /sys/kernel/mm/ksm/{name}")
 
-    def value(self, name: str) -> int | str:
-        """The value of any sysfs file (knob or counter)."""
+    def value(self, name: str, every: bool = False) -> int | str:
+        """The value of any sysfs file (knob or counter); ``every``: files the kernel
+        profile does not have too (the model keeps them all)."""
+        if not every and name not in self.mem.profile.sysfs_files:
+            raise ksm_error(errno.ENOENT, f"no such file /sys/kernel/mm/ksm/{name}")
         if name in COUNTERS:
             return self.counter(name)
         if name in self.knobs:

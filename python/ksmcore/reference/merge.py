@@ -1,6 +1,8 @@
 """Merging: rmap_item removal, the unstable tree, and cmp_and_merge_page.
 
-Sections 5.1, 5.2, 5.4-5.7 and 5.9 of the algorithm reference, ported from mm/ksm.c.
+Ported from mm/ksm.c: remove_rmap_item_from_tree, unstable_tree_search_insert,
+try_to_merge_one_page, try_to_merge_with_ksm_page, try_to_merge_two_pages and
+cmp_and_merge_page.
 """
 
 from __future__ import annotations
@@ -77,13 +79,20 @@ class MergeOps(StableTreeOps):
         self.mem.put_mapping(page)
 
     def try_to_merge_one_page(
-        self, vma: Vma, mm: Mm, addr: int, page: Frame, kpage: Frame | None
+        self, vma: Vma, mm: Mm, addr: int, page: Frame, kpage: Frame | None,
+        pinned_twice: bool = False,
     ) -> int:
         """Merge page (mapped at mm/addr) into kpage, or make page a KSM page if kpage
         is None. 0 on success, -EFAULT otherwise."""
         if page is kpage:  # ksm page forked
             return 0
-        # Not anonymous, folio trylock, large folio: cannot fail in the model.
+        # Not anonymous, folio trylock: cannot fail in the model.
+        if page.folio is not None:
+            # split_huge_page() fails while ksmd holds two references to the folio
+            # (the scanned page and the tree page are subpages of one THP)
+            if pinned_twice:
+                return EFAULT
+            self.mem.split_huge_page(page.folio)
         if not self.write_protect_page(mm, addr, page):
             return EFAULT
         if kpage is None:
@@ -114,7 +123,8 @@ class MergeOps(StableTreeOps):
         return EFAULT
 
     def try_to_merge_with_ksm_page(
-        self, rmap_item: RmapItem, page: Frame, kpage: Frame | None
+        self, rmap_item: RmapItem, page: Frame, kpage: Frame | None,
+        pinned_twice: bool = False,
     ) -> int:
         mm = rmap_item.mm
         assert mm is not None
@@ -122,7 +132,7 @@ class MergeOps(StableTreeOps):
         err = EFAULT
         vma = self.find_mergeable_vma(mm, addr)
         if vma is not None:
-            err = self.try_to_merge_one_page(vma, mm, addr, page, kpage)
+            err = self.try_to_merge_one_page(vma, mm, addr, page, kpage, pinned_twice)
             if not err:
                 # Unstable nid is in union with stable anon_vma: remove first.
                 self.remove_rmap_item_from_tree(rmap_item)
@@ -138,7 +148,8 @@ class MergeOps(StableTreeOps):
         self, rmap_item: RmapItem, page: Frame, tree_rmap_item: RmapItem, tree_page: Frame
     ) -> Frame | None:
         """The *scanned* page becomes the KSM page; the tree item's PTE is moved to it."""
-        err = self.try_to_merge_with_ksm_page(rmap_item, page, None)
+        same = page.folio is not None and page.folio is tree_page.folio
+        err = self.try_to_merge_with_ksm_page(rmap_item, page, None, same)
         if not err:
             err = self.try_to_merge_with_ksm_page(tree_rmap_item, tree_page, page)
             if err:
@@ -187,6 +198,15 @@ class MergeOps(StableTreeOps):
 
     # ---- the heart of ksmd --------------------------------------------------------
 
+    def volatile_or_zero(self, rmap_item: RmapItem, page: Frame) -> bool:
+        """The checksum test: True when there is nothing more to do, because the page
+        changed since its last visit (volatile) or was merged with the zero page."""
+        checksum = calc_checksum(page)
+        if rmap_item.oldchecksum != checksum:
+            rmap_item.oldchecksum = checksum
+            return True
+        return not self.try_to_merge_with_zero_page(rmap_item, page)
+
     def cmp_and_merge_page(self, page: Frame, rmap_item: RmapItem) -> None:
         """First try the stable tree; else, if the checksum held since last time,
         the unstable tree, merging with an identical page found there."""
@@ -202,13 +222,10 @@ class MergeOps(StableTreeOps):
             # A KSM fork may go over the sharing limit.
             if not self.is_page_sharing_candidate(stable_node):
                 max_page_sharing_bypass = True
-        else:
+        elif self.mem.profile.has("checksum_first"):
+            # 6.11+: a page that is not a KSM page meets the checksum first
             self.remove_rmap_item_from_tree(rmap_item)
-            checksum = calc_checksum(page)
-            if rmap_item.oldchecksum != checksum:
-                rmap_item.oldchecksum = checksum
-                return  # volatile this round
-            if not self.try_to_merge_with_zero_page(rmap_item, page):
+            if self.volatile_or_zero(rmap_item, page):
                 return
 
         kfolio = self.stable_tree_search(page)
@@ -225,13 +242,20 @@ class MergeOps(StableTreeOps):
                 self.stable_tree_append(rmap_item, knode, max_page_sharing_bypass)
             return
 
+        # before 6.11 every page searched the stable tree first, then the checksum
+        if not self.mem.profile.has("checksum_first") and self.volatile_or_zero(rmap_item, page):
+            return
+
         found = self.unstable_tree_search_insert(rmap_item, page)
         if found is not None:
             tree_rmap_item, tree_page = found
+            # both subpages of one THP: split_huge_page() failed, it is split now
+            split = page.folio is not None and page.folio is tree_page.folio
             merged = self.try_to_merge_two_pages(rmap_item, page, tree_rmap_item, tree_page)
             if merged is not None:
                 # Insert a node for the new KSM page and add both rmap_items.
                 new_node = self.stable_tree_insert(merged)
                 self.stable_tree_append(tree_rmap_item, new_node, False)
                 self.stable_tree_append(rmap_item, new_node, False)
-            # (no THP in the model: the split case cannot arise)
+            elif split and page.folio is not None:
+                self.mem.split_huge_page(page.folio)

@@ -1,8 +1,9 @@
 """The parts of the mm that KSM leans on: frames, VMAs, page tables and faults.
 
-This follows docs/MODEL.md. A page-table entry is either the pfn of a frame or
-``ZERO_PFN`` (0), which in this model always means a *KSM-placed* zero page (a
-read fault never maps the zero page, so the only zero PTEs are KSM's).
+This follows docs/MODEL.md. A page-table entry is either the pfn of a frame,
+``ZERO_PFN`` (0), a *KSM-placed* zero page, or ``SPLIT_ZERO_PFN``, the shared zero
+page mapped by a huge page split to a zero-filled subpage (a read fault's small zero
+page is not recorded: it is nothing KSM or a fault can tell from an empty PTE).
 """
 
 from __future__ import annotations
@@ -12,12 +13,38 @@ from typing import TYPE_CHECKING
 
 from ..constants import MPOL_DEFAULT, PAGE_SIZE, ZERO_PFN
 from ..numa import policy_node
+from ..thp import HPAGE_PMD_NR
 
 if TYPE_CHECKING:
+    from ..profiles import Profile
     from .ksm_structs import MmSlot, StableNode
 
 PAGE_MASK = ~(PAGE_SIZE - 1)
 _ZERO_BYTES = bytes(PAGE_SIZE)
+SPLIT_ZERO_PFN = -1  # a PTE value: the zero page, mapped by a huge page split
+
+
+class Folio:
+    """A PMD-sized anonymous folio (THP): ``frames[k]`` is subpage k. ``maps`` holds
+    (mm, address of subpage 0) for every mm that mapped it (stale entries are harmless:
+    a subpage counts as mapped there only while the PTE still names it)."""
+
+    __slots__ = ("frames", "maps", "image")
+
+    def __init__(self, frames: list[Frame]) -> None:
+        self.frames = frames
+        self.maps: list[tuple[Mm, int]] = []
+        # the engine maps an image's pages in place and copies one on write: a
+        # written page leaves the huge page (a small copy replaces it)
+        self.image = False
+
+    def add_map(self, mm: Mm, haddr: int) -> None:
+        if not any(m is mm and a == haddr for m, a in self.maps):
+            self.maps.append((mm, haddr))
+
+    def shared(self) -> bool:
+        """Mapped by another mm too: a subpage with more than one mapping."""
+        return any(f.mapcount > 1 for f in self.frames)
 
 
 class Frame:
@@ -29,7 +56,8 @@ class Frame:
     ``nid`` is fixed per pfn, like pfn_to_nid(), and survives freeing.
     """
 
-    __slots__ = ("pfn", "nid", "data", "mapcount", "allocated", "ksm", "stable_node")
+    __slots__ = ("pfn", "nid", "data", "mapcount", "allocated", "ksm", "stable_node",
+                 "folio", "subpage")
 
     def __init__(self, pfn: int, nid: int) -> None:
         self.pfn = pfn
@@ -39,6 +67,8 @@ class Frame:
         self.allocated = pfn == ZERO_PFN
         self.ksm = False
         self.stable_node: StableNode | None = None
+        self.folio: Folio | None = None  # the large folio it is a subpage of
+        self.subpage = 0
 
     def folio_stable_node(self) -> StableNode | None:
         """``folio_stable_node``: the KSM node, or None if not KSM (or KSM with no node)."""
@@ -49,12 +79,15 @@ class PhysMem:
     """All frames, with one LIFO free list per NUMA node, and the global
     ``ksm_zero_pages`` atomic (the zap and COW paths of the mm update it)."""
 
-    def __init__(self, nodes: int, distances: list[list[int]]) -> None:
+    def __init__(self, nodes: int, distances: list[list[int]], profile: Profile) -> None:
         self.nodes = nodes
         self.distances = distances
+        self.profile = profile  # the kernel version whose KSM this is
         self.frames: list[Frame] = [Frame(ZERO_PFN, 0)]
         self.free_lists: list[list[int]] = [[] for _ in range(nodes)]
         self.ksm_zero_pages = 0
+        self.thp_split_zero_pages = 0  # SPLIT_ZERO_PFN entries of every mm
+        self.thp_splits = 0
 
     @property
     def zero_frame(self) -> Frame:
@@ -86,27 +119,67 @@ class PhysMem:
         self.free_lists[frame.nid].append(frame.pfn)
 
     def put_mapping(self, frame: Frame) -> None:
-        """Drop one PTE's mapping of frame, freeing it when none remain."""
+        """Drop one PTE's mapping of frame, freeing it when none remain. A subpage of
+        a large folio stays until no subpage of the folio is mapped."""
         frame.mapcount -= 1
+        folio = frame.folio
+        if folio is not None:
+            if frame.mapcount == 0 and not any(f.mapcount for f in folio.frames):
+                for f in folio.frames:
+                    f.folio = None
+                    self.free(f)
+            return
         if frame.mapcount == 0:
             self.free(frame)
+
+    def alloc_thp(self, nid: int) -> Folio:
+        """A zeroed PMD-sized folio on node nid (its frames unmapped)."""
+        frames = [self.alloc(nid) for _ in range(HPAGE_PMD_NR)]
+        folio = Folio(frames)
+        for k, f in enumerate(frames):
+            f.folio = folio
+            f.subpage = k
+        return folio
+
+    def split_huge_page(self, folio: Folio) -> None:
+        """split_huge_page() with RMP_USE_SHARED_ZEROPAGE: every mapping of a
+        zero-filled subpage becomes the shared zero page; the other subpages stay
+        mapped as small pages; subpages mapped nowhere are freed."""
+        self.thp_splits += 1
+        zero = [f.mapcount > 0 and f.data == _ZERO_BYTES for f in folio.frames]
+        for mm, haddr in folio.maps:
+            for k, f in enumerate(folio.frames):
+                addr = haddr + k * PAGE_SIZE
+                if zero[k] and mm.pte.get(addr) == f.pfn:
+                    mm.pte[addr] = SPLIT_ZERO_PFN
+                    mm.thp_split_zero_pages += 1
+                    self.thp_split_zero_pages += 1
+                    f.mapcount -= 1
+        for f in folio.frames:
+            f.folio = None
+            if f.mapcount == 0:
+                data = f.data
+                self.free(f)
+                f.data = data  # ksmd still holds the page it scans: its contents stay
 
 
 class Vma:
     """A private anonymous VMA. ``nid``: the node it is bound to (mmap(node=k)), or None
     when the process's memory policy decides."""
 
-    __slots__ = ("start", "end", "mergeable", "nid")
+    __slots__ = ("start", "end", "mergeable", "nid", "thp")
 
-    def __init__(self, start: int, end: int, mergeable: bool, nid: int | None) -> None:
+    def __init__(self, start: int, end: int, mergeable: bool, nid: int | None,
+                 thp: int = 0) -> None:
         self.start = start
         self.end = end
         self.mergeable = mergeable
         self.nid = nid
+        self.thp = thp  # VM_HUGEPAGE / VM_NOHUGEPAGE (ksmcore.thp), 0 for neither
 
     def copy(self, start: int | None = None, end: int | None = None) -> Vma:
         return Vma(self.start if start is None else start,
-                   self.end if end is None else end, self.mergeable, self.nid)
+                   self.end if end is None else end, self.mergeable, self.nid, self.thp)
 
 
 class Mm:
@@ -133,7 +206,16 @@ class Mm:
         self.ksm_slot: MmSlot | None = None  # mm_slots_hash lookup
         self.ksm_rmap_items = 0
         self.ksm_merging_pages = 0
+        # what ksm_stat adds to them: before 6.6 (profiles) a forked mm starts from
+        # its parent's counts (dup_mm() copies them)
+        self.ksm_stat_base = (0, 0)
         self.ksm_zero_pages = 0
+        # transparent huge pages: PMD ranges (by address) with a page table but no
+        # page KSM could see, those mapping the huge zero page, and the pages freed by
+        # splitting (SPLIT_ZERO_PFN entries)
+        self.pmd_table: set[int] = set()
+        self.pmd_hzero: set[int] = set()
+        self.thp_split_zero_pages = 0
 
     # ---- VMAs -------------------------------------------------------------------
 
@@ -217,6 +299,9 @@ class Mm:
         if pfn == ZERO_PFN:
             self.ksm_zero_pages -= 1
             self.mem.ksm_zero_pages -= 1
+        elif pfn == SPLIT_ZERO_PFN:
+            self.thp_split_zero_pages -= 1
+            self.mem.thp_split_zero_pages -= 1
         else:
             self.mem.put_mapping(self.mem.frames[pfn])
 
@@ -230,7 +315,7 @@ class Mm:
     def frame_at(self, addr: int) -> Frame | None:
         """The frame mapped at addr, or None (not present, or a KSM zero PTE)."""
         pfn = self.pte.get(addr)
-        if pfn is None or pfn == ZERO_PFN:
+        if pfn is None or pfn <= ZERO_PFN:
             return None
         return self.mem.frames[pfn]
 
@@ -263,21 +348,26 @@ class Mm:
             frame.mapcount = 1
             self.set_pte(addr, frame.pfn)
             return frame
-        if pfn == ZERO_PFN:
+        if pfn <= ZERO_PFN:
             return self._replace_with_new_frame(addr, vma, None)
         frame = self.mem.frames[pfn]
-        if frame.ksm or frame.mapcount > 1:
-            # KSM frames are never reused in place; COW-shared ones are copied.
+        folio = frame.folio
+        huge_cow = folio is not None and (folio.shared() or folio.image)
+        if frame.ksm or frame.mapcount > 1 or huge_cow:
+            # KSM frames are never reused in place; COW-shared ones are copied (a
+            # subpage of a huge page mapped by another mm too: 4 KiB, after
+            # do_huge_pmd_wp_page() split the PMD).
             return self._replace_with_new_frame(addr, vma, frame)
         return frame
 
     def break_ksm(self, vma: Vma, addr: int) -> None:
         """``break_ksm``: an unshare fault on a KSM frame or KSM zero PTE at addr."""
         pfn = self.pte.get(addr)
-        if pfn is None:
+        if pfn is None or pfn == SPLIT_ZERO_PFN:
             return
         if pfn == ZERO_PFN:
-            self._replace_with_new_frame(addr, vma, None)
+            if self.mem.profile.has("unshare_zero_pages"):  # before 6.6 it stays mapped
+                self._replace_with_new_frame(addr, vma, None)
             return
         frame = self.mem.frames[pfn]
         if frame.ksm:

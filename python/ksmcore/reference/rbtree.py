@@ -295,6 +295,7 @@ def rb_erase(node: RbNode, root: RbRoot) -> None:
             successor.rb_right = child
             child.rb_parent = successor
         tmp = node.rb_left
+        assert tmp is not None  # a node with two children
         successor.rb_left = tmp
         tmp.rb_parent = successor
         pc_parent, pc_color = node.rb_parent, node.rb_color

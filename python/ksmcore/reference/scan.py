@@ -1,7 +1,8 @@
 """ksmd's scan: the cursor walk over mm_slots, smart scan, batches, registration,
 and ksmd's thread loop on the simulated clock.
 
-Sections 3, 4, 9.3 and 9.6 of the algorithm reference, ported from mm/ksm.c.
+Ported from mm/ksm.c: scan_get_next_rmap_item, should_skip_rmap_item (smart scan),
+ksm_do_scan, ksm_scan_thread, __ksm_enter and __ksm_exit.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class ScanOps(AdvisorOps):
         mm_slot.list_del()
         mm.ksm_slot = None
         mm.mmf_vm_mergeable = False
+        if not self.mem.profile.has("merge_any_kept"):
+            mm.mmf_vm_merge_any = False
 
     def _scan_mm(self, mm_slot: MmSlot, mm: Mm) -> tuple[RmapItem, Frame] | None:
         """Resume the walk of mm's mergeable VMAs at ksm_scan.address; return the
@@ -105,8 +108,8 @@ class ScanOps(AdvisorOps):
                 addr = addrs[i]
                 i += 1
                 pfn = mm.pte[addr]
-                if pfn == ZERO_PFN:
-                    continue  # the zero page is not returned by the walk
+                if pfn <= ZERO_PFN:
+                    continue  # the zero page (KSM's, or a split's) is not returned by the walk
                 page = self.mem.frames[pfn]
                 scan.address = addr
                 rmap_item = self.get_next_rmap_item(mm_slot, scan.rmap_list, addr)
@@ -277,8 +280,12 @@ class ScanOps(AdvisorOps):
 
     def ksm_execve(self, mm: Mm) -> None:
         """``ksm_execve``: the new mm of an exec keeps MMF_VM_MERGE_ANY (it is in
-        MMF_INIT_MASK) and is entered with KSM."""
-        if mm.mmf_vm_merge_any:
+        MMF_INIT_MASK) and is entered with KSM. Before 6.7 the flag does not survive
+        exec; 6.7-6.9 keep it without entering the mm."""
+        profile = self.mem.profile
+        if not profile.has("merge_any_exec"):
+            mm.mmf_vm_merge_any = False
+        elif mm.mmf_vm_merge_any and profile.has("ksm_execve"):
             self.__ksm_enter(mm)
 
     def ksm_vma_flags(self, mm: Mm) -> bool:
@@ -286,7 +293,7 @@ class ScanOps(AdvisorOps):
         its creation; 6.18 re-enters an mm whose slot ksmd dropped meanwhile."""
         if not mm.mmf_vm_merge_any:
             return False
-        if not mm.mmf_vm_mergeable:
+        if not mm.mmf_vm_mergeable and self.mem.profile.has("merge_any_kept"):
             self.__ksm_enter(mm)
         return True
 

@@ -1,6 +1,7 @@
 """The stable tree: nodes, chains and dups, staleness, search, insert, append.
 
-Sections 5.3, 5.8, 5.9 and 6 of the algorithm reference, ported from mm/ksm.c.
+Ported from mm/ksm.c: stable_tree_search, stable_tree_insert, stable_tree_append,
+__stable_node_chain, stable_node_dup, chain_prune and get_ksm_page.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""KSM's global state (section 1 of the algorithm reference) and its small helpers."""
+"""KSM's global state (the file-scope variables of mm/ksm.c) and its small helpers."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ class KsmState:
         self.nr_node_ids = mem.nodes
         # The writable sysfs files, by file name (ksm_run is knobs["run"], ...).
         self.knobs: dict[str, int | str] = dict(KNOB_DEFAULTS)
+        if not mem.profile.has("smart_scan"):
+            self.knobs["smart_scan"] = 0  # a ksmd without smart scan never skips
         self.ksm_nr_node_ids = 1
         # The kernel allocates nr_node_ids roots on the first switch to
         # merge_across_nodes=0; having them from the start changes nothing.
