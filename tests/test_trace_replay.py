@@ -334,3 +334,16 @@ def test_calibration_fit_recovers_a_known_model(monkeypatch) -> None:
     assert got["hz"] == 250 and got["page_ns"] == 2900 and got["batch_ns"] == 60_000
     assert abs(got["wake_ns"] - 1_500_000) < 1000
     assert calibrate._batches(6000, 200) == 31 and calibrate._batches(6100, 200) == 31
+
+
+def test_estimate_and_tune_trace_as_csv(moving_path, capsys) -> None:
+    assert main(["estimate", moving_path, "--output-format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("t,") and "pages_volatile" in lines[0].split(",")
+    assert len(lines) > 7  # a row a second at least, over 6 s
+    assert main(["tune", moving_path, "--output-format", "csv", "--pages-to-scan-values",
+                 "100", "--sleep-millisecs-values", "20"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("smart_scan,pages_to_scan") and len(rows) == 3
+    assert main(["estimate", moving_path, "--output-format", "prometheus"]) == 2
+    assert "a trace's replay is a timeline" in capsys.readouterr().err
