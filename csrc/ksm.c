@@ -572,6 +572,18 @@ void ksm_copy_in(struct ksm_ctx *c, int64_t slot, size_t offset, const uint8_t *
     }
 }
 
+int64_t ksm_fill_slots(struct ksm_ctx *c, const int64_t *slots, const int16_t *nids, int64_t n,
+                       const uint8_t *src)
+{
+    int64_t used = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t s = slots[i];
+        used += ksm_write_fault(c, s, s + 1, nids[i], NULL, s, s + 1, 0);
+        ksm_copy_in(c, s, 0, src + (size_t)i * KSM_PAGE_SIZE, KSM_PAGE_SIZE);
+    }
+    return used;
+}
+
 void ksm_copy_out(const struct ksm_ctx *c, int64_t slot, size_t offset, uint8_t *dst, size_t len)
 {
     while (len) {

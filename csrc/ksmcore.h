@@ -249,6 +249,11 @@ void ksm_migrate_frames(struct ksm_ctx *c, const int32_t *old, const int32_t *ne
 void ksm_zap_range(struct ksm_ctx *c, int64_t lo, int64_t hi);
 void ksm_fork_range(struct ksm_ctx *c, int64_t src, int64_t dst, int64_t n, int32_t child_mm);
 void ksm_copy_in(struct ksm_ctx *c, int64_t slot, size_t offset, const uint8_t *src, size_t len);
+/* whole pages src[i] written to slots[i] in order, each a write fault as
+ * ksm_write_fault (nids[i] the node of a new frame) then a copy; the caller provides
+ * n free frames on every node named; returns the frames used */
+int64_t ksm_fill_slots(struct ksm_ctx *c, const int64_t *slots, const int16_t *nids, int64_t n,
+                       const uint8_t *src);
 void ksm_copy_out(const struct ksm_ctx *c, int64_t slot, size_t offset, uint8_t *dst, size_t len);
 
 /* ksmd */

@@ -38,6 +38,8 @@ KERNEL_MODULES = {
     "test_estimate_cli",
     "test_estimate_compare",
     "test_sysfs",
+    "test_trace_record",
+    "test_trace_kernel",
     "test_thp_kernel",
 }
 

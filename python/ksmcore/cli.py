@@ -80,6 +80,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import main as calibrate_main
+
+    return calibrate_main(args)
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -160,6 +166,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--no-kernel", action="store_true", help="leave the real ksmd out")
     bench.add_argument("--no-reference", action="store_true", help="leave the reference out")
     bench.set_defaults(func=_bench)
+    cal = sub.add_parser("calibrate", help="measure this host's ksmd; write a cost model "
+                                           "for --cost-model (root, a KSM kernel)")
+    cal.add_argument("-o", "--output", metavar="FILE", help="write the cost-model file here")
+    cal.set_defaults(func=_calibrate)
     # estimate and tune (their modules load only when the command line is parsed)
     from .estimate.commands import add_parsers
 
@@ -168,6 +178,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from .fleet.commands import add_parsers as add_fleet_parsers
 
     commands.update(add_fleet_parsers(sub))
+    from .estimate.record import add_parser as add_record
+
+    add_record(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command in commands:
         # sources after an option ("a.img --json b.img") are sources too

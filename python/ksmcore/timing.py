@@ -31,18 +31,53 @@ class CostModel:
 
     page_ns: int = 2600
     batch_ns: int = 100
+    # ksmd's sleep. hz 0: exactly sleep_millisecs after the batch. Else as a kernel
+    # with ``hz`` ticks a second sleeps: msecs_to_jiffies() rounds up to whole jiffies
+    # j; schedule_timeout(j) arms a timer for jiffies + j, which the timer wheel files
+    # one jiffy later (calc_index() rounds up, so that no timer fires early): from a
+    # batch started at a tick, ksmd wakes at the tick j + 1 jiffies after the one its
+    # batch ended in. ``wake_ns`` is then the mean time until it runs (scheduling
+    # latency; on a busy machine it can exceed a jiffy), added to every period.
+    hz: int = 0
+    wake_ns: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("page_ns", "batch_ns"):
+        for name in ("page_ns", "batch_ns", "hz", "wake_ns"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"CostModel.{name} must be a non-negative int, not {value!r}")
         if self.batch_ns < 1:
             raise ValueError("CostModel.batch_ns must be at least 1 ns: a ksmd batch takes time")
+        if not 0 <= self.hz <= 10_000:
+            raise ValueError(f"CostModel.hz must be 0 (exact sleeps) or 1..10000, not {self.hz}")
 
     def batch(self, pages: int) -> int:
         """The cost in ns of one ksm_do_scan() that processed ``pages`` pages."""
         return self.batch_ns + pages * self.page_ns
+
+    @property
+    def jiffy_ns(self) -> int:
+        return NSEC_PER_SEC // self.hz if self.hz else NSEC_PER_MSEC
+
+    def jiffies(self, msecs: int) -> int:
+        """msecs_to_jiffies(): rounded up to whole jiffies."""
+        return -(-msecs * self.hz // 1000)
+
+    def wake(self, start_ns: int, end_ns: int, sleep_millisecs: int) -> int:
+        """When ksmd runs again after a batch from ``start_ns`` to ``end_ns`` and a sleep
+        of ``sleep_millisecs``."""
+        if not self.hz:
+            return end_ns + sleep_millisecs * NSEC_PER_MSEC
+        j = self.jiffies(sleep_millisecs)
+        if j == 0:
+            return end_ns  # wait_event_*_timeout(..., 0) does not sleep
+        jn = self.jiffy_ns
+        return start_ns + ((end_ns - start_ns) // jn + j + 1) * jn + self.wake_ns
+
+    def period(self, pages: int, sleep_millisecs: int) -> float:
+        """The time (ns) from one batch of ``pages`` to the next: ksmd's rhythm."""
+        work = self.batch(pages)
+        return float(self.wake(0, work, sleep_millisecs))
 
 
 def seconds_to_ns(seconds: float | int, what: str = "time") -> int:

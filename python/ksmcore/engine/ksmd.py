@@ -491,17 +491,19 @@ class Ksm:
             if self._knobs["pages_to_scan"] == 0 and self._ksmd_should_run():
                 # ksm_do_scan(0) changes nothing but time: all the wake-ups until the
                 # end at once (with sleep_millisecs 0 they would be countless)
-                period = self._cost.batch_ns + self._knobs["sleep_millisecs"] * NSEC_PER_MSEC
+                period = round(self._cost.period(0, self._knobs["sleep_millisecs"]))
                 k = max(1, -(-(end - self._clock_ns) // period))  # one is due now
                 self._cpu_ns += k * self._cost.batch_ns
                 self._set_clock(self._clock_ns + (k - 1) * period + self._cost.batch_ns)
                 self._wake = self._clock_ns - self._cost.batch_ns + period
                 continue
+            start = self._clock_ns
             if self._ksmd_should_run():
                 self.do_scan(self._knobs["pages_to_scan"])
             if self._ksmd_should_run():
-                # msecs_to_jiffies(): whole jiffies of 1 ms each
-                self._wake = self._clock_ns + self._knobs["sleep_millisecs"] * NSEC_PER_MSEC
+                # msecs_to_jiffies() and schedule_timeout() (CostModel.wake)
+                self._wake = self._cost.wake(start, self._clock_ns,
+                                             self._knobs["sleep_millisecs"])
             else:
                 self._wake = None
         self._set_clock(max(self._clock_ns, end))

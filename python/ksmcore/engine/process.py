@@ -261,6 +261,43 @@ class Process:
             return
         self.write(addr, np.ascontiguousarray(pages))
 
+    def fill_pages(self, addrs: Any, pages: np.ndarray) -> None:
+        """Write whole pages at scattered page-aligned addresses: ``pages[i]`` at
+        ``addrs[i]``, in that order, each as ``fill`` writes one page. Every address is
+        checked first (nothing changes if one is unmapped or unaligned)."""
+        self._alive()
+        if not isinstance(pages, np.ndarray) or pages.dtype != np.uint8:
+            raise ValueError("pages must be a numpy uint8 array of shape (n, 4096)")
+        a = np.asarray(addrs, dtype=np.int64).reshape(-1)
+        if pages.ndim != 2 or pages.shape != (len(a), PAGE_SIZE):
+            raise ValueError(f"pages must have shape ({len(a)}, 4096), not {pages.shape}")
+        if not len(a):
+            return
+        if (a % PAGE_SIZE).any():
+            raise ksm_error(errno.EINVAL, "an address is not page aligned")
+        starts = np.array([v.start for v in self.vmas], np.int64)
+        ends = np.array([v.end for v in self.vmas], np.int64)
+        i = np.searchsorted(starts, a, side="right") - 1
+        bad = (i < 0) | (a >= ends[np.maximum(i, 0)]) if len(starts) else np.ones(len(a), bool)
+        if bad.any():
+            raise ksm_error(errno.EFAULT, f"{int(a[np.argmax(bad)]):#x} is not mapped in "
+                                          f"process {self.pid}")
+        if self.mempolicy[0] in (MPOL_INTERLEAVE, MPOL_WEIGHTED_INTERLEAVE):
+            for k in range(len(a)):  # interleaved nodes: page by page
+                self.fill(int(a[k]), pages[k : k + 1])
+            return
+        bases = np.array([v.slot_base for v in self.vmas], np.int64)
+        slots = np.ascontiguousarray(bases[i] + ((a - starts[i]) >> PAGE_SHIFT))
+        vnid = np.array([self._nid(v) for v in self.vmas], np.int16)
+        nids = np.ascontiguousarray(vnid[i])
+        m = self.machine
+        for n, count in zip(*np.unique(nids, return_counts=True), strict=True):
+            m.mem.ensure_free(int(n), int(count))
+        src = np.ascontiguousarray(pages)
+        lib.ksm_fill_slots(m.ctx, ffi.cast("int64_t *", ffi.from_buffer(slots)),
+                           ffi.cast("int16_t *", ffi.from_buffer(nids)), len(a),
+                           ffi.cast("uint8_t *", ffi.from_buffer(src)))
+
     def read(self, addr: int, n: int) -> bytes:
         self._alive()
         addr = as_int(addr, "address")

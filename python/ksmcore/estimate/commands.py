@@ -198,6 +198,9 @@ def _add_machine(p: argparse.ArgumentParser, swept: bool) -> None:
                         "%(default).2f: ksmcore.timing.CostModel, measured by timing this "
                         "project's kernel harness against the real ksmd of its development "
                         "machine; measure your own with ksmcore bench)")
+    g.add_argument("--cost-model", metavar="FILE",
+                   help="a cost-model file of `ksmcore calibrate` (its cost per page; on a "
+                        "trace also its batch overhead and sleep rounding)")
     g.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
                    help="refuse to start a run whose model would need more memory than "
                         "this (e.g. 8G; default: the memory available on this machine)")
@@ -534,8 +537,24 @@ def _check_common(args: argparse.Namespace) -> None:
         plot.check_path(args.plot)
 
 
+def _trace_hook(args: argparse.Namespace) -> str | None:
+    """A trace among the sources (``ksmcore record``): replayed by .replay. Else a
+    --cost-model file gives the static run its cost per page."""
+    from .replay import load_cost_model, trace_path
+
+    path = trace_path(args)
+    if path is None and args.cost_model:
+        args.cost_per_page_us = load_cost_model(args.cost_model).page_ns / 1000
+    return path
+
+
 def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The report (text or JSON) for ``ksmcore estimate``, computed in full."""
+    trace = _trace_hook(args)
+    if trace is not None:
+        from .replay import estimate_report
+
+        return estimate_report(args, trace)
     _check_common(args)
     knobs = _knobs(args)
     cost = args.cost_per_page_us * 1e-6
@@ -593,6 +612,11 @@ def _output(args: argparse.Namespace, result: dict[str, Any],
 
 def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The table (text or JSON) for ``ksmcore tune``, computed in full."""
+    trace = _trace_hook(args)
+    if trace is not None:
+        from .replay import tune_report as tune_trace_report
+
+        return tune_trace_report(args, trace)
     _check_common(args)
     within = tune.parse_duration(args.within)
     pts = tune.parse_values(args.pages_to_scan_values, "--pages-to-scan-values", 1)

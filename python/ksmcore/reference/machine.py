@@ -204,6 +204,24 @@ class Process:
             frame.data[off:off + n] = buf[pos:pos + n]
             pos += n
 
+    def fill_pages(self, addrs: Any, pages: np.ndarray) -> None:
+        """Write whole pages at scattered page-aligned addresses, ``pages[i]`` at
+        ``addrs[i]`` in order, each as ``fill`` writes one page; every address is checked
+        first."""
+        mm = self._live()
+        if not isinstance(pages, np.ndarray) or pages.dtype != np.uint8:
+            raise ValueError("fill_pages takes a numpy uint8 array of shape (n, 4096)")
+        a = [int(x) for x in np.asarray(addrs, dtype=np.int64).reshape(-1)]
+        if pages.ndim != 2 or pages.shape != (len(a), PAGE_SIZE):
+            raise ValueError(f"fill_pages takes an array of shape ({len(a)}, 4096)")
+        for addr in a:
+            if addr % PAGE_SIZE:
+                raise ksm_error(errno.EINVAL, f"address {addr:#x} is not page aligned")
+            if addr < 0 or not mm.range_mapped(addr, addr + PAGE_SIZE):
+                raise ksm_error(errno.EFAULT, f"{addr:#x} is not mapped")
+        for k, addr in enumerate(a):
+            self.fill(addr, pages[k : k + 1])
+
     def fill(self, addr: int, pages: np.ndarray) -> None:
         """Write n whole pages from a page-aligned addr, given as a uint8 array (n, 4096)."""
         if not isinstance(pages, np.ndarray) or pages.dtype != np.uint8:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 
 from ..constants import KSM_RUN_UNMERGE, PAGE_SIZE, SKIP_MIN_AGE, ZERO_PFN
-from ..timing import NSEC_PER_MSEC
 from ..tracing import scan_event
 from .advisor import AdvisorOps
 from .ksm_structs import MmSlot, RmapItem
@@ -220,18 +219,20 @@ class ScanOps(AdvisorOps):
             if int(self.knobs["pages_to_scan"]) == 0 and self.ksmd_should_run():
                 # ksm_do_scan(0) changes nothing but time: all the wake-ups until the
                 # end at once (with sleep_millisecs 0 they would be countless)
-                period = self.cost.batch_ns + int(self.knobs["sleep_millisecs"]) * NSEC_PER_MSEC
+                period = round(self.cost.period(0, int(self.knobs["sleep_millisecs"])))
                 wakeups = max(1, -(-(end - self.clock_ns) // period))  # one is due now
                 self.ksmd_cpu_ns += wakeups * self.cost.batch_ns
                 last = self.clock_ns + (wakeups - 1) * period
                 self.clock_ns = last + self.cost.batch_ns
                 self.ksmd_wake = last + period
                 continue
+            start = self.clock_ns
             if self.ksmd_should_run():
                 self.ksm_do_scan(int(self.knobs["pages_to_scan"]))
             if self.ksmd_should_run():
                 sleep_ms = int(self.knobs["sleep_millisecs"])
-                self.ksmd_wake = self.clock_ns + sleep_ms * NSEC_PER_MSEC
+                # msecs_to_jiffies() and schedule_timeout() (CostModel.wake)
+                self.ksmd_wake = self.cost.wake(start, self.clock_ns, sleep_ms)
             else:
                 self.ksmd_wake = None
         self.clock_ns = max(self.clock_ns, end)

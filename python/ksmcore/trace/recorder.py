@@ -1,0 +1,466 @@
+"""Recording live processes: their pages at the start, then what changed, interval by
+interval (``ksmcore record``).
+
+Which memory is the memory ``ksmcore estimate --pid`` reads (:mod:`ksmcore.estimate.procmem`):
+the mappings KSM would accept (or, ``mergeable_only``, those already VM_MERGEABLE) and
+in them the pages ksmd would visit: present, anonymous, not the shared zero page.
+
+How changes are found, at each sample:
+
+- ``"hash"`` (the default; never writes to the target): /proc/PID/smaps for the
+  mappings, /proc/PID/pagemap for which pages are present, then every present page is
+  read from /proc/PID/mem (read-only) and hashed (xxh3); a page whose hash differs
+  from the last sample's was written. Pages written with the bytes they already held
+  are invisible to a hash. As root (pfns visible in pagemap) one such write is seen
+  anyway: a page that was mapped more than once (merged by the running kernel's KSM,
+  or shared with a forked process) and is now an exclusive page at another pfn was
+  copied on write; pagemap alone is read every 20 ms between samples for those, so
+  that a copy merged again before the next sample is seen too.
+- ``"soft-dirty"`` (opt-in: **writes /proc/PID/clear_refs**, clearing the soft-dirty
+  bits, which write-protects the target's page table entries): a page whose
+  soft-dirty bit is set was written since the last sample, whatever it wrote; only
+  those pages and newly present ones are read. Each first write to a page in an
+  interval costs the target one minor fault.
+
+Neither method sees what happened between two samples: a page written twice counts
+once, with its last contents, at the sample's time; a page that came and went between
+two samples is not seen at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+import xxhash
+
+from ..constants import PAGE_SHIFT, PAGE_SIZE
+from ..estimate.errors import EstimateError
+from ..estimate.procmem import (
+    HEADROOM,
+    PM_EXCLUSIVE,
+    PM_FILE,
+    PM_PFN_MASK,
+    PM_PRESENT,
+    ProcessUnreadable,
+    _open,
+    _proc_error,
+    _read_pages,
+    _read_text,
+    mem_available,
+    parse_smaps,
+    select_vmas,
+    zero_pfn,
+)
+from .format import TraceWriter
+
+PM_SOFT_DIRTY = 1 << 55
+METHODS = ("hash", "soft-dirty")
+DEFAULT_INTERVAL_MS = 100
+POLL_S = 0.02  # pagemap polls between samples (copies on write, as root)
+
+
+@dataclass
+class _State:
+    """What the recorder last saw of one process."""
+
+    pid: int
+    index: int
+    maps: list[tuple[int, int]]
+    vpns: np.ndarray  # int64, sorted: the present pages
+    hashes: np.ndarray  # uint64 per present page
+    entries: np.ndarray  # uint64 pagemap entries per present page
+    alive: bool = True
+    cow: set[int] = field(default_factory=set)  # copies on write seen by poll()
+    cache: _MapsCache = field(default_factory=lambda: _MapsCache())
+
+
+@dataclass
+class Snapshot:
+    """One process at one sample: its chosen mappings and present pages."""
+
+    maps: list[tuple[int, int]]
+    vpns: np.ndarray  # int64 sorted
+    entries: np.ndarray  # uint64 pagemap entries
+
+
+@dataclass
+class RecordResult:
+    """What a recording did (the report of ``ksmcore record``)."""
+
+    path: str | None
+    seconds: float
+    samples: int
+    processes: list[dict[str, Any]] = field(default_factory=list)
+    bytes: int = 0
+    unique_pages: int = 0
+    late_samples: int = 0  # samples that started late because the last one overran
+    method: str = "hash"
+    notes: list[str] = field(default_factory=list)
+    buffer: bytes | None = None  # the trace, when recorded into memory
+    skipped: dict[str, int] = field(default_factory=dict)  # unreadable, by reason
+    interrupted: bool = False
+
+
+def _entries(pid: int, maps: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Page numbers and pagemap entries of the present anonymous pages in ``maps``
+    (less the zero page where its pfn can be told)."""
+    fd = _open(pid, "pagemap")
+    zpfn = zero_pfn()
+    vp, en = [], []
+    try:
+        for start, end in maps:
+            first, last = start >> PAGE_SHIFT, end >> PAGE_SHIFT
+            step = 1 << 18
+            for lo in range(first, last, step):
+                n = min(step, last - lo)
+                e = np.frombuffer(os.pread(fd, n * 8, lo * 8), dtype=np.uint64)
+                sel = ((e & np.uint64(PM_PRESENT)) != 0) & ((e & np.uint64(PM_FILE)) == 0)
+                if zpfn is not None:
+                    sel &= (e & np.uint64(PM_PFN_MASK)) != np.uint64(zpfn)
+                idx = np.flatnonzero(sel)
+                vp.append(idx.astype(np.int64) + lo)
+                en.append(e[idx])
+    except OSError as e:
+        raise _proc_error(pid, "pagemap", e) from None
+    finally:
+        os.close(fd)
+    if not vp:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    return np.concatenate(vp), np.concatenate(en)
+
+
+SMAPS_EVERY_S = 1.0  # smaps (VmFlags) at least this often; /proc/PID/maps at every sample
+
+
+class _MapsCache:
+    """The chosen mappings of one process: /proc/PID/smaps is long to read and parse
+    (most of a sample's time for a small process), so it is read again only when
+    /proc/PID/maps changed, or SMAPS_EVERY_S after the last read (VmFlags such as
+    VM_MERGEABLE can change without a new line in maps)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.when = -1e9
+        self.maps: list[tuple[int, int]] = []
+
+    def chosen(self, pid: int, mergeable_only: bool) -> list[tuple[int, int]]:
+        text = _read_text(pid, "maps")
+        if not text:
+            raise ProcessUnreadable(f"process {pid} has no user memory (exited?)", "empty")
+        now = time.monotonic()
+        if text != self.text or now - self.when >= SMAPS_EVERY_S:
+            all_vmas = parse_smaps(_read_text(pid, "smaps"))
+            if not all_vmas:
+                raise ProcessUnreadable(f"process {pid} has no user memory (exited?)",
+                                        "empty")
+            self.maps = [(v.start, v.end) for v in select_vmas(all_vmas, mergeable_only)]
+            self.text, self.when = text, now
+        return self.maps
+
+
+def snapshot(pid: int, mergeable_only: bool, cache: _MapsCache | None = None) -> Snapshot:
+    """The chosen mappings of ``pid`` and its present pages in them (ProcessUnreadable
+    "gone" or "empty" once it has exited)."""
+    maps = (cache or _MapsCache()).chosen(pid, mergeable_only)
+    vpns, entries = _entries(pid, maps)
+    return Snapshot(list(maps), vpns, entries)
+
+
+def _hashes(pages: np.ndarray) -> np.ndarray:
+    out = np.empty(len(pages), np.uint64)
+    for i in range(len(pages)):
+        out[i] = xxhash.xxh3_64_intdigest(pages[i].data)
+    return out
+
+
+def _read(pid: int, vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pages ``vpns`` (and which could be read: a page may vanish meanwhile)."""
+    pages = np.empty((len(vpns), PAGE_SIZE), np.uint8)
+    got = _read_pages(pid, vpns, pages)
+    return pages, got
+
+
+def _zero_unknown(entries: np.ndarray, pages: np.ndarray) -> np.ndarray:
+    """Pages that may be the shared zero page (pfns hidden: not exclusive, all zeros)."""
+    if zero_pfn() is not None or not len(pages):
+        return np.zeros(len(pages), bool)
+    shared = (entries & np.uint64(PM_EXCLUSIVE)) == 0
+    out = np.zeros(len(pages), bool)
+    idx = np.flatnonzero(shared)
+    if len(idx):
+        out[idx] = ~pages[idx].any(axis=1)
+    return out
+
+
+@functools.cache
+def soft_dirty_supported() -> bool:
+    """Whether this kernel keeps soft-dirty bits (CONFIG_MEM_SOFT_DIRTY): a page just
+    written by a fault of ours must show one."""
+    area = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        area[0] = 1
+        cbuf = ctypes.c_char.from_buffer(area)
+        addr = ctypes.addressof(cbuf)
+        del cbuf
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek((addr >> PAGE_SHIFT) * 8)
+            (entry,) = struct.unpack("=Q", f.read(8))
+    finally:
+        area.close()
+    return bool(entry & PM_SOFT_DIRTY)
+
+
+def clear_soft_dirty(pid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("4")
+    except OSError as e:
+        raise _proc_error(pid, "clear_refs", e) from None
+
+
+class Recorder:
+    """Records processes into a :class:`TraceWriter`: :meth:`start` takes the initial
+    pages, each :meth:`sample` the changes since the last one."""
+
+    def __init__(self, writer: TraceWriter, pids: Sequence[tuple[int, int | None]],
+                 mergeable_only: bool = False, method: str = "hash",
+                 skip_unreadable: bool = False) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}")
+        if method == "soft-dirty" and not soft_dirty_supported():
+            raise EstimateError("--soft-dirty: this kernel keeps no soft-dirty bits (built "
+                                "without CONFIG_MEM_SOFT_DIRTY); record without it")
+        self.w = writer
+        self.pids = list(pids)
+        self.mergeable_only = mergeable_only
+        self.method = method
+        self.states: list[_State] = []
+        self.t0 = 0.0
+        self.pfns = zero_pfn() is not None
+        self.notes: list[str] = []
+        self.skip_unreadable = skip_unreadable  # --all: leave out what cannot be read
+        self.skipped: dict[str, int] = {}
+        self.last_t = 0
+        self.pages = 0
+
+    def _now_ns(self) -> int:
+        return max(0, round((time.monotonic() - self.t0) * 1e9))
+
+    def start(self) -> None:
+        """The initial pages of every process (t = 0); the clock starts here."""
+        first: list[tuple[int, int | None, str, Snapshot, np.ndarray, np.ndarray,
+                          _MapsCache]] = []
+        for pid, node in self.pids:
+            try:
+                comm = _read_text(pid, "comm").strip()
+                if self.method == "soft-dirty":
+                    clear_soft_dirty(pid)  # before reading: no write after it is missed
+                cache = _MapsCache()
+                snap = snapshot(pid, self.mergeable_only, cache)
+                pages, got = _read(pid, snap.vpns)
+            except ProcessUnreadable as e:
+                if not self.skip_unreadable:
+                    raise
+                self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
+                continue
+            if self.skip_unreadable and not got.any():
+                self.skipped["empty"] = self.skipped.get("empty", 0) + 1
+                continue
+            # the recorder keeps a copy of every distinct page, and reads a process
+            # whole at every sample
+            self.pages += int(got.sum())
+            if self.pages * PAGE_SIZE * 2 > mem_available() - HEADROOM:
+                raise EstimateError(
+                    f"recording {self.pages * PAGE_SIZE >> 20} MiB of candidate memory "
+                    f"needs about twice that, more than this machine has available")
+            keep = got & ~_zero_unknown(snap.entries, pages)
+            first.append((pid, node, comm, Snapshot(snap.maps, snap.vpns[keep],
+                                                    snap.entries[keep]), pages[keep],
+                          _hashes(pages[keep]), cache))
+        if not first:
+            why = ", ".join(f"{n} {r}" for r, n in self.skipped.items()) or "no process"
+            raise EstimateError(f"nothing to record ({why}: none with candidate memory "
+                                f"this user may read)")
+        self.t0 = time.monotonic()
+        for pid, node, comm, snap, pages, hashes, cache in first:
+            idx = self.w.process(pid, f"pid {pid} ({comm})", node, 0)
+            self.w.changes(0, idx, snap.vpns, pages, maps=snap.maps)
+            self.states.append(_State(pid, idx, snap.maps, snap.vpns, hashes, snap.entries,
+                                      cache=cache))
+        self.w.tick(0)
+
+    def sample(self) -> int:
+        """Every process's changes since the last sample; returns the time (ns)."""
+        t = self._now_ns()
+        for st in self.states:
+            if st.alive:
+                self._sample_one(st, t)
+        self.w.tick(t)
+        self.last_t = t
+        return t
+
+    def poll(self) -> None:
+        """Between two samples (pfns visible, hash method): read only pagemap, and note
+        the pages copied on write since the last look (shared, now exclusive at another
+        pfn), so that a copy that ksmd merges again before the next sample is seen."""
+        if not self.pfns or self.method != "hash":
+            return
+        excl, pfn = np.uint64(PM_EXCLUSIVE), np.uint64(PM_PFN_MASK)
+        for st in self.states:
+            if not st.alive or not len(st.vpns):
+                continue
+            try:
+                vpns, entries = _entries(st.pid, st.maps)
+            except ProcessUnreadable:
+                continue  # the next sample tells
+            pos = np.minimum(np.searchsorted(st.vpns, vpns), len(st.vpns) - 1)
+            old = st.vpns[pos] == vpns
+            oe = st.entries[pos]
+            cow = old & ((oe & excl) == 0) & ((entries & excl) != 0) \
+                & ((oe & pfn) != (entries & pfn))
+            st.cow.update(vpns[cow].tolist())
+            # what is mapped now is the reference for the next look
+            st.entries = st.entries.copy()
+            st.entries[pos[old]] = entries[old]
+
+    def _exit(self, st: _State, t: int) -> None:
+        st.alive = False
+        self.w.changes(t, st.index, exited=True)
+        self.notes.append(f"pid {st.pid} exited after {t / 1e9:.1f} s (kept up to its exit)")
+
+    def _sample_one(self, st: _State, t: int) -> None:
+        try:
+            snap = snapshot(st.pid, self.mergeable_only, st.cache)
+            dirty = None
+            if self.method == "soft-dirty":
+                dirty = (snap.entries & np.uint64(PM_SOFT_DIRTY)) != 0
+                clear_soft_dirty(st.pid)  # after pagemap, before reading the pages
+            n = len(snap.vpns)
+            # which present pages were present at the last sample too
+            pos = np.minimum(np.searchsorted(st.vpns, snap.vpns), max(len(st.vpns) - 1, 0))
+            old = st.vpns[pos] == snap.vpns if len(st.vpns) else np.zeros(n, bool)
+            want = ~old | dirty if dirty is not None else np.ones(n, bool)
+            idx = np.flatnonzero(want)
+            pages, got = _read(st.pid, snap.vpns[idx])
+        except ProcessUnreadable as e:
+            if e.reason in ("gone", "empty"):
+                self._exit(st, t)
+                return
+            raise
+        ok = got & ~_zero_unknown(snap.entries[idx], pages)
+        read = np.zeros(n, bool)
+        read[idx[ok]] = True
+        present = ~want | read  # a clean page (soft-dirty) is taken as still there
+        hashes = np.zeros(n, np.uint64)
+        hashes[old] = st.hashes[pos[old]]
+        hashes[idx[ok]] = _hashes(pages[ok])
+        changed = read & ~old  # newly present
+        if dirty is not None:
+            changed |= read & old  # written since the last sample, whatever it wrote
+        else:
+            changed |= read & old & (hashes != np.where(old, st.hashes[pos], 0))
+            if self.pfns and len(st.vpns):
+                # copied on write: a page mapped more than once (merged by the running
+                # kernel's KSM, or shared after fork) is now an exclusive page at
+                # another pfn, whatever its bytes
+                oe, ne = st.entries[pos], snap.entries
+                excl, pfn = np.uint64(PM_EXCLUSIVE), np.uint64(PM_PFN_MASK)
+                changed |= read & old & ((oe & excl) == 0) & ((ne & excl) != 0) \
+                    & ((oe & pfn) != (ne & pfn))
+        if st.cow:
+            changed |= read & np.isin(snap.vpns, np.fromiter(st.cow, np.int64, len(st.cow)))
+            st.cow = set()
+        rows = np.zeros(n, np.int64)
+        rows[idx] = np.arange(len(idx))
+        emit = np.flatnonzero(changed)
+        now_vpns = snap.vpns[present]
+        gone = np.setdiff1d(st.vpns, now_vpns, assume_unique=True)
+        maps = snap.maps if snap.maps != st.maps else None
+        if len(emit) or len(gone) or maps is not None:
+            self.w.changes(t, st.index, snap.vpns[emit], pages[rows[emit]], gone, maps)
+        st.maps = snap.maps
+        st.vpns = now_vpns
+        st.hashes = hashes[present]
+        st.entries = snap.entries[present]
+
+
+def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
+           out: str | os.PathLike[str] | IO[bytes] | None = None,
+           interval_ms: int = DEFAULT_INTERVAL_MS, mergeable_only: bool = False,
+           method: str = "hash", meta: dict[str, Any] | None = None,
+           on_start: Callable[[], None] | None = None, codec: str = "zlib",
+           skip_unreadable: bool = False) -> RecordResult:
+    """Record ``pids`` (PID or (PID, NODE)) for ``seconds`` into ``out`` (a path or a
+    binary stream; None: into memory, the bytes in ``result.buffer``, for
+    :func:`ksmcore.trace.read_trace`). ``on_start`` is called right after the initial pages were
+    taken, when the trace's clock starts."""
+    import io
+
+    if seconds <= 0 or interval_ms <= 0:
+        raise EstimateError("the recording needs a positive duration and interval")
+    specs = [(p, None) if isinstance(p, int) else (int(p[0]), p[1]) for p in pids]
+    buf = io.BytesIO() if out is None else None
+    target: Any = buf if buf is not None else out
+    info = dict(meta or {})
+    info.update({"interval_ms": interval_ms, "method": method, "mergeable_only": mergeable_only,
+                 "seconds": seconds, "pfns_visible": zero_pfn() is not None,
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "host": os.uname().nodename, "kernel": os.uname().release})
+    w = TraceWriter(target, info, codec=codec)
+    rec = Recorder(w, specs, mergeable_only, method, skip_unreadable)
+    samples = late = 0
+    interrupted = False
+    try:
+        rec.start()
+        if on_start is not None:
+            on_start()
+        step = interval_ms / 1000.0
+        k = 1
+        while True:
+            due = rec.t0 + k * step
+            if due > rec.t0 + seconds + 1e-9:
+                break
+            now = time.monotonic()
+            while due - now > POLL_S:  # pagemap alone, between two samples
+                time.sleep(POLL_S)
+                rec.poll()
+                now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+            elif now - due > step:
+                late += 1
+            rec.sample()
+            samples += 1
+            k += 1
+            if not any(s.alive for s in rec.states):
+                rec.notes.append("every process exited: the recording ended early")
+                break
+    except KeyboardInterrupt:
+        # stop early, with a whole trace of what was recorded
+        interrupted = True
+        rec.notes.append(f"interrupted after {samples} samples")
+    finally:
+        w.close({"samples": samples, "late_samples": late, "notes": rec.notes})
+    res = RecordResult(None if buf is not None else str(out), rec.last_t / 1e9, samples,
+                       bytes=w.bytes_written, unique_pages=w.unique_pages,
+                       late_samples=late, method=method)
+    for st in rec.states:
+        res.processes.append({"pid": st.pid, "pages_at_end": len(st.vpns),
+                              "exited": not st.alive})
+    res.notes = rec.notes
+    res.skipped = dict(rec.skipped)
+    res.interrupted = interrupted
+    if buf is not None:
+        res.buffer = buf.getvalue()
+    return res
+
+
