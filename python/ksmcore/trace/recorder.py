@@ -29,6 +29,7 @@ two samples is not seen at all.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import functools
 import mmap
@@ -105,7 +106,8 @@ class RecordResult:
     late_samples: int = 0  # samples that started late because the last one overran
     method: str = "hash"
     notes: list[str] = field(default_factory=list)
-    buffer: bytes | None = None  # the trace, when recorded into memory
+    buffer: builtins.bytes | None = None  # the trace, when recorded into memory (the field
+    # above named bytes hides the builtin here)
     skipped: dict[str, int] = field(default_factory=dict)  # unreadable, by reason
     interrupted: bool = False
 

@@ -73,8 +73,8 @@ def moving_trace(groups: list[Group], processes: int = 3, seconds: float = 10.0,
                         mem[j] = rng.integers(0, 256, (n, PAGE_SIZE), np.uint8)
                 written.update(j.tolist())
             if written:
-                idx = np.array(sorted(written))
-                w.changes(t, i, BASE_VPN + idx, mem[idx])
+                rows = np.array(sorted(written))
+                w.changes(t, i, BASE_VPN + rows, mem[rows])
         w.tick(t)
         k += 1
     w.close()
