@@ -3,7 +3,8 @@ the package's annotations in CI (.ci/run), and tests/test_native_abi.py runs it.
 
 It builds two VM-like processes, lets ksmd run on the simulated clock from a worker
 thread while the main thread keeps writing (one lock per machine makes that safe),
-and reports what KSM saved."""
+and reports what KSM saved; the same function runs on the engine and on the reference,
+typed with ksmcore.api's protocols."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import threading
 import numpy as np
 
 import ksmcore
+import ksmcore.reference
+from ksmcore.api import MachineAPI, ProcessAPI
 from ksmcore.constants import MADV_MERGEABLE, PAGE_SIZE
 
 
@@ -23,14 +26,15 @@ def vm_memory(seed: int, pages: int) -> np.ndarray:
     return np.concatenate([shared, private])
 
 
-def saved_pages(machine: ksmcore.Machine) -> int:
+def saved_pages(machine: MachineAPI) -> int:
     stats = machine.ksm.stats()
     return int(stats["pages_sharing"]) + int(stats["ksm_zero_pages"])
 
 
-def main(pages: int = 64) -> int:
-    m = ksmcore.Machine()
-    procs: list[ksmcore.Process] = []
+def run(m: MachineAPI, pages: int) -> int:
+    """The same program on either implementation: mypy checks that both satisfy
+    ksmcore.api.MachineAPI where main() passes them here."""
+    procs: list[ProcessAPI] = []
     for seed in range(2):
         p = m.spawn()
         addr = p.mmap(pages)
@@ -52,6 +56,13 @@ def main(pages: int = 64) -> int:
     m.ksm.scan(2)
     m.check_invariants()
     return saved_pages(m)
+
+
+def main(pages: int = 64) -> int:
+    engine = run(ksmcore.Machine(), pages)
+    reference = run(ksmcore.reference.Machine(), pages)
+    assert engine == reference, (engine, reference)
+    return engine
 
 
 if __name__ == "__main__":

@@ -390,13 +390,13 @@ class Ksm:
         while True:
             mm = self._cursor.mm
             if mm.exited:
-                for r in mm.regions():
+                for r in mm._regions():
                     lib.ksm_remove_rmap_items(c, r.slot_base, r.slot(r.end))
                     self._drain()
                 mm.dead = []
                 self._address = 0
             else:
-                for r in mm.regions():
+                for r in mm._regions():
                     if r.end <= self._address:
                         continue
                     if r.live and r.mergeable:
@@ -444,7 +444,7 @@ class Ksm:
             mm = slot.mm
             if not mm.exited:
                 mm._unmerge_all()
-            for r in mm.regions():
+            for r in mm._regions():
                 lib.ksm_remove_rmap_items(c, r.slot_base, r.slot(r.end))
                 self._drain()
             mm.dead = []
@@ -605,7 +605,7 @@ class Ksm:
     def _rmap_item_id(self, s: int) -> tuple[int, int]:
         """An rmap_item (a page-table slot) as (pid, address)."""
         mm = self._m._mms[self._m.mem.mm_of_slot(s)]
-        for r in mm.regions():
+        for r in mm._regions():
             if r.slot_base <= s < r.slot(r.end):
                 return mm.pid, r.start + ((s - r.slot_base) << PAGE_SHIFT)
         raise AssertionError(f"slot {s} is in no region of process {mm.pid}")

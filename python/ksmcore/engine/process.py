@@ -121,7 +121,7 @@ class Process:
                 self.vmas.insert(i + 1, v.split(addr))
                 return
 
-    def regions(self) -> list[Region]:
+    def _regions(self) -> list[Region]:
         """Live and dead regions by address: the places where rmap_items can be."""
         return sorted(self.vmas + self.dead, key=lambda r: r.start)
 
