@@ -200,7 +200,16 @@ struct ksm_ctx {
 };
 
 /* checksums and comparison */
+
+/**
+ * ksm_xxh64 - XXH64 of len bytes at data with seed (the kernel's xxhash(), which
+ * calc_checksum() truncates).
+ */
 uint64_t ksm_xxh64(const void *data, size_t len, uint64_t seed);
+/**
+ * calc_checksum - the checksum ksmd keeps per rmap_item: (u32)xxhash(page, 4096, 0).
+ * @page: 4096 readable bytes.
+ */
 uint32_t calc_checksum(const uint8_t *page);
 /* which form of calc_checksum() runs: the CPU's best (chosen when the library
  * loads), or one chosen (the tests run both); select returns the form now in use, or
@@ -210,10 +219,21 @@ uint32_t calc_checksum(const uint8_t *page);
 #define KSM_CSUM_AVX512 1
 int ksm_checksum_select(int impl);
 int ksm_checksum_impl(void);
+/**
+ * calc_checksums - calc_checksum() of @npages consecutive pages at @pages into @out
+ * (npages entries), in one call.
+ */
 void calc_checksums(const uint8_t *pages, size_t npages, uint32_t *out);
+/**
+ * memcmp_pages - the kernel's memcmp_pages(): <0, 0 or >0 as memcmp() of two pages.
+ * Both the stable and the unstable tree are ordered by it.
+ */
 int memcmp_pages(const uint8_t *a, const uint8_t *b);
 
-/* the red-black tree over index-linked nodes (lib/rbtree.c) */
+/* the red-black tree over index-linked nodes (lib/rbtree.c): @nodes is the node array,
+ * links are indices (KSM_NIL: none), @root/@link point at the int32_t that holds the
+ * root or the parent's child slot, as rb_link_node()/rb_insert_color() take them.
+ * Callers search first (tree order is theirs), then link and recolour. */
 void ksm_rb_link_node(struct ksm_rbnode *nodes, int32_t node, int32_t parent, int32_t *link);
 void ksm_rb_insert_color(struct ksm_rbnode *nodes, int32_t node, int32_t *root);
 void ksm_rb_erase(struct ksm_rbnode *nodes, int32_t node, int32_t *root);
@@ -222,13 +242,42 @@ int32_t ksm_rb_first(const struct ksm_rbnode *nodes, int32_t root);
 int32_t ksm_rb_next(const struct ksm_rbnode *nodes, int32_t node);
 
 /* the engine's context: C-owned parts */
+
+/**
+ * ksm_ctx_init - empty trees and lists, no C-owned storage yet; 0 on success.
+ * Python then points the ctx at its arrays and refreshes them after every growth.
+ */
 int ksm_ctx_init(struct ksm_ctx *c);
+/**
+ * ksm_ctx_release - free the stable and unstable node storage and the trace buffer.
+ */
 void ksm_ctx_release(struct ksm_ctx *c);
+/**
+ * ksm_reserve - make room for @nr_stable more stable nodes and @nr_unstable unstable
+ * nodes, so that a ksm_scan_range() of that many pages cannot run out mid-merge (one
+ * page needs up to 2 stable nodes, a chain and its dup, and 1 unstable node).
+ * Returns 0, or -1 when a tree would pass KSM_MAX_TREE_NODES or memory runs out (the
+ * trees are intact; Python raises MemoryError). Call before every batch.
+ */
 int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable);
 
 /* frames */
+
+/**
+ * ksm_add_frames - put frames [@first, @first + @count) on their node's free list
+ * (Python grew the chunk arrays and set chunk_nid first).
+ */
 void ksm_add_frames(struct ksm_ctx *c, int64_t first, int64_t count);
+/**
+ * ksm_frame_alloc - take a free frame of node @nid, with mapcount 1 and not KSM;
+ * KSM_NIL when the node has none (Python calls Memory.ensure_free() before anything
+ * that allocates).
+ */
 int32_t ksm_frame_alloc(struct ksm_ctx *c, int nid);
+/**
+ * ksm_map_image - map @n frames from @first_frame at slots [@slot, @slot + @n), each
+ * present with mapcount 1 (an image's frames, or a new huge page's).
+ */
 void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t n);
 /* frames head..head+511, mapped once each at slots slot..slot+511, become one large
  * folio; returns its index, or -1 when out of memory */
@@ -237,29 +286,92 @@ int32_t ksm_make_folio(struct ksm_ctx *c, int64_t slot, int64_t head);
 void ksm_split_folio(struct ksm_ctx *c, int64_t pfn);
 
 /* faults and mapping changes, over slot ranges [lo, hi) of one mm.
- * Each returns how many new frames it needs, or did use; with dry_run it only counts. */
+ * Each returns how many new frames it needs, or did use; with dry_run it only counts:
+ * Python calls it with dry_run 1, makes that many frames free on every node involved,
+ * then calls it again with dry_run 0, which cannot fail. A new frame goes to node
+ * @nid, or to nids[slot - lo] when @nids is not NULL (interleave). */
+
+/**
+ * ksm_write_fault - a write fault on every page of [@lo, @hi): a missing page gets a
+ * zeroed frame, a shared one (KSM page, fork COW, image frame, zero page) a private
+ * copy (do_wp_page()); pages in [@full_lo, @full_hi) are about to be overwritten
+ * whole, so they are neither zeroed nor copied. Python then copies the data in
+ * (ksm_copy_in()).
+ */
 int64_t ksm_write_fault(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, const int16_t *nids,
                         int64_t full_lo, int64_t full_hi, int dry_run);
+/**
+ * ksm_break_ksm - break_ksm() over [@lo, @hi): every KSM page (and KSM zero page)
+ * mapped there gets a private copy, as unmerge_ksm_pages() does for MADV_UNMERGEABLE,
+ * run=2 and prctl(PR_SET_MEMORY_MERGE, 0).
+ */
 int64_t ksm_break_ksm(struct ksm_ctx *c, int64_t lo, int64_t hi, int nid, const int16_t *nids,
                       int dry_run);
 /* migration: frame old[i] moves to the (allocated) frame new[i]; remap is scratch of
  * nr_frames entries, all -1, left so */
 void ksm_migrate_frames(struct ksm_ctx *c, const int32_t *old, const int32_t *new_frames,
                         int64_t n, int32_t *remap);
+/**
+ * ksm_zap_range - unmap every page of [@lo, @hi) (munmap, MADV_DONTNEED, exit): frames
+ * lose a mapping and are freed at 0; rmap_items stay, for ksmd to free as it passes
+ * (get_next_rmap_item(), remove_trailing_rmap_items()).
+ */
 void ksm_zap_range(struct ksm_ctx *c, int64_t lo, int64_t hi);
+/**
+ * ksm_fork_range - copy_page_range(): slots [@dst, @dst + @n) of mm @child_mm map
+ * what [@src, @src + @n) map (every frame gains a mapping, KSM zero PTEs are copied
+ * as such); the child has no rmap_items.
+ */
 void ksm_fork_range(struct ksm_ctx *c, int64_t src, int64_t dst, int64_t n, int32_t child_mm);
+/**
+ * ksm_copy_in - copy @len bytes from @src into the pages from slot @slot, starting
+ * @offset bytes into it. The pages must be present and private (after
+ * ksm_write_fault()); marks their checksums stale.
+ */
 void ksm_copy_in(struct ksm_ctx *c, int64_t slot, size_t offset, const uint8_t *src, size_t len);
 /* whole pages src[i] written to slots[i] in order, each a write fault as
  * ksm_write_fault (nids[i] the node of a new frame) then a copy; the caller provides
  * n free frames on every node named; returns the frames used */
 int64_t ksm_fill_slots(struct ksm_ctx *c, const int64_t *slots, const int16_t *nids, int64_t n,
                        const uint8_t *src);
+/**
+ * ksm_copy_out - copy @len bytes of the pages from slot @slot (from @offset) to @dst;
+ * a missing page or a zero page reads as zeros. Changes nothing.
+ */
 void ksm_copy_out(const struct ksm_ctx *c, int64_t slot, size_t offset, uint8_t *dst, size_t len);
 
 /* ksmd */
+
+/**
+ * ksm_scan_range - scan_get_next_rmap_item() and cmp_and_merge_page() for the slots of
+ * [@lo, @hi), all in one VM_MERGEABLE VMA of one mm, in address order: rmap_items are
+ * allocated or freed as pages come and go, smart scan skips, pages merge.
+ * @budget: pages to pass to cmp_and_merge_page() at most (pages_to_scan left).
+ * @next: set to the first slot not yet visited.
+ *
+ * Returns the pages passed to cmp_and_merge_page(). Stops early, with *@next after
+ * the page, when the budget is used or when a merge was left half done: then
+ * c->pending_break_cow names a slot whose page became a KSM page with one mapping,
+ * and the caller must unshare it (ksm_break_ksm() over that one slot, after providing
+ * a frame on its owner's node) and set pending_break_cow back to KSM_NIL before
+ * the next call. Call ksm_reserve() before; drain c->trace after.
+ */
 int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget, int64_t *next);
+/**
+ * ksm_remove_rmap_items - free the rmap_items of [@lo, @hi), taking them out of the
+ * trees (pages no longer in a VM_MERGEABLE VMA, or in no VMA, as the scan passes).
+ */
 void ksm_remove_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi);
+/**
+ * ksm_start_round - the start of a full scan in scan_get_next_rmap_item(): prune the
+ * stale migrate_nodes (merge_across_nodes 0) and reset every unstable tree.
+ */
 void ksm_start_round(struct ksm_ctx *c);
+/**
+ * ksm_remove_all_stable_nodes - remove_all_stable_nodes(), for a write of
+ * merge_across_nodes or max_page_sharing: 0 when every stable node went, -1 (the
+ * write's EBUSY) when a KSM page is still mapped; stale nodes are removed either way.
+ */
 int ksm_remove_all_stable_nodes(struct ksm_ctx *c);
 
 /* memory images that shrink underneath (image_guard.c): while a range is registered,
