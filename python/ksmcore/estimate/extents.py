@@ -53,6 +53,23 @@ def data_extents(path: str, start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
+def data_runs(extents: list[tuple[int, int]], offset: int, npages: int) -> list[tuple[int, int]]:
+    """The ``[i, j)`` runs of the ``npages`` pages from byte ``offset`` that hold any
+    byte of data, straight from the (address-ordered) extents: no per-page mask, so a
+    huge sparse image costs nothing for its holes."""
+    out: list[tuple[int, int]] = []
+    for a, b in extents:
+        lo = max(0, (a - offset) // PAGE_SIZE)
+        hi = min(npages, -(-(b - offset) // PAGE_SIZE))
+        if hi <= lo:
+            continue
+        if out and lo <= out[-1][1]:  # extents sharing a page join
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
 def pages_with_data(extents: list[tuple[int, int]], offset: int, npages: int) -> np.ndarray:
     """Which of the ``npages`` pages starting at byte ``offset`` hold any byte of data
     (a page wholly inside a hole reads as zeros and is never read)."""
@@ -110,11 +127,11 @@ def present_pages(rows: np.ndarray, extents: list[tuple[int, int]], offset: int,
     n = len(rows)
     if not drop_holes and not drop_zero:
         return Present([rows] if n else [])
-    data = pages_with_data(extents, offset, n)
     if drop_zero:
-        keep = nonzero_pages(rows, data)
+        keep = nonzero_pages(rows, pages_with_data(extents, offset, n))
         return Present([rows[a:b] for a, b in runs(keep)], 0, n - int(keep.sum()))
-    return Present([rows[a:b] for a, b in runs(data)], n - int(data.sum()), 0)
+    data = data_runs(extents, offset, n)
+    return Present([rows[a:b] for a, b in data], n - sum(b - a for a, b in data), 0)
 
 
 def holes_within(extents: list[tuple[int, int]], start: int, end: int) -> int:
