@@ -42,7 +42,7 @@ class Guard:
         self.lock = threading.Lock()
         self.owner: int | None = None
         self.broken: BaseException | None = None
-        # called before and after each outermost call; each raises to refuse
+        # called after each outermost call; each raises to refuse
         self.checks: list[Callable[[], None]] = []
 
     def refuse_if_broken(self) -> None:
@@ -83,8 +83,8 @@ def entry(fn: Callable[..., T]) -> Callable[..., T]:
             g.owner = me
             try:
                 g.refuse_if_broken()
-                if g.checks:
-                    g.run_checks()
+                # the checks run after each call: a change between two calls is found
+                # at the end of the next one, before its result is returned
                 result = fn(self, *args, **kwargs)
                 if g.checks:
                     g.run_checks()

@@ -10,7 +10,7 @@ process truncates or rewrites:
 - **truncated**: a read past the new end would raise SIGBUS. The C core's image guard
   (csrc/image_guard.c) maps a zero page there instead, and the machine refuses the
   call and every later one with ``OSError(ESTALE)``;
-- **rewritten** (size or mtime moved): the machine checks before and after
+- **rewritten** (size or mtime moved): the machine checks after
   every call and refuses in the same way. The model no longer describes the file:
   map it again on a new machine. A file replaced by rename is not a change: the
   mapping still reads the old file.
@@ -59,7 +59,12 @@ class FileMap(mmap.mmap):
 
     def changed(self) -> str | None:
         """Why the file no longer matches the mapping's start, or None."""
-        return _difference(self.path, self.state, FileState.of(os.fstat(self.fd)))
+        st = os.fstat(self.fd)
+        was = self.state
+        if (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev) == \
+                (was.mtime_ns, was.size, was.ino, was.dev):
+            return None  # the common case, without building a FileState
+        return _difference(self.path, was, FileState.of(st))
 
 
 def _difference(path: str, was: FileState, now: FileState) -> str | None:
@@ -108,12 +113,16 @@ def file_watch(image: np.ndarray) -> tuple[object, Any] | None:
         name = str(memmap_name)
         was = FileState.of(os.stat(name))
 
+        quick = (was.mtime_ns, was.size, was.ino, was.dev)
+
         def changed() -> str | None:
             try:
-                now = FileState.of(os.stat(name))
+                st = os.stat(name)
             except OSError as e:
                 return f"{name}: {e.strerror}"
-            return _difference(name, was, now)
+            if (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev) == quick:
+                return None
+            return _difference(name, was, FileState.of(st))
 
         return ("path", name), changed
     return None

@@ -142,11 +142,18 @@ class Memory:
     def check_images(self) -> None:
         """OSError(ESTALE) if an image file changed, or shrank under a read, since it
         was mapped (images.py)."""
-        whys = [why for why in (watch() for watch in self.watches.values()) if why]
-        if not whys and any(lib.ksm_image_guard_faults(start) > 0 for start in self.images):
-            whys.append("a page of the image vanished while it was read (the file shrank)")
-        if whys:
-            raise OSError(errno.ESTALE, f"memory image changed underneath: {whys[0]}; the "
+        why = None
+        for watch in self.watches.values():
+            why = watch()
+            if why:
+                break
+        else:
+            for start in self.images:
+                if lib.ksm_image_guard_faults(start) > 0:
+                    why = "a page of the image vanished while it was read (the file shrank)"
+                    break
+        if why:
+            raise OSError(errno.ESTALE, f"memory image changed underneath: {why}; the "
                           "model no longer describes it (map it again on a new Machine)")
 
     def _append_chunk(self, chunk: np.ndarray, nid: int, flags: int = 0,
