@@ -13,6 +13,7 @@ import errno
 
 from .constants import PAGE_SHIFT, PAGE_SIZE
 from .errors import ksm_error
+from .guard import serialized
 
 HPAGE_PMD_NR = 512
 HPAGE_PMD_SIZE = HPAGE_PMD_NR * PAGE_SIZE
@@ -70,3 +71,31 @@ def mmap_address(next_addr: int, npages: int) -> int:
 
 def pmd_slot_offset(addr: int, start: int) -> int:
     return (addr - start) >> PAGE_SHIFT
+
+
+@serialized
+class ThpKnobs:
+    """/sys/kernel/mm/transparent_hugepage's two knobs as properties of a machine,
+    written once for both implementations (their values are checked before they are
+    kept; a machine's lock guards them as its own members)."""
+
+    _thp_enabled: str = THP_ENABLED_DEFAULT
+    _thp_use_zero_page: int = THP_USE_ZERO_PAGE_DEFAULT
+
+    @property
+    def thp_enabled(self) -> str:
+        """/sys/kernel/mm/transparent_hugepage/enabled: always, madvise or never."""
+        return self._thp_enabled
+
+    @thp_enabled.setter
+    def thp_enabled(self, value: str) -> None:
+        self._thp_enabled = check_enabled(value)
+
+    @property
+    def thp_use_zero_page(self) -> int:
+        """/sys/kernel/mm/transparent_hugepage/use_zero_page (0 or 1)."""
+        return self._thp_use_zero_page
+
+    @thp_use_zero_page.setter
+    def thp_use_zero_page(self, value: int) -> None:
+        self._thp_use_zero_page = check_use_zero_page(value)

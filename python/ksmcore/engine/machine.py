@@ -21,8 +21,7 @@ from ..profiles import resolve as resolve_profile
 from ..thp import (
     THP_ENABLED_DEFAULT,
     THP_USE_ZERO_PAGE_DEFAULT,
-    check_enabled,
-    check_use_zero_page,
+    ThpKnobs,
 )
 from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
 from ..tracing import Event, Tracer, tracing
@@ -32,7 +31,7 @@ from .process import Process
 
 
 @serialized
-class Machine:
+class Machine(ThpKnobs):
     """A machine with ``nodes`` NUMA nodes, its processes and its ksmd (``m.ksm``).
 
     Thread-safe: calls on one machine are serialized by its lock (ksmcore/guard.py)."""
@@ -162,24 +161,6 @@ class Machine:
         return tracing(self.ksm._trace, record)
 
     # ---- transparent huge pages (ksmcore.thp)
-
-    @property
-    def thp_enabled(self) -> str:
-        """/sys/kernel/mm/transparent_hugepage/enabled: always, madvise or never."""
-        return self._thp_enabled
-
-    @thp_enabled.setter
-    def thp_enabled(self, value: str) -> None:
-        self._thp_enabled = check_enabled(value)
-
-    @property
-    def thp_use_zero_page(self) -> int:
-        """/sys/kernel/mm/transparent_hugepage/use_zero_page (0 or 1)."""
-        return self._thp_use_zero_page
-
-    @thp_use_zero_page.setter
-    def thp_use_zero_page(self, value: int) -> None:
-        self._thp_use_zero_page = check_use_zero_page(value)
 
     @property
     def thp_split_zero_pages(self) -> int:

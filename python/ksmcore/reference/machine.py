@@ -54,8 +54,7 @@ from ..thp import (
     THP_USE_ZERO_PAGE_DEFAULT,
     VM_HUGEPAGE,
     VM_NOHUGEPAGE,
-    check_enabled,
-    check_use_zero_page,
+    ThpKnobs,
     mmap_address,
     pmd_ranges,
     vma_thp_allowed,
@@ -711,7 +710,7 @@ class KsmSysfs:
 
 
 @serialized
-class Machine:
+class Machine(ThpKnobs):
     """A machine: NUMA nodes of frames, processes, and KSM.
 
     Thread-safe: calls on one machine are serialized by its lock (ksmcore/guard.py)."""
@@ -872,24 +871,6 @@ class Machine:
         return new.pfn
 
     # ---- transparent huge pages (ksmcore.thp) -------------------------------------
-
-    @property
-    def thp_enabled(self) -> str:
-        """/sys/kernel/mm/transparent_hugepage/enabled: always, madvise or never."""
-        return self._thp_enabled
-
-    @thp_enabled.setter
-    def thp_enabled(self, value: str) -> None:
-        self._thp_enabled = check_enabled(value)
-
-    @property
-    def thp_use_zero_page(self) -> int:
-        """/sys/kernel/mm/transparent_hugepage/use_zero_page (0 or 1)."""
-        return self._thp_use_zero_page
-
-    @thp_use_zero_page.setter
-    def thp_use_zero_page(self, value: int) -> None:
-        self._thp_use_zero_page = check_use_zero_page(value)
 
     @property
     def thp_split_zero_pages(self) -> int:
