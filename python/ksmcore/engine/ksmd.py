@@ -29,7 +29,7 @@ from ..constants import (
 from ..errors import KsmdNotRunning, ksm_error
 from ..guard import serialized
 from ..knobs import check_file, format_sysfs, knob_text, parse_knob, sysfs_buffer
-from ..timing import NSEC_PER_MSEC, CostModel, seconds_to_ns
+from ..timing import NSEC_PER_MSEC, CostModel
 from ..tracing import Event, Tracer, scan_event
 
 if TYPE_CHECKING:
@@ -475,11 +475,11 @@ class Ksm:
         """task_sched_runtime(ksmd), with the running batch's pages so far."""
         return self._cpu_ns + self._batch_pages * self._cost.page_ns
 
-    def _run_for(self, seconds: float) -> None:
-        """ksm_scan_thread() for ``seconds`` of simulated time: while ksmd should run,
-        a batch of pages_to_scan, then a sleep of sleep_millisecs; otherwise it waits
+    def _run_for(self, ns: int) -> None:
+        """ksm_scan_thread() for ``ns`` of simulated time: while ksmd should run, a
+        batch of pages_to_scan, then a sleep of sleep_millisecs; otherwise it waits
         for work. A batch that starts before the end runs to its end."""
-        end = check_clock(self._clock_ns + seconds_to_ns(seconds, "run_for"), "run_for's end")
+        end = check_clock(self._clock_ns + ns, "run_for's end")
         while True:
             if self._wake is None:  # waiting on ksm_thread_wait
                 if not self._ksmd_should_run():

@@ -2,36 +2,35 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from .._native import lib, ptr
-from ..checks import MAX_PAGES, as_int, as_node, check_clock
+from ..checks import MAX_PAGES, as_int, as_node
 from ..constants import FIRST_PID
 from ..errors import ksm_error
 from ..guard import Guard, serialized
 from ..numa import check_distances
 from ..profiles import Profile
 from ..profiles import resolve as resolve_profile
+from ..simclock import SimulatedTime
 from ..thp import (
     THP_ENABLED_DEFAULT,
     THP_USE_ZERO_PAGE_DEFAULT,
     ThpKnobs,
 )
-from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
-from ..tracing import Event, Tracer, tracing
+from ..timing import CostModel
+from ..tracing import Tracer
 from .ksmd import Ksm
 from .memory import CHUNK_PAGES, Memory
 from .process import Process
 
 
 @serialized
-class Machine(ThpKnobs):
+class Machine(SimulatedTime, ThpKnobs):
     """A machine with ``nodes`` NUMA nodes, its processes and its ksmd (``m.ksm``).
 
     Thread-safe: calls on one machine are serialized by its lock (ksmcore/guard.py)."""
@@ -91,74 +90,28 @@ class Machine(ThpKnobs):
 
         check_invariants(self)
 
-    # ---- simulated time (docs/MODEL.md, "Time")
+    # ---- simulated time: the API is ksmcore.simclock.SimulatedTime's
 
-    @property
-    def clock_ns(self) -> int:
-        """Simulated time since boot in nanoseconds (ktime_get())."""
+    def _clock_now(self) -> int:
         return int(self.ksm._clock_ns)
 
-    @clock_ns.setter
-    def clock_ns(self, value: int) -> None:
-        value = check_clock(as_int(value, "the clock (ns)"))
-        if value < self.ksm._clock_ns:
-            raise ValueError("the clock never goes back")
-        self.ksm._set_clock(value)
+    def _clock_move(self, ns: int) -> None:
+        self.ksm._set_clock(ns)
 
-    @property
-    def clock(self) -> float:
-        """Simulated time since boot in seconds (a view of clock_ns); settable forward."""
-        return self.ksm._clock_ns / NSEC_PER_SEC
-
-    @clock.setter
-    def clock(self, seconds: float) -> None:
-        self.clock_ns = seconds_to_ns(seconds, "the clock")
-
-    @property
-    def clock_ms(self) -> int:
-        """jiffies with HZ=1000: whole milliseconds of the clock; settable forward."""
-        return int(self.ksm._clock_ns // NSEC_PER_MSEC)
-
-    @clock_ms.setter
-    def clock_ms(self, value: int) -> None:
-        value = as_int(value, "clock_ms")
-        if value < self.clock_ms:
-            raise ValueError("the clock never goes back")
-        self.ksm._set_clock(max(self.ksm._clock_ns, check_clock(value * NSEC_PER_MSEC)))
-
-    @property
-    def cost_model(self) -> CostModel:
-        """What ksmd's batches cost in simulated time and CPU time (settable)."""
+    def _cost(self) -> CostModel:
         return self.ksm._cost
 
-    @cost_model.setter
-    def cost_model(self, value: CostModel) -> None:
-        if not isinstance(value, CostModel):
-            raise TypeError("cost_model takes a ksmcore.timing.CostModel")
+    def _set_cost(self, value: CostModel) -> None:
         self.ksm._cost = value
 
-    @property
-    def ksmd_cpu_ns(self) -> int:
-        """ksmd's CPU time so far (task_sched_runtime), in nanoseconds."""
+    def _cpu_ns(self) -> int:
         return int(self.ksm._cpu_ns)
 
-    def run_for(self, seconds: float) -> None:
-        """Let ksmd run as the kernel's ksm_scan_thread() does for ``seconds`` of
-        simulated time: a batch of pages_to_scan, then sleep_millisecs, and so on."""
-        self.ksm._run_for(seconds)
-
-    # ---- tracepoints
-
-    @property
-    def trace(self) -> Tracer:
-        """The KSM tracepoints: subscribe(fn), unsubscribe(fn), collect(), record(path)."""
+    def _tracer(self) -> Tracer:
         return self.ksm._trace
 
-    def tracing(self, record: str | os.PathLike[str] | IO[str] | None = None
-                ) -> contextlib.AbstractContextManager[list[Event]]:
-        """``with m.tracing() as events:`` collects the block's events (dicts); with
-        ``record`` they are also written there as JSON lines."""
-        return tracing(self.ksm._trace, record)
+    def _scan_thread(self, ns: int) -> None:
+        self.ksm._run_for(ns)
 
     # ---- transparent huge pages (ksmcore.thp)
 

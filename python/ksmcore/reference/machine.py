@@ -5,11 +5,9 @@ Every call validates the whole request before it changes anything (docs/MODEL.md
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
 from collections.abc import Iterable, Sequence
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -47,6 +45,7 @@ from ..knobs import check_file, format_sysfs, knob_text
 from ..numa import check_distances, check_policy
 from ..profiles import Profile
 from ..profiles import resolve as resolve_profile
+from ..simclock import SimulatedTime
 from ..thp import (
     HPAGE_PMD_NR,
     HPAGE_PMD_SIZE,
@@ -59,8 +58,8 @@ from ..thp import (
     pmd_ranges,
     vma_thp_allowed,
 )
-from ..timing import NSEC_PER_MSEC, NSEC_PER_SEC, CostModel, seconds_to_ns
-from ..tracing import Event, Tracer, tracing
+from ..timing import CostModel
+from ..tracing import Tracer
 from .invariants import check_invariants
 from .ksm import Ksm
 from .ksm_structs import StableNode
@@ -710,7 +709,7 @@ class KsmSysfs:
 
 
 @serialized
-class Machine(ThpKnobs):
+class Machine(SimulatedTime, ThpKnobs):
     """A machine: NUMA nodes of frames, processes, and KSM.
 
     Thread-safe: calls on one machine are serialized by its lock (ksmcore/guard.py)."""
@@ -738,76 +737,28 @@ class Machine(ThpKnobs):
         self._thp_enabled = THP_ENABLED_DEFAULT
         self._thp_use_zero_page = THP_USE_ZERO_PAGE_DEFAULT
 
-    # ---- simulated time (docs/MODEL.md, "Time") ----------------------------------
+    # ---- simulated time: the API is ksmcore.simclock.SimulatedTime's -----------------
 
-    @property
-    def clock_ns(self) -> int:
-        """Simulated time since boot in nanoseconds (ktime_get())."""
+    def _clock_now(self) -> int:
         return self._ksm.clock_ns
 
-    @clock_ns.setter
-    def clock_ns(self, value: int) -> None:
-        value = check_clock(as_int(value, "the clock (ns)"))
-        if value < self._ksm.clock_ns:
-            raise ValueError("the clock never goes back")
-        self._ksm.clock_ns = value
+    def _clock_move(self, ns: int) -> None:
+        self._ksm.clock_ns = ns
 
-    @property
-    def clock(self) -> float:
-        """Simulated time since boot in seconds (a view of clock_ns); settable forward."""
-        return self._ksm.clock_ns / NSEC_PER_SEC
-
-    @clock.setter
-    def clock(self, seconds: float) -> None:
-        self.clock_ns = seconds_to_ns(seconds, "the clock")
-
-    @property
-    def clock_ms(self) -> int:
-        """jiffies with HZ=1000: whole milliseconds of the clock; settable forward."""
-        return self._ksm.jiffies
-
-    @clock_ms.setter
-    def clock_ms(self, value: int) -> None:
-        value = as_int(value, "clock_ms")
-        if value < self._ksm.jiffies:
-            raise ValueError("the clock never goes back")
-        self._ksm.clock_ns = max(self._ksm.clock_ns, check_clock(value * NSEC_PER_MSEC))
-
-    @property
-    def cost_model(self) -> CostModel:
-        """What ksmd's batches cost in simulated time and CPU time (settable)."""
+    def _cost(self) -> CostModel:
         return self._ksm.cost
 
-    @cost_model.setter
-    def cost_model(self, value: CostModel) -> None:
-        if not isinstance(value, CostModel):
-            raise TypeError("cost_model takes a ksmcore.timing.CostModel")
+    def _set_cost(self, value: CostModel) -> None:
         self._ksm.cost = value
 
-    @property
-    def ksmd_cpu_ns(self) -> int:
-        """ksmd's CPU time so far (task_sched_runtime), in nanoseconds."""
+    def _cpu_ns(self) -> int:
         return self._ksm.ksmd_cpu_ns
 
-    def run_for(self, seconds: float) -> None:
-        """Let ksmd run as ksm_scan_thread() does for ``seconds`` of simulated time:
-        a batch of pages_to_scan, then sleep_millisecs, and so on."""
-        ns = seconds_to_ns(seconds, "run_for")
-        check_clock(self._ksm.clock_ns + ns, "run_for's end")
-        self._ksm.ksm_scan_thread(ns)
-
-    # ---- tracepoints ---------------------------------------------------------------
-
-    @property
-    def trace(self) -> Tracer:
-        """The KSM tracepoints: subscribe(fn), unsubscribe(fn), collect(), record(path)."""
+    def _tracer(self) -> Tracer:
         return self._ksm.tracer
 
-    def tracing(self, record: str | os.PathLike[str] | IO[str] | None = None
-                ) -> contextlib.AbstractContextManager[list[Event]]:
-        """``with m.tracing() as events:`` collects the block's events (dicts); with
-        ``record`` they are also written there as JSON lines."""
-        return tracing(self._ksm.tracer, record)
+    def _scan_thread(self, ns: int) -> None:
+        self._ksm.ksm_scan_thread(ns)
 
     def _new_process(self, mm: Mm) -> Process:
         mm.pid = self._next_pid
