@@ -13,11 +13,10 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from .._native import ffi, lib
+from ..advisor import UINT, AdvisorCtx, scan_time_advisor
 from ..checks import U32_MAX, as_count, as_int, check_clock
 from ..constants import (
-    EWMA_WEIGHT,
     KNOB_DEFAULTS,
-    KSM_ADVISOR_MIN_CPU,
     KSM_RUN_MERGE,
     KSM_RUN_UNMERGE,
     PAGE_SHIFT,
@@ -49,18 +48,6 @@ U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
 
 
-class _AdvisorCtx:
-    """struct advisor_ctx: the scan-time advisor's memory between full scans."""
-
-    __slots__ = ("start_scan", "scan_time", "change", "cpu_time")
-
-    def __init__(self) -> None:
-        self.start_scan = 0  # ktime (ns) at the start of the current full scan
-        self.scan_time = 0  # seconds the previous full scan took
-        self.change = 0  # EWMA of the change in percent
-        self.cpu_time = 0  # ksmd's run time (ns) at the end of the previous full scan
-
-
 class _MmSlot:
     __slots__ = ("mm",)
 
@@ -85,7 +72,7 @@ class Ksm:
     _batch_pages: int
     _cost: CostModel
     _wake: int | None
-    _advisor: _AdvisorCtx
+    _advisor: AdvisorCtx
     _trace: Tracer
 
     def __init__(self, machine: Machine) -> None:
@@ -118,7 +105,7 @@ class Ksm:
         object.__setattr__(self, "_cost", CostModel())
         # when ksmd next wakes from its sleep, or None while it waits for work
         object.__setattr__(self, "_wake", None)
-        object.__setattr__(self, "_advisor", _AdvisorCtx())
+        object.__setattr__(self, "_advisor", AdvisorCtx())
         object.__setattr__(self, "_trace", Tracer(self._trace_switch))
 
     # ---- sysfs
@@ -515,7 +502,7 @@ class Ksm:
         if knobs["advisor_mode"] == "none":
             knobs["pages_to_scan"] = KNOB_DEFAULTS["pages_to_scan"]
         else:
-            self._advisor = _AdvisorCtx()
+            self._advisor = AdvisorCtx()
             knobs["pages_to_scan"] = int(knobs["advisor_min_pages_to_scan"]) & U32
 
     def _advisor_start_scan(self) -> None:
@@ -527,38 +514,10 @@ class Ksm:
             self._scan_time_advisor()
 
     def _scan_time_advisor(self) -> None:
-        """scan_time_advisor(): the kernel's unsigned arithmetic (64-bit longs, 32-bit
-        ints) and its quirks: the EWMA starts at 0, advisor_min_pages_to_scan is no
-        floor, the first CPU sample is ksmd's whole run time, pages_to_scan is cut to
-        32 bits."""
-        knobs = self._knobs
-        ctx = self._advisor
-        pages_to_scan = int(knobs["pages_to_scan"])  # unsigned int
-        # ktime_ms_delta() / MSEC_PER_SEC: whole seconds, at least 1
-        scan_time = (self._now() - ctx.start_scan) // NSEC_PER_MSEC // 1000
-        scan_time = scan_time or 1
-        cpu_time = self._cpu_now() & U64
-        cpu_time_diff_ms = ((cpu_time - ctx.cpu_time) & U64) // 1000 // 1000
-        cpu_percent = ((cpu_time_diff_ms * 100 & U64) // (scan_time * 1000 & U64)) & U32
-        cpu_percent = cpu_percent or 1
-        last_scan_time = ctx.scan_time or scan_time
-        factor = (int(knobs["advisor_target_scan_time"]) * 100 & U64) // scan_time
-        factor = factor or 1
-        change = (scan_time * 100 & U64) // last_scan_time
-        change = change or 1
-        # ewma(): ((100 - EWMA_WEIGHT) * prev + EWMA_WEIGHT * curr) / 100
-        change = (((100 - EWMA_WEIGHT) * ctx.change + EWMA_WEIGHT * change) & U64) // 100
-        pages = (pages_to_scan * 100 & U32) // factor  # unsigned int * int
-        pages = (pages * change & U64) // 100
-        per_page_cost = pages_to_scan // cpu_percent  # unsigned int / unsigned int
-        per_page_cost = per_page_cost or 1
-        pages = min(pages, per_page_cost * int(knobs["advisor_max_cpu"]) & U64)
-        pages = max(pages, per_page_cost * KSM_ADVISOR_MIN_CPU & U64)
-        pages = min(pages, int(knobs["advisor_max_pages_to_scan"]))
-        ctx.change = change
-        ctx.scan_time = scan_time
-        ctx.cpu_time = cpu_time
-        knobs["pages_to_scan"] = pages & U32
+        """scan_time_advisor() (ksmcore.advisor): pages_to_scan for the next scan."""
+        pages, scan_time, cpu_percent = scan_time_advisor(
+            self._advisor, self._knobs, self._now(), self._cpu_now())
+        self._knobs["pages_to_scan"] = pages & UINT  # into an unsigned int
         if self._trace.active:
             self._trace.emit({"event": "ksm_advisor", "scan_time": scan_time,
                               "pages_to_scan": pages, "cpu_percent": cpu_percent})

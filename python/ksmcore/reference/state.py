@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import xxhash
 
+from ..advisor import AdvisorCtx
 from ..constants import KNOB_DEFAULTS
 from ..timing import NSEC_PER_MSEC, CostModel
 from ..tracing import Tracer
@@ -22,18 +23,6 @@ def memcmp_pages(a: Frame, b: Frame) -> int:
     if a.data == b.data:
         return 0
     return -1 if a.data < b.data else 1
-
-
-class AdvisorCtx:
-    """``struct advisor_ctx``: what the scan-time advisor keeps between full scans."""
-
-    __slots__ = ("start_scan", "scan_time", "change", "cpu_time")
-
-    def __init__(self) -> None:
-        self.start_scan = 0  # ktime_t (ns) at the start of the current full scan
-        self.scan_time = 0  # seconds the previous full scan took
-        self.change = 0  # EWMA of the change, in percent
-        self.cpu_time = 0  # ksmd's task_sched_runtime (ns) after the previous scan
 
 
 class KsmState:
