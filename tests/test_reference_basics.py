@@ -1,9 +1,10 @@
-"""Small scenarios on the pure-Python reference alone."""
+"""Small scenarios, each run on both implementations (the shared ``Machine`` fixture)."""
 
 from __future__ import annotations
 
 import errno
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,6 @@ from ksmcore.constants import (
     ZERO_PFN,
 )
 from ksmcore.errors import KsmdNotRunning
-from ksmcore.reference import Machine, Process
 
 P = PAGE_SIZE
 
@@ -27,7 +27,7 @@ def page(byte: int) -> bytes:
     return bytes([byte]) * P
 
 
-def mergeable_area(m: Machine, p: Process, contents: list[bytes], node: int | None = None) -> int:
+def mergeable_area(m: Any, p: Any, contents: list[bytes], node: int | None = None) -> int:
     addr = p.mmap(len(contents), node=node)
     for i, c in enumerate(contents):
         p.write(addr + i * P, c)
@@ -36,19 +36,19 @@ def mergeable_area(m: Machine, p: Process, contents: list[bytes], node: int | No
     return addr
 
 
-def stats(m: Machine, *names: str) -> tuple[int | str, ...]:
+def stats(m: Any, *names: str) -> tuple[int | str, ...]:
     s = m.ksm.stats()
     return tuple(s[n] for n in names)
 
 
-def pfns(p: Process, addr: int, n: int) -> list[int | None]:
+def pfns(p: Any, addr: int, n: int) -> list[int | None]:
     return [p.pfn(addr + i * P) for i in range(n)]
 
 
 # ---- merging ---------------------------------------------------------------------------
 
 
-def test_ten_identical_pages_merge_into_one() -> None:
+def test_ten_identical_pages_merge_into_one(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     assert p.pid == FIRST_PID
@@ -76,7 +76,7 @@ def test_ten_identical_pages_merge_into_one() -> None:
     assert m.ksm.general_profit == 9 * P - 10 * 64
 
 
-def test_two_processes_share_one_ksm_page() -> None:
+def test_two_processes_share_one_ksm_page(Machine: type) -> None:
     m = Machine()
     p, q = m.spawn(), m.spawn()
     a = mergeable_area(m, p, [page(1), page(2), page(3)])
@@ -94,7 +94,7 @@ def test_two_processes_share_one_ksm_page() -> None:
     assert q.ksm_stat()["ksm_merging_pages"] == 2
 
 
-def test_scanned_page_survives_two_page_merge() -> None:
+def test_scanned_page_survives_two_page_merge(Machine: type) -> None:
     m = Machine()
     p, q = m.spawn(), m.spawn()
     a = mergeable_area(m, p, [page(7)])
@@ -108,7 +108,7 @@ def test_scanned_page_survives_two_page_merge() -> None:
     m.check_invariants()
 
 
-def test_cow_after_merge_is_lazy() -> None:
+def test_cow_after_merge_is_lazy(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     a = mergeable_area(m, p, [page(4)] * 4)
@@ -129,7 +129,7 @@ def test_cow_after_merge_is_lazy() -> None:
     assert p.ksm_stat()["ksm_merging_pages"] == 3
 
 
-def test_write_of_same_bytes_still_copies_a_ksm_page() -> None:
+def test_write_of_same_bytes_still_copies_a_ksm_page(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     a = mergeable_area(m, p, [page(4)] * 2)
@@ -145,7 +145,7 @@ def test_write_of_same_bytes_still_copies_a_ksm_page() -> None:
     m.check_invariants()
 
 
-def test_run_2_unmerges_everything_and_resets_full_scans() -> None:
+def test_run_2_unmerges_everything_and_resets_full_scans(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     a = mergeable_area(m, p, [page(4)] * 6 + [page(5)])
@@ -171,7 +171,7 @@ def test_run_2_unmerges_everything_and_resets_full_scans() -> None:
     m.check_invariants()
 
 
-def test_fork_joins_the_existing_stable_node() -> None:
+def test_fork_joins_the_existing_stable_node(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     a = mergeable_area(m, p, [page(8)] * 5)
@@ -191,7 +191,7 @@ def test_fork_joins_the_existing_stable_node() -> None:
     assert pfns(child, a, 5) == [kpfn] * 5
 
 
-def test_fork_of_unmerged_pages_never_pairs_them() -> None:
+def test_fork_of_unmerged_pages_never_pairs_them(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     a = mergeable_area(m, p, [page(3)])
@@ -204,7 +204,7 @@ def test_fork_of_unmerged_pages_never_pairs_them() -> None:
     assert stats(m, "pages_shared", "pages_sharing") == (0, 0)
 
 
-def test_unshared_volatile_and_round_boundaries() -> None:
+def test_unshared_volatile_and_round_boundaries(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     a = mergeable_area(m, p, [page(i) for i in range(1, 6)])
@@ -233,7 +233,7 @@ def test_unshared_volatile_and_round_boundaries() -> None:
     m.check_invariants()
 
 
-def test_smart_scan_skip_pattern() -> None:
+def test_smart_scan_skip_pattern(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     mergeable_area(m, p, [page(1)])
@@ -253,7 +253,7 @@ def test_smart_scan_skip_pattern() -> None:
     assert stats(m, "pages_unshared", "pages_volatile") == (0, 1)
 
 
-def test_batches_end_at_the_round_boundary() -> None:
+def test_batches_end_at_the_round_boundary(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     mergeable_area(m, p, [page(i) for i in range(1, 8)])
@@ -270,7 +270,7 @@ def test_batches_end_at_the_round_boundary() -> None:
     m.check_invariants()
 
 
-def test_new_mm_is_scanned_last() -> None:
+def test_new_mm_is_scanned_last(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     mergeable_area(m, p, [page(1), page(2)])
@@ -285,7 +285,7 @@ def test_new_mm_is_scanned_last() -> None:
     m.check_invariants()
 
 
-def test_slot_dropped_when_nothing_is_mergeable() -> None:
+def test_slot_dropped_when_nothing_is_mergeable(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     a = mergeable_area(m, p, [page(1), page(1)])
@@ -305,7 +305,7 @@ def test_slot_dropped_when_nothing_is_mergeable() -> None:
     m.check_invariants()
 
 
-def test_exit_frees_items_through_ksmd() -> None:
+def test_exit_frees_items_through_ksmd(Machine: type) -> None:
     m = Machine()
     p, q = m.spawn(), m.spawn()
     mergeable_area(m, p, [page(2)] * 3)
@@ -328,7 +328,7 @@ def test_exit_frees_items_through_ksmd() -> None:
 # ---- zero pages, chains, odd paths ---------------------------------------------------
 
 
-def test_use_zero_pages() -> None:
+def test_use_zero_pages(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     a = mergeable_area(m, p, [bytes(P)] * 3 + [page(1)])
@@ -353,7 +353,7 @@ def test_use_zero_pages() -> None:
     m.check_invariants()
 
 
-def test_max_page_sharing_builds_a_chain_of_dups() -> None:
+def test_max_page_sharing_builds_a_chain_of_dups(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     m.ksm.max_page_sharing = 2
@@ -377,7 +377,7 @@ def test_max_page_sharing_builds_a_chain_of_dups() -> None:
     assert stats(m, "stable_node_chains", "stable_node_dups") == (0, 0)
 
 
-def test_empty_chain_is_freed_by_the_next_search() -> None:
+def test_empty_chain_is_freed_by_the_next_search(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     m.ksm.max_page_sharing = 2
@@ -399,35 +399,7 @@ def test_empty_chain_is_freed_by_the_next_search() -> None:
                  "stable_node_dups") == (2, 2, 1, 2)
 
 
-@pytest.mark.parametrize("clock, picks_fuller", [(0, False), (1999, False), (2000, True)])
-def test_prune_time_gates_the_full_dup_walk(clock: int, picks_fuller: bool) -> None:
-    m = Machine()
-    p = m.spawn()
-    m.ksm.max_page_sharing = 4
-    a = mergeable_area(m, p, [page(6)] * 7)
-    m.ksm.run = 1
-    m.ksm.scan(full_scans=2)
-    # Two dups: the first KSM page has a..a+3 (4 = full), the second a+4..a+6.
-    k1, k2 = p.pfn(a), p.pfn(a + 4 * P)
-    assert pfns(p, a, 7) == [k1] * 4 + [k2] * 3
-    for i, byte in ((0, 1), (1, 2), (4, 3), (5, 4)):
-        p.write(a + i * P, page(byte))
-    m.ksm.scan(full_scans=1)
-    m.check_invariants()
-    # Now the chain lists k2 (1 mapping) first, then k1 (2 mappings): both candidates.
-    assert stats(m, "pages_shared", "pages_sharing", "stable_node_chains") == (2, 1, 1)
-    q = m.spawn()
-    b = mergeable_area(m, q, [page(6)])
-    m.clock_ms = clock  # the chain was created at jiffies 0; prune period 2000 ms
-    m.ksm.scan(full_scans=2)
-    m.check_invariants()
-    # Without a prune the first candidate in list order wins; a prune walks every
-    # dup and picks the candidate with the most mappings.
-    assert q.pfn(b) == (k1 if picks_fuller else k2)
-    assert stats(m, "pages_shared", "pages_sharing") == (2, 2)
-
-
-def test_tree_page_turned_ksm_costs_a_break_cow() -> None:
+def test_tree_page_turned_ksm_costs_a_break_cow(Machine: type) -> None:
     # An unstable-tree item whose page becomes KSM (through its fork sibling) cannot
     # be merged into: write_protect_page fails on a KSM page, and the scanned page,
     # already made KSM by step 1 of try_to_merge_two_pages, is unshared again.
@@ -465,7 +437,7 @@ def test_tree_page_turned_ksm_costs_a_break_cow() -> None:
     assert a_proc.ksm_stat()["ksm_merging_pages"] == 1
 
 
-def test_merge_across_nodes_zero_keeps_nodes_apart() -> None:
+def test_merge_across_nodes_zero_keeps_nodes_apart(Machine: type) -> None:
     for across, expect in ((1, 1), (0, 2)):
         m = Machine(nodes=2)
         m.ksm.merge_across_nodes = across
@@ -482,7 +454,7 @@ def test_merge_across_nodes_zero_keeps_nodes_apart() -> None:
 # ---- sysfs ----------------------------------------------------------------------------
 
 
-def test_sysfs_knobs_and_errors() -> None:
+def test_sysfs_knobs_and_errors(Machine: type) -> None:
     m = Machine()
     assert list(m.ksm.stats()) == list(SYSFS_FILES)
     assert m.ksm.sysfs_read("advisor_mode") == "[none] scan-time\n"
@@ -524,7 +496,7 @@ def test_sysfs_knobs_and_errors() -> None:
 # ---- API misuse -----------------------------------------------------------------------
 
 
-def test_misuse_raises_and_changes_nothing() -> None:
+def test_misuse_raises_and_changes_nothing(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     a = p.mmap(4)
@@ -556,7 +528,7 @@ def test_misuse_raises_and_changes_nothing() -> None:
     m.check_invariants()
 
 
-def test_madvise_splits_vmas_and_munmap_punches_holes() -> None:
+def test_madvise_splits_vmas_and_munmap_punches_holes(Machine: type) -> None:
     m = Machine()
     p = m.spawn()
     a = p.mmap(8)
@@ -578,7 +550,7 @@ def test_madvise_splits_vmas_and_munmap_punches_holes() -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_operations_keep_invariants(seed: int) -> None:
+def test_random_operations_keep_invariants(Machine: type, seed: int) -> None:
     rng = random.Random(seed)
     m = Machine(nodes=rng.choice([1, 2]))
     m.ksm.run = 1
