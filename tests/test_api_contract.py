@@ -16,8 +16,11 @@ from conftest import IMPLEMENTATIONS, machine_class
 
 
 def members(protocol: type) -> dict[str, Any]:
-    return {n: v for n, v in vars(protocol).items()
-            if not n.startswith("_") or n in ("__getattr__", "__setattr__")}
+    """Methods and properties, and plain attributes (annotations: given as properties)."""
+    out = {n: property() for n in vars(protocol).get("__annotations__", {})}
+    out.update({n: v for n, v in vars(protocol).items()
+                if not n.startswith("_") or n in ("__getattr__", "__setattr__")})
+    return out
 
 
 def params(fn: Any) -> list[tuple[str, Any, Any]]:

@@ -29,8 +29,7 @@ def mib(pages: int) -> float:
 def _nodes(m: Any, sources: Sequence[Source], stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per node: the sources placed there and their ksm_stat totals; pages_shared and
     pages_sharing per node when the machine can tell them (``m.ksm.node_stats()``)."""
-    per_node = getattr(m.ksm, "node_stats", None)
-    shared = per_node() if callable(per_node) else {}
+    shared = m.ksm.node_stats()
     out = []
     for nid in range(m.nodes):
         mine = [i for i, s in enumerate(sources) if (s.node or 0) == nid]

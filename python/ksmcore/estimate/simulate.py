@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ..api import MachineAPI, ProcessAPI
 from ..constants import MADV_MERGEABLE, PAGE_SIZE
 from ..profiles import resolve as resolve_profile
 from ..thp import THP_ENABLED_DEFAULT
@@ -96,13 +97,15 @@ def knob_option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def new_machine(nodes: int, knobs: Knobs, machine_cls: Any = None,
-                thp: str = THP_ENABLED_DEFAULT) -> Any:
+def new_machine(nodes: int, knobs: Knobs, machine_cls: Callable[..., MachineAPI] | None = None,
+                thp: str = THP_ENABLED_DEFAULT) -> MachineAPI:
     """A machine with ``nodes`` nodes and the knobs set (invalid values are refused
     with the kernel's errno, reported as the option that set them); ``thp`` is its
     transparent_hugepage/enabled."""
     if machine_cls is None:
-        from .. import Machine as machine_cls
+        from .. import Machine
+
+        machine_cls = Machine
     try:
         profile = resolve_profile(knobs.kernel)
     except OSError as e:
@@ -139,7 +142,7 @@ def refusal(e: OSError) -> str:
     return why or errno.errorcode.get(e.errno or 0, "invalid")
 
 
-def load(m: Any, sources: Sequence[Source]) -> list[Any]:
+def load(m: MachineAPI, sources: Sequence[Source]) -> list[ProcessAPI]:
     """One process per source, one MADV_MERGEABLE mapping per segment, in order (the
     order of the mm_slot list, i.e. the order ksmd scans them in). A segment marked
     ``hugepage`` is mapped as guest RAM is (huge pages where ``m.thp_enabled`` allows);
@@ -198,7 +201,7 @@ def converged_at_scan(scans: list[dict[str, Any]]) -> int | None:
 BatchHook = Callable[[int, dict[str, Any]], None]
 
 
-def run_ksmd(m: Any, max_scans: int = 50, on_batch: BatchHook | None = None) -> Run:
+def run_ksmd(m: MachineAPI, max_scans: int = 50, on_batch: BatchHook | None = None) -> Run:
     """ksmd from ``run=1`` until convergence or ``max_scans`` full scans."""
     processed: list[int] = []
     saved: list[int] = []

@@ -20,6 +20,7 @@ import numpy as np
 from ..constants import PAGE_SIZE
 from ..knobs import kstrtoull
 from ..profiles import resolve as resolve_profile
+from ..timing import CostModel
 from .errors import EXIT_USAGE, EstimateError
 from .report import _table, duration, kernel_line, mib
 from .simulate import (
@@ -87,10 +88,7 @@ def _advisor_row(sources: Sequence[Source], base: Knobs, nodes: int, cost_per_pa
     are that coarse."""
     knobs = replace(base, smart_scan=1, sleep_millisecs=sleep)
     m = new_machine(nodes, knobs)
-    if hasattr(m, "cost_model"):
-        from ..timing import CostModel  # the same cost as the fixed settings
-
-        m.cost_model = CostModel(page_ns=round(cost_per_page_s * 1e9))
+    m.cost_model = CostModel(page_ns=round(cost_per_page_s * 1e9))  # as the fixed settings
     m.ksm.advisor_mode = "scan-time"
     load(m, sources)
     total = sum(s.npages for s in sources)
@@ -115,7 +113,7 @@ def _advisor_row(sources: Sequence[Source], base: Knobs, nodes: int, cost_per_pa
                 scans.append(s)
             converged_at = converged_at_scan(scans)
     elapsed = times[-1] if times else 0.0
-    cpu_s = getattr(m, "ksmd_cpu_ns", 0) / 1e9
+    cpu_s = m.ksmd_cpu_ns / 1e9
     s = m.ksm.stats(every=True)
     row = {
         "advisor": True,
