@@ -25,11 +25,22 @@ How changes are found, at each sample:
 Neither method sees what happened between two samples: a page written twice counts
 once, with its last contents, at the sample's time; a page that came and went between
 two samples is not seen at all.
+
+With ``"hash"``, as root on x86, the recorder also traces the targets' write faults
+(:mod:`.faults`: a private tracefs instance, nothing written to the targets; on by
+default where it works, ``fault_trace=False`` to leave it off): every write to a page
+mapped read-only, a merged (KSM) page above all, faults, and is recorded as a write
+of that page at the fault's time (to FAULT_BUCKET_MS), with the contents the next
+sample reads. That is what a copy on write of a merged page is to ksmd, even when the
+bytes did not change. The pagemap poll is then not needed. Writes that do not fault
+(to pages already writable: not merged) are still seen only by their hashes, at the
+sample's time.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import functools
 import mmap
@@ -61,12 +72,14 @@ from ..estimate.procmem import (
     select_vmas,
     zero_pfn,
 )
+from .faults import FaultTraceUnavailable, WriteFaults
 from .format import TraceWriter
 
 PM_SOFT_DIRTY = 1 << 55
 METHODS = ("hash", "soft-dirty")
 DEFAULT_INTERVAL_MS = 100
-POLL_S = 0.02  # pagemap polls between samples (copies on write, as root)
+POLL_S = 0.02  # pagemap polls (or fault-trace reads) between samples, as root
+FAULT_BUCKET_MS = 10  # write faults are recorded at their time rounded up to this
 
 
 @dataclass
@@ -82,6 +95,19 @@ class _State:
     alive: bool = True
     cow: set[int] = field(default_factory=set)  # copies on write seen by poll()
     cache: _MapsCache = field(default_factory=lambda: _MapsCache())
+
+
+@dataclass
+class _Emit:
+    """One CHANGES record to write: what one process changed by ``t``."""
+
+    t: int
+    index: int
+    vpns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pages: np.ndarray | None = None
+    gone: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    maps: list[tuple[int, int]] | None = None
+    exited: bool = False
 
 
 @dataclass
@@ -110,6 +136,9 @@ class RecordResult:
     # above named bytes hides the builtin here)
     skipped: dict[str, int] = field(default_factory=dict)  # unreadable, by reason
     interrupted: bool = False
+    fault_trace: bool = False  # the targets' write faults were traced
+    write_faults: int = 0  # write faults of the targets seen
+    lost_faults: int = 0  # fault events the trace buffer dropped before they were read
 
 
 def _entries(pid: int, maps: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +264,7 @@ class Recorder:
 
     def __init__(self, writer: TraceWriter, pids: Sequence[tuple[int, int | None]],
                  mergeable_only: bool = False, method: str = "hash",
-                 skip_unreadable: bool = False) -> None:
+                 skip_unreadable: bool = False, faults: WriteFaults | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}")
         if method == "soft-dirty" and not soft_dirty_supported():
@@ -253,6 +282,42 @@ class Recorder:
         self.skipped: dict[str, int] = {}
         self.last_t = 0
         self.pages = 0
+        self.faults = faults  # the targets' write faults, traced (hash method)
+        # faults read, not yet recorded: (pid, time ns since t0 (before start: < 0), vpn)
+        self._fault_pids: list[np.ndarray] = []
+        self._fault_times: list[np.ndarray] = []
+        self._fault_vpns: list[np.ndarray] = []
+
+    def _pull(self) -> None:
+        """Read the write faults traced since the last read."""
+        assert self.faults is not None
+        pids, times, addrs, _present = self.faults.drain()
+        if len(pids):
+            self._fault_pids.append(pids)
+            self._fault_times.append(np.round((times - self.t0) * 1e9).astype(np.int64))
+            self._fault_vpns.append((addrs >> np.uint64(PAGE_SHIFT)).astype(np.int64))
+
+    def _faults_until(self, t: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per pid, the pages written (faulted) up to ``t`` and the times to record
+        them at: the fault's time rounded up to FAULT_BUCKET_MS, within (last sample, t]."""
+        if self.faults is None or not self._fault_pids:
+            return {}
+        pids = np.concatenate(self._fault_pids)
+        times = np.concatenate(self._fault_times)
+        vpns = np.concatenate(self._fault_vpns)
+        now = times <= t
+        later = ~now
+        self._fault_pids = [pids[later]]
+        self._fault_times = [times[later]]
+        self._fault_vpns = [vpns[later]]
+        pids, times, vpns = pids[now], times[now], vpns[now]
+        bucket = FAULT_BUCKET_MS * 1_000_000
+        times = np.clip(-(-times // bucket) * bucket, self.last_t, t)
+        out = {}
+        for pid in np.unique(pids).tolist():
+            sel = pids == pid
+            out[int(pid)] = (vpns[sel], times[sel])
+        return out
 
     def _now_ns(self) -> int:
         return max(0, round((time.monotonic() - self.t0) * 1e9))
@@ -303,17 +368,30 @@ class Recorder:
     def sample(self) -> int:
         """Every process's changes since the last sample; returns the time (ns)."""
         t = self._now_ns()
+        if self.faults is not None:
+            self._pull()
+        faults = self._faults_until(t)
+        out: list[_Emit] = []
         for st in self.states:
             if st.alive:
-                self._sample_one(st, t)
+                out += self._sample_one(st, t, faults.get(st.pid))
+        # every process's writes at fault times first, in time order (the trace's
+        # times never go back), then what the sample found at t
+        out.sort(key=lambda e: e.t)
+        for e in out:
+            self.w.changes(e.t, e.index, e.vpns, e.pages, e.gone, e.maps, e.exited)
         self.w.tick(t)
         self.last_t = t
         return t
 
     def poll(self) -> None:
-        """Between two samples (pfns visible, hash method): read only pagemap, and note
-        the pages copied on write since the last look (shared, now exclusive at another
-        pfn), so that a copy that ksmd merges again before the next sample is seen."""
+        """Between two samples: read the traced write faults; or, without them (pfns
+        visible, hash method), read only pagemap, and note the pages copied on write
+        since the last look (shared, now exclusive at another pfn), so that a copy that
+        ksmd merges again before the next sample is seen."""
+        if self.faults is not None:
+            self._pull()
+            return
         if not self.pfns or self.method != "hash":
             return
         excl, pfn = np.uint64(PM_EXCLUSIVE), np.uint64(PM_PFN_MASK)
@@ -334,12 +412,13 @@ class Recorder:
             st.entries = st.entries.copy()
             st.entries[pos[old]] = entries[old]
 
-    def _exit(self, st: _State, t: int) -> None:
+    def _exit(self, st: _State, t: int) -> _Emit:
         st.alive = False
-        self.w.changes(t, st.index, exited=True)
         self.notes.append(f"pid {st.pid} exited after {t / 1e9:.1f} s (kept up to its exit)")
+        return _Emit(t, st.index, exited=True)
 
-    def _sample_one(self, st: _State, t: int) -> None:
+    def _sample_one(self, st: _State, t: int,
+                    faults: tuple[np.ndarray, np.ndarray] | None = None) -> list[_Emit]:
         try:
             snap = snapshot(st.pid, self.mergeable_only, st.cache)
             dirty = None
@@ -355,8 +434,7 @@ class Recorder:
             pages, got = _read(st.pid, snap.vpns[idx])
         except ProcessUnreadable as e:
             if e.reason in ("gone", "empty"):
-                self._exit(st, t)
-                return
+                return [self._exit(st, t)]
             raise
         ok = got & ~_zero_unknown(snap.entries[idx], pages)
         read = np.zeros(n, bool)
@@ -383,16 +461,32 @@ class Recorder:
             st.cow = set()
         rows = np.zeros(n, np.int64)
         rows[idx] = np.arange(len(idx))
+        out: list[_Emit] = []
+        maps = snap.maps if snap.maps != st.maps else None
+        if faults is not None and len(faults[0]):
+            # written pages (faulted) still present and read: at their fault times, with
+            # the contents read now; the sample need not record them again
+            fv, ft = faults
+            at = np.minimum(np.searchsorted(snap.vpns, fv), max(n - 1, 0))
+            hit = (snap.vpns[at] == fv) & read[at] if n else np.zeros(len(fv), bool)
+            pairs = np.unique(np.stack([ft[hit], at[hit]]), axis=1) if hit.any() \
+                else np.zeros((2, 0), np.int64)
+            for tf in np.unique(pairs[0]).tolist():
+                pos_f = pairs[1][pairs[0] == tf]
+                out.append(_Emit(int(tf), st.index, snap.vpns[pos_f], pages[rows[pos_f]],
+                                 maps=maps))
+                maps = None  # the first record carries the new mappings
+            changed[pairs[1]] = False
         emit = np.flatnonzero(changed)
         now_vpns = snap.vpns[present]
         gone = np.setdiff1d(st.vpns, now_vpns, assume_unique=True)
-        maps = snap.maps if snap.maps != st.maps else None
         if len(emit) or len(gone) or maps is not None:
-            self.w.changes(t, st.index, snap.vpns[emit], pages[rows[emit]], gone, maps)
+            out.append(_Emit(t, st.index, snap.vpns[emit], pages[rows[emit]], gone, maps))
         st.maps = snap.maps
         st.vpns = now_vpns
         st.hashes = hashes[present]
         st.entries = snap.entries[present]
+        return out
 
 
 def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
@@ -400,11 +494,12 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
            interval_ms: int = DEFAULT_INTERVAL_MS, mergeable_only: bool = False,
            method: str = "hash", meta: dict[str, Any] | None = None,
            on_start: Callable[[], None] | None = None, codec: str = "zlib",
-           skip_unreadable: bool = False) -> RecordResult:
+           skip_unreadable: bool = False, fault_trace: bool | None = None) -> RecordResult:
     """Record ``pids`` (PID or (PID, NODE)) for ``seconds`` into ``out`` (a path or a
     binary stream; None: into memory, the bytes in ``result.buffer``, for
     :func:`ksmcore.trace.read_trace`). ``on_start`` is called right after the initial pages were
-    taken, when the trace's clock starts."""
+    taken, when the trace's clock starts. ``fault_trace``: trace the targets' write
+    faults (:mod:`.faults`; True: or fail, None: where this host can, False: no)."""
     import io
 
     if seconds <= 0 or interval_ms <= 0:
@@ -417,8 +512,59 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
                  "seconds": seconds, "pfns_visible": zero_pfn() is not None,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "host": os.uname().nodename, "kernel": os.uname().release})
-    w = TraceWriter(target, info, codec=codec)
-    rec = Recorder(w, specs, mergeable_only, method, skip_unreadable)
+    with contextlib.ExitStack() as stack:  # the fault trace's instance, on every path
+        faults, why = start_fault_trace(stack, [p for p, _ in specs], method, fault_trace)
+        info["fault_trace"] = faults is not None
+        if faults is not None:
+            info["fault_bucket_ms"] = FAULT_BUCKET_MS
+        w = TraceWriter(target, info, codec=codec)
+        rec = Recorder(w, specs, mergeable_only, method, skip_unreadable, faults)
+        if why:
+            rec.notes.append(why)
+        samples, late, interrupted = _run(rec, seconds, interval_ms, on_start)
+        lost = faults.lost() if faults is not None else 0
+    if lost:
+        rec.notes.append(f"{lost} write faults were lost (the trace buffer overflowed)")
+    res = RecordResult(None if buf is not None else str(out), rec.last_t / 1e9, samples,
+                       bytes=w.bytes_written, unique_pages=w.unique_pages,
+                       late_samples=late, method=method, fault_trace=faults is not None,
+                       write_faults=faults.count if faults is not None else 0,
+                       lost_faults=lost)
+    for st in rec.states:
+        res.processes.append({"pid": st.pid, "pages_at_end": len(st.vpns),
+                              "exited": not st.alive})
+    res.notes = rec.notes
+    res.skipped = dict(rec.skipped)
+    res.interrupted = interrupted
+    if buf is not None:
+        res.buffer = buf.getvalue()
+    return res
+
+
+def start_fault_trace(stack: contextlib.ExitStack, pids: list[int], method: str,
+                      wanted: bool | None) -> tuple[WriteFaults | None, str | None]:
+    """The targets' write faults traced until ``stack`` unwinds, when ``wanted`` (True:
+    or an EstimateError; None: where this host can, with a note where it cannot)."""
+    if wanted is False:
+        return None, None
+    if method != "hash":
+        if wanted:
+            raise EstimateError("tracing write faults goes with the hash method only")
+        return None, None
+    try:
+        return WriteFaults(stack, pids), None
+    except FaultTraceUnavailable as e:
+        if wanted:
+            raise EstimateError(f"cannot trace write faults: {e}") from None
+        return None, (f"write faults not traced ({e}): writes of unchanged bytes are "
+                      f"seen only as copies on write found by pfn, as root")
+
+
+def _run(rec: Recorder, seconds: float, interval_ms: int,
+         on_start: Callable[[], None] | None) -> tuple[int, int, bool]:
+    """The initial pages, then a sample every ``interval_ms`` for ``seconds`` (polls in
+    between); the trace is closed whole on every path. Returns the samples, the late
+    ones, and whether Ctrl-C stopped it."""
     samples = late = 0
     interrupted = False
     try:
@@ -432,7 +578,7 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
             if due > rec.t0 + seconds + 1e-9:
                 break
             now = time.monotonic()
-            while due - now > POLL_S:  # pagemap alone, between two samples
+            while due - now > POLL_S:  # pagemap or the fault trace, between two samples
                 time.sleep(POLL_S)
                 rec.poll()
                 now = time.monotonic()
@@ -451,18 +597,5 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
         interrupted = True
         rec.notes.append(f"interrupted after {samples} samples")
     finally:
-        w.close({"samples": samples, "late_samples": late, "notes": rec.notes})
-    res = RecordResult(None if buf is not None else str(out), rec.last_t / 1e9, samples,
-                       bytes=w.bytes_written, unique_pages=w.unique_pages,
-                       late_samples=late, method=method)
-    for st in rec.states:
-        res.processes.append({"pid": st.pid, "pages_at_end": len(st.vpns),
-                              "exited": not st.alive})
-    res.notes = rec.notes
-    res.skipped = dict(rec.skipped)
-    res.interrupted = interrupted
-    if buf is not None:
-        res.buffer = buf.getvalue()
-    return res
-
-
+        rec.w.close({"samples": samples, "late_samples": late, "notes": rec.notes})
+    return samples, late, interrupted
