@@ -49,6 +49,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "instance; nothing is written to them): each copy on write of a "
                         "merged page is recorded at its time even when the bytes did not "
                         "change. Default: where this host can; --fault-trace: or fail")
+    p.add_argument("--impute-writes", action=argparse.BooleanOptionalAction, default=True,
+                   help="with traced faults (root): add the writes the kernel could not "
+                        "show (to pages it had writable, so that they did not fault), "
+                        "drawn at each page's write rate as seen while it faulted; an "
+                        "estimate, for a replay whose ksmd merges other pages at other "
+                        "times (default: on)")
     p.add_argument("--compress", choices=CODECS, default="zlib",
                    help="page contents: zlib (fast, the default) or lzma (about 1.4x "
                         "smaller, about 5x slower)")
@@ -89,7 +95,8 @@ def record_report(args: argparse.Namespace) -> str:
     try:
         res = record(pids, args.seconds, args.output, args.interval_ms, args.mergeable_only,
                      method, meta={"command": " ".join(sys.argv[1:])}, codec=args.compress,
-                     skip_unreadable=args.all, fault_trace=args.fault_trace)
+                     skip_unreadable=args.all, fault_trace=args.fault_trace,
+                     impute_writes=args.impute_writes)
     except EstimateError:  # ProcessUnreadable too: nothing half-written is left
         with contextlib.suppress(OSError):
             os.unlink(args.output)
@@ -113,6 +120,9 @@ def record_report(args: argparse.Namespace) -> str:
         lines.append(f"write faults: {res.write_faults} ({rate:.0f}/s), recorded as "
                      f"writes at their times"
                      + (f"; {res.lost_faults} lost" if res.lost_faults else ""))
+        if res.imputed_writes:
+            lines.append(f"imputed writes: {res.imputed_writes} (to pages the kernel had "
+                         f"writable, at each page's rate)")
     if res.late_samples:
         lines.append(f"{res.late_samples} samples started late: a sample took longer than "
                      f"the interval (try a longer --interval-ms)")

@@ -95,6 +95,15 @@ class _State:
     alive: bool = True
     cow: set[int] = field(default_factory=set)  # copies on write seen by poll()
     cache: _MapsCache = field(default_factory=lambda: _MapsCache())
+    # write-rate estimates (impute): per present page, seconds the kernel had it mapped
+    # read-only (merged: not exclusive), write faults seen meanwhile, and seconds it was
+    # writable since the last sample (its writes unseen)
+    ro_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    nfaults: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rw_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ro: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # read-only now
+    pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    polled: float = 0.0
 
 
 @dataclass
@@ -137,6 +146,7 @@ class RecordResult:
     skipped: dict[str, int] = field(default_factory=dict)  # unreadable, by reason
     interrupted: bool = False
     fault_trace: bool = False  # the targets' write faults were traced
+    imputed_writes: int = 0  # writes added at the pages' rates (impute_writes)
     write_faults: int = 0  # write faults of the targets seen
     lost_faults: int = 0  # fault events the trace buffer dropped before they were read
 
@@ -264,7 +274,8 @@ class Recorder:
 
     def __init__(self, writer: TraceWriter, pids: Sequence[tuple[int, int | None]],
                  mergeable_only: bool = False, method: str = "hash",
-                 skip_unreadable: bool = False, faults: WriteFaults | None = None) -> None:
+                 skip_unreadable: bool = False, faults: WriteFaults | None = None,
+                 impute: bool = False) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}")
         if method == "soft-dirty" and not soft_dirty_supported():
@@ -283,6 +294,9 @@ class Recorder:
         self.last_t = 0
         self.pages = 0
         self.faults = faults  # the targets' write faults, traced (hash method)
+        self.impute = impute and faults is not None and self.pfns
+        self.rng = np.random.default_rng(0x4B534D)
+        self.imputed = 0
         # faults read, not yet recorded: (pid, time ns since t0 (before start: < 0), vpn)
         self._fault_pids: list[np.ndarray] = []
         self._fault_times: list[np.ndarray] = []
@@ -372,9 +386,17 @@ class Recorder:
             self._pull()
         faults = self._faults_until(t)
         out: list[_Emit] = []
+        bucket = FAULT_BUCKET_MS * 1_000_000
         for st in self.states:
             if st.alive:
-                out += self._sample_one(st, t, faults.get(st.pid))
+                f = faults.get(st.pid)
+                if self.impute:
+                    fv = f[0] if f is not None else np.zeros(0, np.int64)
+                    iv, it = self._imputed(st, fv, t)
+                    it = np.clip(-(-it // bucket) * bucket, self.last_t, t)
+                    f = (np.concatenate([fv, iv]), np.concatenate(
+                        [f[1] if f is not None else np.zeros(0, np.int64), it]))
+                out += self._sample_one(st, t, f)
         # every process's writes at fault times first, in time order (the trace's
         # times never go back), then what the sample found at t
         out.sort(key=lambda e: e.t)
@@ -390,7 +412,13 @@ class Recorder:
         since the last look (shared, now exclusive at another pfn), so that a copy that
         ksmd merges again before the next sample is seen."""
         if self.faults is not None:
+            n = len(self._fault_pids)
             self._pull()
+            if self.impute:
+                new = self._fault_pids[n:]
+                self._exposure(
+                    np.concatenate(new) if new else np.zeros(0, np.int64),
+                    np.concatenate(self._fault_vpns[n:]) if new else np.zeros(0, np.int64))
             return
         if not self.pfns or self.method != "hash":
             return
@@ -411,6 +439,60 @@ class Recorder:
             # what is mapped now is the reference for the next look
             st.entries = st.entries.copy()
             st.entries[pos[old]] = entries[old]
+
+    def _exposure(self, fpids: np.ndarray, fvpns: np.ndarray) -> None:
+        """Add the time since the last poll to each page's read-only time (mapped
+        read-only in the kernel: a write faults) or writable time (a write is unseen),
+        then update which pages are read-only: a page written (faulted: ``fpids``,
+        ``fvpns`` since the last poll) is writable; one mapped more than once, or at
+        another pfn than before without a fault (ksmd replaced it: merged), read-only."""
+        excl, pfnm = np.uint64(PM_EXCLUSIVE), np.uint64(PM_PFN_MASK)
+        now = time.monotonic()
+        for st in self.states:
+            if not st.alive or not len(st.vpns):
+                continue
+            try:
+                vpns, entries = _entries(st.pid, st.maps)
+            except ProcessUnreadable:
+                continue
+            m = len(st.vpns)
+            if len(st.ro_s) != m:
+                st.ro_s, st.rw_s, st.nfaults = np.zeros(m), np.zeros(m), np.zeros(m)
+                st.ro = (st.entries & excl) == 0
+                st.pfns = st.entries & pfnm
+            dt = now - (st.polled or now)
+            st.polled = now
+            st.ro_s[st.ro] += dt
+            st.rw_s[~st.ro] += dt
+            fv = fvpns[fpids == st.pid]
+            at = np.minimum(np.searchsorted(st.vpns, fv), m - 1)
+            faulted = np.zeros(m, bool)
+            faulted[at[st.vpns[at] == fv]] = True
+            st.ro[faulted] = False
+            pos = np.minimum(np.searchsorted(st.vpns, vpns), m - 1)
+            old = st.vpns[pos] == vpns
+            p, e = pos[old], entries[old]
+            # a copy on write moves the page too: only a move without a fault is ksmd's
+            moved = ((e & pfnm) != st.pfns[p]) & ~faulted[p]
+            st.ro[p[((e & excl) == 0) | moved]] = True
+            st.pfns[p] = e & pfnm
+
+    def _imputed(self, st: _State, fv: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Writes the kernel could not show (to pages it had writable), drawn at each
+        page's write rate as seen while it was read-only: page numbers and times."""
+        if len(st.nfaults) != len(st.vpns) or not len(st.vpns):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        at = np.searchsorted(st.vpns, fv)
+        ok = at < len(st.vpns)
+        ok[ok] = st.vpns[at[ok]] == fv[ok]
+        np.add.at(st.nfaults, at[ok], 1)
+        rate = np.where(st.ro_s >= 1.0, st.nfaults / np.maximum(st.ro_s, 1e-9), 0.0)
+        k = self.rng.poisson(rate * st.rw_s)
+        st.rw_s[:] = 0
+        pos = np.repeat(np.arange(len(st.vpns)), k)
+        times = self.rng.integers(self.last_t + 1, max(t, self.last_t + 1) + 1, len(pos))
+        self.imputed += len(pos)
+        return st.vpns[pos], times
 
     def _exit(self, st: _State, t: int) -> _Emit:
         st.alive = False
@@ -482,6 +564,17 @@ class Recorder:
         gone = np.setdiff1d(st.vpns, now_vpns, assume_unique=True)
         if len(emit) or len(gone) or maps is not None:
             out.append(_Emit(t, st.index, snap.vpns[emit], pages[rows[emit]], gone, maps))
+        if self.impute and len(st.ro_s) == len(st.vpns):
+            keep_old = old & present
+            acc = [np.zeros(n) for _ in range(3)]
+            for a, b in zip(acc, (st.ro_s, st.nfaults, st.rw_s), strict=True):
+                a[keep_old] = b[pos[keep_old]]
+            st.ro_s, st.nfaults, st.rw_s = (a[present] for a in acc)
+            ro = np.zeros(n, bool)
+            ro[keep_old] = st.ro[pos[keep_old]]
+            pf = snap.entries & np.uint64(PM_PFN_MASK)
+            pf[keep_old] = st.pfns[pos[keep_old]]
+            st.ro, st.pfns = ro[present], pf[present]
         st.maps = snap.maps
         st.vpns = now_vpns
         st.hashes = hashes[present]
@@ -494,12 +587,15 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
            interval_ms: int = DEFAULT_INTERVAL_MS, mergeable_only: bool = False,
            method: str = "hash", meta: dict[str, Any] | None = None,
            on_start: Callable[[], None] | None = None, codec: str = "zlib",
-           skip_unreadable: bool = False, fault_trace: bool | None = None) -> RecordResult:
+           skip_unreadable: bool = False, fault_trace: bool | None = None,
+           impute_writes: bool = True) -> RecordResult:
     """Record ``pids`` (PID or (PID, NODE)) for ``seconds`` into ``out`` (a path or a
     binary stream; None: into memory, the bytes in ``result.buffer``, for
     :func:`ksmcore.trace.read_trace`). ``on_start`` is called right after the initial pages were
     taken, when the trace's clock starts. ``fault_trace``: trace the targets' write
-    faults (:mod:`.faults`; True: or fail, None: where this host can, False: no)."""
+    faults (:mod:`.faults`; True: or fail, None: where this host can, False: no).
+    ``impute_writes`` (with traced faults and pfns): add the writes the kernel could not
+    show, drawn at each page's write rate (see the module's docstring)."""
     import io
 
     if seconds <= 0 or interval_ms <= 0:
@@ -517,8 +613,10 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
         info["fault_trace"] = faults is not None
         if faults is not None:
             info["fault_bucket_ms"] = FAULT_BUCKET_MS
+            info["imputed_writes"] = bool(impute_writes and zero_pfn() is not None)
         w = TraceWriter(target, info, codec=codec)
-        rec = Recorder(w, specs, mergeable_only, method, skip_unreadable, faults)
+        rec = Recorder(w, specs, mergeable_only, method, skip_unreadable, faults,
+                       impute_writes)
         if why:
             rec.notes.append(why)
         samples, late, interrupted = _run(rec, seconds, interval_ms, on_start)
@@ -529,7 +627,7 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
                        bytes=w.bytes_written, unique_pages=w.unique_pages,
                        late_samples=late, method=method, fault_trace=faults is not None,
                        write_faults=faults.count if faults is not None else 0,
-                       lost_faults=lost)
+                       lost_faults=lost, imputed_writes=rec.imputed)
     for st in rec.states:
         res.processes.append({"pid": st.pid, "pages_at_end": len(st.vpns),
                               "exited": not st.alive})
