@@ -110,16 +110,15 @@ def test_the_model_given_every_write_follows_the_real_ksmd(kernel: None) -> None
         assert s[key] == pytest.approx(k[key], rel=0.10), (key, k[key], s[key])
 
 
-def test_the_issue_workload_recorded_with_write_faults() -> None:
-    """The issue's workload (as above) under the real ksmd for 10 s, recorded live with
-    the write faults traced (root; copies on write of unchanged bytes seen at their
-    times), and replayed. Read-only hashing alone gave pages_sharing +48% and
-    pages_volatile -45% on it (30 s). With the faults the copies on write per second
-    come within 10% of the kernel's; pages_sharing, pages_volatile and general_profit
-    within 20% over the second half (about +8..+13% on 10 s, +17% on 30 s: the trace
-    holds the writes that faulted in the kernel, i.e. those to pages the kernel had
-    merged; a write to a page that the replay has merged and the kernel had not is not
-    in it, so the replay copies a little less and keeps a little more merged)."""
+def test_the_issue_workload_recorded_live_follows_the_real_ksmd() -> None:
+    """The issue's workload (as above) under the real ksmd for 10 s, recorded live as
+    ``ksmcore record`` does by default as root: pages hashed every 100 ms, the write
+    faults traced (copies on write of unchanged bytes at their times), and the writes
+    the kernel could not show (to pages it had writable) imputed at each page's rate;
+    then replayed. Over the second half: pages_sharing, pages_volatile and
+    general_profit within 10% of the kernel's, copies on write per second too.
+    (Hashing alone gave pages_sharing +48%, pages_volatile -45% on 30 s; the faults
+    without imputed writes +8..+27%.)"""
     from ksmcore.trace.faults import fault_trace_available
 
     ok, why = fault_trace_available()
@@ -137,7 +136,5 @@ def test_the_issue_workload_recorded_with_write_faults() -> None:
     if r["disturbed"]:
         pytest.skip(f"other processes used KSM during the run: {r['disturbed']}")
     k, s = r["kernel"], r["replay"]
-    assert s["cow_per_s"] == pytest.approx(k["cow_per_s"], rel=0.10)
-    for key in ("pages_sharing", "pages_volatile", "general_profit"):
-        assert s[key] == pytest.approx(k[key], rel=0.20), (key, k[key], s[key])
-    assert s["full_scans_per_s"] == pytest.approx(k["full_scans_per_s"], rel=0.10)
+    for key in ("pages_sharing", "pages_volatile", "general_profit", "cow_per_s"):
+        assert s[key] == pytest.approx(k[key], rel=0.10), (key, k[key], s[key])
