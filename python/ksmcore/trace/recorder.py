@@ -32,9 +32,17 @@ default where it works, ``fault_trace=False`` to leave it off): every write to a
 mapped read-only, a merged (KSM) page above all, faults, and is recorded as a write
 of that page at the fault's time (to FAULT_BUCKET_MS), with the contents the next
 sample reads. That is what a copy on write of a merged page is to ksmd, even when the
-bytes did not change. The pagemap poll is then not needed. Writes that do not fault
+bytes did not change (the pfn check of the poll is then not needed). Writes that do not fault
 (to pages already writable: not merged) are still seen only by their hashes, at the
-sample's time.
+sample's time. Those matter to a replay whose ksmd merges pages at other times than
+the recorded kernel's (its writes to a page it merged while the kernel had not would
+be missing), so with the faults and pfns the recorder also imputes them
+(``impute_writes``, the default): pagemap, read with each poll, tells which pages the
+kernel had read-only (mapped more than once, or moved by ksmd without a fault) and
+writable; each page's write rate is its faults over its read-only time (after a
+second of it), and each interval gets Poisson(rate x writable time) writes of the
+page, with its contents, at random times (a fixed seed): an estimate that assumes
+steady writers.
 """
 
 from __future__ import annotations
