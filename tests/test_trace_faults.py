@@ -148,3 +148,51 @@ def test_fault_trace_refused_with_soft_dirty_or_where_unavailable() -> None:
     if not FAULT_OK:
         with pytest.raises(EstimateError, match="cannot trace write faults"):
             record([os.getpid()], 0.1, None, 100, fault_trace=True)
+
+
+@live
+def test_an_instance_left_by_a_dead_process_is_removed() -> None:
+    import contextlib
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with contextlib.ExitStack() as stack:
+        inst = kernel.TracefsInstance(stack, "test-")
+        stale = inst.root / "instances" / f"ksmcore-faults-{dead.pid}"
+        stale.mkdir()
+        try:
+            with contextlib.ExitStack() as inner:
+                kernel.TracefsInstance(inner, "faults-")
+                assert not stale.exists()
+        finally:
+            if stale.exists():
+                stale.rmdir()
+        assert inst.dir.exists()  # a live process's instance is kept
+    assert not _instances_left()
+
+
+@live
+def test_sigterm_ends_the_recording_whole_and_removes_the_instance(tmp_path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "t.ksmtrace"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rec = subprocess.Popen([sys.executable, "-m", "ksmcore.cli", "record", "--pid",
+                                str(sleeper.pid), "--seconds", "30", "--fault-trace",
+                                "-o", str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 64):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        rec.send_signal(signal.SIGTERM)
+        stdout, stderr = rec.communicate(timeout=20)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert rec.returncode == 0, stderr
+    t = read_trace(out)
+    assert t.complete and any("interrupted" in n for n in t.summary.get("notes", []))
+    assert not _instances_left()

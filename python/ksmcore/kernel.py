@@ -173,6 +173,23 @@ def trace_available() -> tuple[bool, str]:
     return True, "ok"
 
 
+_INSTANCE_NAME = re.compile(r"^ksmcore-(?:[a-z]+-)?(\d+)$")
+
+
+def _remove_stale_instances(root: Path) -> None:
+    """Remove the instances left by ksmcore processes that died without unwinding
+    (SIGKILL): an instance with events on would keep tracing them for nobody."""
+    try:
+        names = [p.name for p in (root / "instances").iterdir()]
+    except OSError:
+        return
+    for name in names:
+        m = _INSTANCE_NAME.match(name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            with contextlib.suppress(OSError):
+                (root / "instances" / name).rmdir()
+
+
 class TracefsInstance:
     """A private tracefs instance (tracefs mounted on a temporary directory first when
     it is not mounted), named ``ksmcore-<tag><pid>``. Everything it sets up is undone
@@ -191,6 +208,7 @@ class TracefsInstance:
                            capture_output=True)
             root = mount_dir
         self.root = root
+        _remove_stale_instances(root)
         self.dir = root / "instances" / f"ksmcore-{tag}{os.getpid()}"
         self.dir.mkdir()
         stack.callback(self.dir.rmdir)

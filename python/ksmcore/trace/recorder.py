@@ -53,7 +53,9 @@ import ctypes
 import functools
 import mmap
 import os
+import signal
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -617,6 +619,7 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "host": os.uname().nodename, "kernel": os.uname().release})
     with contextlib.ExitStack() as stack:  # the fault trace's instance, on every path
+        _sigterm_as_interrupt(stack)
         faults, why = start_fault_trace(stack, [p for p, _ in specs], method, fault_trace)
         info["fault_trace"] = faults is not None
         if faults is not None:
@@ -645,6 +648,19 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
     if buf is not None:
         res.buffer = buf.getvalue()
     return res
+
+
+def _sigterm_as_interrupt(stack: contextlib.ExitStack) -> None:
+    """SIGTERM ends the recording as Ctrl-C does (a whole trace, the tracefs instance
+    removed), until ``stack`` unwinds; only the main thread can set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    stack.callback(signal.signal, signal.SIGTERM, signal.SIG_DFL if old is None else old)
 
 
 def start_fault_trace(stack: contextlib.ExitStack, pids: list[int], method: str,
