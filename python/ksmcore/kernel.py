@@ -173,10 +173,31 @@ def trace_available() -> tuple[bool, str]:
     return True, "ok"
 
 
-class _KsmTrace:
-    """A tracefs instance with the ksm events on; ``read()`` parses its buffer."""
+_INSTANCE_NAME = re.compile(r"^ksmcore-(?:[a-z]+-)?(\d+)$")
 
-    def __init__(self, stack: contextlib.ExitStack) -> None:
+
+def _remove_stale_instances(root: Path) -> None:
+    """Remove the instances left by ksmcore processes that died without unwinding
+    (SIGKILL): an instance with events on would keep tracing them for nobody."""
+    try:
+        names = [p.name for p in (root / "instances").iterdir()]
+    except OSError:
+        return
+    for name in names:
+        m = _INSTANCE_NAME.match(name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            with contextlib.suppress(OSError):
+                (root / "instances" / name).rmdir()
+
+
+class TracefsInstance:
+    """A private tracefs instance (tracefs mounted on a temporary directory first when
+    it is not mounted), named ``ksmcore-<tag><pid>``. Everything it sets up is undone
+    by ``stack`` (the events it enabled off, the instance removed, tracefs unmounted)
+    on every path; close files opened in it before ``stack`` unwinds, since an
+    instance in use cannot be removed."""
+
+    def __init__(self, stack: contextlib.ExitStack, tag: str = "") -> None:
         root = _tracefs_root()
         if root is None:
             mount_dir = Path(tempfile.mkdtemp(prefix="ksmcore-tracefs-"))
@@ -186,13 +207,38 @@ class _KsmTrace:
             stack.callback(subprocess.run, ["umount", str(mount_dir)], check=True,
                            capture_output=True)
             root = mount_dir
-        if not (root / "events" / "ksm").is_dir():
-            raise RuntimeError("this kernel has no ksm trace events")
-        self.dir = root / "instances" / f"ksmcore-{os.getpid()}"
+        self.root = root
+        _remove_stale_instances(root)
+        self.dir = root / "instances" / f"ksmcore-{tag}{os.getpid()}"
         self.dir.mkdir()
         stack.callback(self.dir.rmdir)
-        stack.callback((self.dir / "events" / "ksm" / "enable").write_text, "0")
-        (self.dir / "events" / "ksm" / "enable").write_text("1")
+        self._stack = stack
+
+    def has_event(self, event: str) -> bool:
+        """Whether this kernel has ``event`` ("system" or "system/name")."""
+        return (self.dir / "events" / event).is_dir()
+
+    def set(self, name: str, value: str | int) -> None:
+        (self.dir / name).write_text(f"{value}\n")
+
+    def enable(self, event: str, event_filter: str | None = None) -> None:
+        """Enable ``event`` ("system" or "system/name"), with ``event_filter`` (tracefs
+        filter syntax) when given; it is disabled again when the stack unwinds."""
+        d = self.dir / "events" / event
+        if event_filter is not None:
+            (d / "filter").write_text(event_filter)
+        self._stack.callback((d / "enable").write_text, "0")
+        (d / "enable").write_text("1")
+
+
+class _KsmTrace(TracefsInstance):
+    """A tracefs instance with the ksm events on; ``read()`` parses its buffer."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        super().__init__(stack)
+        if not self.has_event("ksm"):
+            raise RuntimeError("this kernel has no ksm trace events")
+        self.enable("ksm")
 
     def clear(self) -> None:
         (self.dir / "trace").write_text("")

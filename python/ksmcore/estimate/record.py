@@ -44,6 +44,17 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "/proc/PID/clear_refs (write-protects the targets' pages; each "
                         "first write to a page per interval costs them a minor fault), "
                         "but sees writes of unchanged bytes and reads only written pages")
+    p.add_argument("--fault-trace", action=argparse.BooleanOptionalAction, default=None,
+                   help="trace the processes' write faults (root, x86: a private tracefs "
+                        "instance; nothing is written to them): each copy on write of a "
+                        "merged page is recorded at its time even when the bytes did not "
+                        "change. Default: where this host can; --fault-trace: or fail")
+    p.add_argument("--impute-writes", action=argparse.BooleanOptionalAction, default=True,
+                   help="with traced faults (root): add the writes the kernel could not "
+                        "show (to pages it had writable, so that they did not fault), "
+                        "drawn at each page's write rate as seen while it faulted; an "
+                        "estimate, for a replay whose ksmd merges other pages at other "
+                        "times (default: on)")
     p.add_argument("--compress", choices=CODECS, default="zlib",
                    help="page contents: zlib (fast, the default) or lzma (about 1.4x "
                         "smaller, about 5x slower)")
@@ -84,7 +95,8 @@ def record_report(args: argparse.Namespace) -> str:
     try:
         res = record(pids, args.seconds, args.output, args.interval_ms, args.mergeable_only,
                      method, meta={"command": " ".join(sys.argv[1:])}, codec=args.compress,
-                     skip_unreadable=args.all)
+                     skip_unreadable=args.all, fault_trace=args.fault_trace,
+                     impute_writes=args.impute_writes)
     except EstimateError:  # ProcessUnreadable too: nothing half-written is left
         with contextlib.suppress(OSError):
             os.unlink(args.output)
@@ -95,13 +107,22 @@ def record_report(args: argparse.Namespace) -> str:
         raise EstimateError(f"-o {args.output}: {e.strerror}") from None
     lines = [
         f"ksmcore record: {len(res.processes)} processes, {res.samples} samples every "
-        f"{args.interval_ms} ms over {res.seconds:.1f} s ({method})",
+        f"{args.interval_ms} ms over {res.seconds:.1f} s ({method}"
+        + (", write faults traced)" if res.fault_trace else ")"),
         f"trace {args.output}: {res.bytes / 2**20:.1f} MiB, {res.unique_pages} distinct pages",
     ]
     for p in res.processes:
         lines.append(f"  pid {p['pid']}: " + (
             f"exited during the recording, kept up to its exit ({p['pages_at_end']} pages)"
             if p["exited"] else f"{p['pages_at_end']} pages at the end"))
+    if res.fault_trace:
+        rate = res.write_faults / max(res.seconds, 1e-9)
+        lines.append(f"write faults: {res.write_faults} ({rate:.0f}/s), recorded as "
+                     f"writes at their times"
+                     + (f"; {res.lost_faults} lost" if res.lost_faults else ""))
+        if res.imputed_writes:
+            lines.append(f"imputed writes: {res.imputed_writes} (to pages the kernel had "
+                         f"writable, at each page's rate)")
     if res.late_samples:
         lines.append(f"{res.late_samples} samples started late: a sample took longer than "
                      f"the interval (try a longer --interval-ms)")

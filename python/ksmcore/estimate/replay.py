@@ -109,6 +109,8 @@ def _trace_info(path: str, trace: Trace) -> dict[str, Any]:
         "intervals": trace.intervals,
         "interval_ms": trace.meta.get("interval_ms"),
         "method": trace.meta.get("method"),
+        "fault_trace": bool(trace.meta.get("fault_trace")),
+        "imputed_writes": bool(trace.meta.get("imputed_writes")),
         "processes": len(trace.processes),
         "initial_pages": trace.initial_pages(),
         "distinct_pages": len(trace.contents),
@@ -161,7 +163,9 @@ def text(result: dict[str, Any]) -> str:
     lines = [
         f"ksmcore estimate: trace {tr['path']}, {tr['processes']} processes, "
         f"{tr['initial_pages']} pages at the start ({_mib(tr['initial_pages']):.1f} MiB), "
-        f"{tr['duration_s']:.1f} s recorded every {tr['interval_ms']} ms ({tr['method']})",
+        f"{tr['duration_s']:.1f} s recorded every {tr['interval_ms']} ms ({tr['method']}"
+        + (", write faults" if tr.get("fault_trace") else "")
+        + (", imputed writes" if tr.get("imputed_writes") else "") + ")",
         "knobs: " + ", ".join(f"{n} {v}" for n, v in k.items()),
         "cost model: " + describe_model(CostModel(**result["cost_model"])),
         "",

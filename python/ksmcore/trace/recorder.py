@@ -25,16 +25,37 @@ How changes are found, at each sample:
 Neither method sees what happened between two samples: a page written twice counts
 once, with its last contents, at the sample's time; a page that came and went between
 two samples is not seen at all.
+
+With ``"hash"``, as root on x86, the recorder also traces the targets' write faults
+(:mod:`.faults`: a private tracefs instance, nothing written to the targets; on by
+default where it works, ``fault_trace=False`` to leave it off): every write to a page
+mapped read-only, a merged (KSM) page above all, faults, and is recorded as a write
+of that page at the fault's time (to FAULT_BUCKET_MS), with the contents the next
+sample reads. That is what a copy on write of a merged page is to ksmd, even when the
+bytes did not change (the pfn check of the poll is then not needed). Writes that do not fault
+(to pages already writable: not merged) are still seen only by their hashes, at the
+sample's time. Those matter to a replay whose ksmd merges pages at other times than
+the recorded kernel's (its writes to a page it merged while the kernel had not would
+be missing), so with the faults and pfns the recorder also imputes them
+(``impute_writes``, the default): pagemap, read with each poll, tells which pages the
+kernel had read-only (mapped more than once, or moved by ksmd without a fault) and
+writable; each page's write rate is its faults over its read-only time (after a
+second of it), and each interval gets Poisson(rate x writable time) writes of the
+page, with its contents, at random times (a fixed seed): an estimate that assumes
+steady writers.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import functools
 import mmap
 import os
+import signal
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,12 +82,14 @@ from ..estimate.procmem import (
     select_vmas,
     zero_pfn,
 )
+from .faults import FaultTraceUnavailable, WriteFaults
 from .format import TraceWriter
 
 PM_SOFT_DIRTY = 1 << 55
 METHODS = ("hash", "soft-dirty")
 DEFAULT_INTERVAL_MS = 100
-POLL_S = 0.02  # pagemap polls between samples (copies on write, as root)
+POLL_S = 0.02  # pagemap polls (or fault-trace reads) between samples, as root
+FAULT_BUCKET_MS = 10  # write faults are recorded at their time rounded up to this
 
 
 @dataclass
@@ -82,6 +105,28 @@ class _State:
     alive: bool = True
     cow: set[int] = field(default_factory=set)  # copies on write seen by poll()
     cache: _MapsCache = field(default_factory=lambda: _MapsCache())
+    # write-rate estimates (impute): per present page, seconds the kernel had it mapped
+    # read-only (merged: not exclusive), write faults seen meanwhile, and seconds it was
+    # writable since the last sample (its writes unseen)
+    ro_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    nfaults: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rw_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ro: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # read-only now
+    pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    polled: float = 0.0
+
+
+@dataclass
+class _Emit:
+    """One CHANGES record to write: what one process changed by ``t``."""
+
+    t: int
+    index: int
+    vpns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pages: np.ndarray | None = None
+    gone: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    maps: list[tuple[int, int]] | None = None
+    exited: bool = False
 
 
 @dataclass
@@ -110,6 +155,10 @@ class RecordResult:
     # above named bytes hides the builtin here)
     skipped: dict[str, int] = field(default_factory=dict)  # unreadable, by reason
     interrupted: bool = False
+    fault_trace: bool = False  # the targets' write faults were traced
+    imputed_writes: int = 0  # writes added at the pages' rates (impute_writes)
+    write_faults: int = 0  # write faults of the targets seen
+    lost_faults: int = 0  # fault events the trace buffer dropped before they were read
 
 
 def _entries(pid: int, maps: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +284,8 @@ class Recorder:
 
     def __init__(self, writer: TraceWriter, pids: Sequence[tuple[int, int | None]],
                  mergeable_only: bool = False, method: str = "hash",
-                 skip_unreadable: bool = False) -> None:
+                 skip_unreadable: bool = False, faults: WriteFaults | None = None,
+                 impute: bool = False) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}")
         if method == "soft-dirty" and not soft_dirty_supported():
@@ -253,6 +303,45 @@ class Recorder:
         self.skipped: dict[str, int] = {}
         self.last_t = 0
         self.pages = 0
+        self.faults = faults  # the targets' write faults, traced (hash method)
+        self.impute = impute and faults is not None and self.pfns
+        self.rng = np.random.default_rng(0x4B534D)
+        self.imputed = 0
+        # faults read, not yet recorded: (pid, time ns since t0 (before start: < 0), vpn)
+        self._fault_pids: list[np.ndarray] = []
+        self._fault_times: list[np.ndarray] = []
+        self._fault_vpns: list[np.ndarray] = []
+
+    def _pull(self) -> None:
+        """Read the write faults traced since the last read."""
+        assert self.faults is not None
+        pids, times, addrs, _present = self.faults.drain()
+        if len(pids):
+            self._fault_pids.append(pids)
+            self._fault_times.append(np.round((times - self.t0) * 1e9).astype(np.int64))
+            self._fault_vpns.append((addrs >> np.uint64(PAGE_SHIFT)).astype(np.int64))
+
+    def _faults_until(self, t: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per pid, the pages written (faulted) up to ``t`` and the times to record
+        them at: the fault's time rounded up to FAULT_BUCKET_MS, within (last sample, t]."""
+        if self.faults is None or not self._fault_pids:
+            return {}
+        pids = np.concatenate(self._fault_pids)
+        times = np.concatenate(self._fault_times)
+        vpns = np.concatenate(self._fault_vpns)
+        now = times <= t
+        later = ~now
+        self._fault_pids = [pids[later]]
+        self._fault_times = [times[later]]
+        self._fault_vpns = [vpns[later]]
+        pids, times, vpns = pids[now], times[now], vpns[now]
+        bucket = FAULT_BUCKET_MS * 1_000_000
+        times = np.clip(-(-times // bucket) * bucket, self.last_t, t)
+        out = {}
+        for pid in np.unique(pids).tolist():
+            sel = pids == pid
+            out[int(pid)] = (vpns[sel], times[sel])
+        return out
 
     def _now_ns(self) -> int:
         return max(0, round((time.monotonic() - self.t0) * 1e9))
@@ -303,17 +392,44 @@ class Recorder:
     def sample(self) -> int:
         """Every process's changes since the last sample; returns the time (ns)."""
         t = self._now_ns()
+        if self.faults is not None:
+            self._pull()
+        faults = self._faults_until(t)
+        out: list[_Emit] = []
+        bucket = FAULT_BUCKET_MS * 1_000_000
         for st in self.states:
             if st.alive:
-                self._sample_one(st, t)
+                f = faults.get(st.pid)
+                if self.impute:
+                    fv = f[0] if f is not None else np.zeros(0, np.int64)
+                    iv, it = self._imputed(st, fv, t)
+                    it = np.clip(-(-it // bucket) * bucket, self.last_t, t)
+                    f = (np.concatenate([fv, iv]), np.concatenate(
+                        [f[1] if f is not None else np.zeros(0, np.int64), it]))
+                out += self._sample_one(st, t, f)
+        # every process's writes at fault times first, in time order (the trace's
+        # times never go back), then what the sample found at t
+        out.sort(key=lambda e: e.t)
+        for e in out:
+            self.w.changes(e.t, e.index, e.vpns, e.pages, e.gone, e.maps, e.exited)
         self.w.tick(t)
         self.last_t = t
         return t
 
     def poll(self) -> None:
-        """Between two samples (pfns visible, hash method): read only pagemap, and note
-        the pages copied on write since the last look (shared, now exclusive at another
-        pfn), so that a copy that ksmd merges again before the next sample is seen."""
+        """Between two samples: read the traced write faults; or, without them (pfns
+        visible, hash method), read only pagemap, and note the pages copied on write
+        since the last look (shared, now exclusive at another pfn), so that a copy that
+        ksmd merges again before the next sample is seen."""
+        if self.faults is not None:
+            n = len(self._fault_pids)
+            self._pull()
+            if self.impute:
+                new = self._fault_pids[n:]
+                self._exposure(
+                    np.concatenate(new) if new else np.zeros(0, np.int64),
+                    np.concatenate(self._fault_vpns[n:]) if new else np.zeros(0, np.int64))
+            return
         if not self.pfns or self.method != "hash":
             return
         excl, pfn = np.uint64(PM_EXCLUSIVE), np.uint64(PM_PFN_MASK)
@@ -334,12 +450,67 @@ class Recorder:
             st.entries = st.entries.copy()
             st.entries[pos[old]] = entries[old]
 
-    def _exit(self, st: _State, t: int) -> None:
-        st.alive = False
-        self.w.changes(t, st.index, exited=True)
-        self.notes.append(f"pid {st.pid} exited after {t / 1e9:.1f} s (kept up to its exit)")
+    def _exposure(self, fpids: np.ndarray, fvpns: np.ndarray) -> None:
+        """Add the time since the last poll to each page's read-only time (mapped
+        read-only in the kernel: a write faults) or writable time (a write is unseen),
+        then update which pages are read-only: a page written (faulted: ``fpids``,
+        ``fvpns`` since the last poll) is writable; one mapped more than once, or at
+        another pfn than before without a fault (ksmd replaced it: merged), read-only."""
+        excl, pfnm = np.uint64(PM_EXCLUSIVE), np.uint64(PM_PFN_MASK)
+        now = time.monotonic()
+        for st in self.states:
+            if not st.alive or not len(st.vpns):
+                continue
+            try:
+                vpns, entries = _entries(st.pid, st.maps)
+            except ProcessUnreadable:
+                continue
+            m = len(st.vpns)
+            if len(st.ro_s) != m:
+                st.ro_s, st.rw_s, st.nfaults = np.zeros(m), np.zeros(m), np.zeros(m)
+                st.ro = (st.entries & excl) == 0
+                st.pfns = st.entries & pfnm
+            dt = now - (st.polled or now)
+            st.polled = now
+            st.ro_s[st.ro] += dt
+            st.rw_s[~st.ro] += dt
+            fv = fvpns[fpids == st.pid]
+            at = np.minimum(np.searchsorted(st.vpns, fv), m - 1)
+            faulted = np.zeros(m, bool)
+            faulted[at[st.vpns[at] == fv]] = True
+            st.ro[faulted] = False
+            pos = np.minimum(np.searchsorted(st.vpns, vpns), m - 1)
+            old = st.vpns[pos] == vpns
+            p, e = pos[old], entries[old]
+            # a copy on write moves the page too: only a move without a fault is ksmd's
+            moved = ((e & pfnm) != st.pfns[p]) & ~faulted[p]
+            st.ro[p[((e & excl) == 0) | moved]] = True
+            st.pfns[p] = e & pfnm
 
-    def _sample_one(self, st: _State, t: int) -> None:
+    def _imputed(self, st: _State, fv: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Writes the kernel could not show (to pages it had writable), drawn at each
+        page's write rate as seen while it was read-only: page numbers and times."""
+        if len(st.nfaults) != len(st.vpns) or not len(st.vpns):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        at = np.searchsorted(st.vpns, fv)
+        ok = at < len(st.vpns)
+        ok[ok] = st.vpns[at[ok]] == fv[ok]
+        np.add.at(st.nfaults, at[ok], 1)
+        rate = np.where(st.ro_s >= 1.0, st.nfaults / np.maximum(st.ro_s, 1e-9), 0.0)
+        k = self.rng.poisson(rate * st.rw_s)
+        st.rw_s[:] = 0
+        pos = np.repeat(np.arange(len(st.vpns)), k)
+        times = self.rng.integers(self.last_t + 1, max(t, self.last_t + 1) + 1, len(pos))
+        self.imputed += len(pos)
+        return st.vpns[pos], times
+
+    def _exit(self, st: _State, t: int) -> _Emit:
+        st.alive = False
+        self.notes.append(f"pid {st.pid} exited after {t / 1e9:.1f} s (kept up to its exit)")
+        return _Emit(t, st.index, exited=True)
+
+    def _sample_one(self, st: _State, t: int,
+                    faults: tuple[np.ndarray, np.ndarray] | None = None) -> list[_Emit]:
         try:
             snap = snapshot(st.pid, self.mergeable_only, st.cache)
             dirty = None
@@ -355,8 +526,7 @@ class Recorder:
             pages, got = _read(st.pid, snap.vpns[idx])
         except ProcessUnreadable as e:
             if e.reason in ("gone", "empty"):
-                self._exit(st, t)
-                return
+                return [self._exit(st, t)]
             raise
         ok = got & ~_zero_unknown(snap.entries[idx], pages)
         read = np.zeros(n, bool)
@@ -383,16 +553,43 @@ class Recorder:
             st.cow = set()
         rows = np.zeros(n, np.int64)
         rows[idx] = np.arange(len(idx))
+        out: list[_Emit] = []
+        maps = snap.maps if snap.maps != st.maps else None
+        if faults is not None and len(faults[0]):
+            # written pages (faulted) still present and read: at their fault times, with
+            # the contents read now; the sample need not record them again
+            fv, ft = faults
+            at = np.minimum(np.searchsorted(snap.vpns, fv), max(n - 1, 0))
+            hit = (snap.vpns[at] == fv) & read[at] if n else np.zeros(len(fv), bool)
+            pairs = np.unique(np.stack([ft[hit], at[hit]]), axis=1) if hit.any() \
+                else np.zeros((2, 0), np.int64)
+            for tf in np.unique(pairs[0]).tolist():
+                pos_f = pairs[1][pairs[0] == tf]
+                out.append(_Emit(int(tf), st.index, snap.vpns[pos_f], pages[rows[pos_f]],
+                                 maps=maps))
+                maps = None  # the first record carries the new mappings
+            changed[pairs[1]] = False
         emit = np.flatnonzero(changed)
         now_vpns = snap.vpns[present]
         gone = np.setdiff1d(st.vpns, now_vpns, assume_unique=True)
-        maps = snap.maps if snap.maps != st.maps else None
         if len(emit) or len(gone) or maps is not None:
-            self.w.changes(t, st.index, snap.vpns[emit], pages[rows[emit]], gone, maps)
+            out.append(_Emit(t, st.index, snap.vpns[emit], pages[rows[emit]], gone, maps))
+        if self.impute and len(st.ro_s) == len(st.vpns):
+            keep_old = old & present
+            acc = [np.zeros(n) for _ in range(3)]
+            for a, b in zip(acc, (st.ro_s, st.nfaults, st.rw_s), strict=True):
+                a[keep_old] = b[pos[keep_old]]
+            st.ro_s, st.nfaults, st.rw_s = (a[present] for a in acc)
+            ro = np.zeros(n, bool)
+            ro[keep_old] = st.ro[pos[keep_old]]
+            pf = snap.entries & np.uint64(PM_PFN_MASK)
+            pf[keep_old] = st.pfns[pos[keep_old]]
+            st.ro, st.pfns = ro[present], pf[present]
         st.maps = snap.maps
         st.vpns = now_vpns
         st.hashes = hashes[present]
         st.entries = snap.entries[present]
+        return out
 
 
 def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
@@ -400,11 +597,15 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
            interval_ms: int = DEFAULT_INTERVAL_MS, mergeable_only: bool = False,
            method: str = "hash", meta: dict[str, Any] | None = None,
            on_start: Callable[[], None] | None = None, codec: str = "zlib",
-           skip_unreadable: bool = False) -> RecordResult:
+           skip_unreadable: bool = False, fault_trace: bool | None = None,
+           impute_writes: bool = True) -> RecordResult:
     """Record ``pids`` (PID or (PID, NODE)) for ``seconds`` into ``out`` (a path or a
     binary stream; None: into memory, the bytes in ``result.buffer``, for
     :func:`ksmcore.trace.read_trace`). ``on_start`` is called right after the initial pages were
-    taken, when the trace's clock starts."""
+    taken, when the trace's clock starts. ``fault_trace``: trace the targets' write
+    faults (:mod:`.faults`; True: or fail, None: where this host can, False: no).
+    ``impute_writes`` (with traced faults and pfns): add the writes the kernel could not
+    show, drawn at each page's write rate (see the module's docstring)."""
     import io
 
     if seconds <= 0 or interval_ms <= 0:
@@ -417,8 +618,75 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
                  "seconds": seconds, "pfns_visible": zero_pfn() is not None,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "host": os.uname().nodename, "kernel": os.uname().release})
-    w = TraceWriter(target, info, codec=codec)
-    rec = Recorder(w, specs, mergeable_only, method, skip_unreadable)
+    with contextlib.ExitStack() as stack:  # the fault trace's instance, on every path
+        _sigterm_as_interrupt(stack)
+        faults, why = start_fault_trace(stack, [p for p, _ in specs], method, fault_trace)
+        info["fault_trace"] = faults is not None
+        if faults is not None:
+            info["fault_bucket_ms"] = FAULT_BUCKET_MS
+            info["imputed_writes"] = bool(impute_writes and zero_pfn() is not None)
+        w = TraceWriter(target, info, codec=codec)
+        rec = Recorder(w, specs, mergeable_only, method, skip_unreadable, faults,
+                       impute_writes)
+        if why:
+            rec.notes.append(why)
+        samples, late, interrupted = _run(rec, seconds, interval_ms, on_start)
+        lost = faults.lost() if faults is not None else 0
+    if lost:
+        rec.notes.append(f"{lost} write faults were lost (the trace buffer overflowed)")
+    res = RecordResult(None if buf is not None else str(out), rec.last_t / 1e9, samples,
+                       bytes=w.bytes_written, unique_pages=w.unique_pages,
+                       late_samples=late, method=method, fault_trace=faults is not None,
+                       write_faults=faults.count if faults is not None else 0,
+                       lost_faults=lost, imputed_writes=rec.imputed)
+    for st in rec.states:
+        res.processes.append({"pid": st.pid, "pages_at_end": len(st.vpns),
+                              "exited": not st.alive})
+    res.notes = rec.notes
+    res.skipped = dict(rec.skipped)
+    res.interrupted = interrupted
+    if buf is not None:
+        res.buffer = buf.getvalue()
+    return res
+
+
+def _sigterm_as_interrupt(stack: contextlib.ExitStack) -> None:
+    """SIGTERM ends the recording as Ctrl-C does (a whole trace, the tracefs instance
+    removed), until ``stack`` unwinds; only the main thread can set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    stack.callback(signal.signal, signal.SIGTERM, signal.SIG_DFL if old is None else old)
+
+
+def start_fault_trace(stack: contextlib.ExitStack, pids: list[int], method: str,
+                      wanted: bool | None) -> tuple[WriteFaults | None, str | None]:
+    """The targets' write faults traced until ``stack`` unwinds, when ``wanted`` (True:
+    or an EstimateError; None: where this host can, with a note where it cannot)."""
+    if wanted is False:
+        return None, None
+    if method != "hash":
+        if wanted:
+            raise EstimateError("tracing write faults goes with the hash method only")
+        return None, None
+    try:
+        return WriteFaults(stack, pids), None
+    except FaultTraceUnavailable as e:
+        if wanted:
+            raise EstimateError(f"cannot trace write faults: {e}") from None
+        return None, (f"write faults not traced ({e}): writes of unchanged bytes are "
+                      f"seen only as copies on write found by pfn, as root")
+
+
+def _run(rec: Recorder, seconds: float, interval_ms: int,
+         on_start: Callable[[], None] | None) -> tuple[int, int, bool]:
+    """The initial pages, then a sample every ``interval_ms`` for ``seconds`` (polls in
+    between); the trace is closed whole on every path. Returns the samples, the late
+    ones, and whether Ctrl-C stopped it."""
     samples = late = 0
     interrupted = False
     try:
@@ -432,7 +700,7 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
             if due > rec.t0 + seconds + 1e-9:
                 break
             now = time.monotonic()
-            while due - now > POLL_S:  # pagemap alone, between two samples
+            while due - now > POLL_S:  # pagemap or the fault trace, between two samples
                 time.sleep(POLL_S)
                 rec.poll()
                 now = time.monotonic()
@@ -451,18 +719,5 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
         interrupted = True
         rec.notes.append(f"interrupted after {samples} samples")
     finally:
-        w.close({"samples": samples, "late_samples": late, "notes": rec.notes})
-    res = RecordResult(None if buf is not None else str(out), rec.last_t / 1e9, samples,
-                       bytes=w.bytes_written, unique_pages=w.unique_pages,
-                       late_samples=late, method=method)
-    for st in rec.states:
-        res.processes.append({"pid": st.pid, "pages_at_end": len(st.vpns),
-                              "exited": not st.alive})
-    res.notes = rec.notes
-    res.skipped = dict(rec.skipped)
-    res.interrupted = interrupted
-    if buf is not None:
-        res.buffer = buf.getvalue()
-    return res
-
-
+        rec.w.close({"samples": samples, "late_samples": late, "notes": rec.notes})
+    return samples, late, interrupted
