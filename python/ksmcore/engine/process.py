@@ -39,6 +39,15 @@ from ..thp import (
     pmd_ranges,
     vma_thp_allowed,
 )
+from .hooks import (
+    ksm_disable_merge_any,
+    ksm_enable_merge_any,
+    ksm_enter,
+    ksm_execve,
+    ksm_exit,
+    ksm_fork,
+    ksm_vma_flags,
+)
 from .vma import Region
 
 if TYPE_CHECKING:
@@ -192,11 +201,7 @@ class Process:
         base = self.machine.mem.alloc_slots(npages, self.mm_id)
         self.vmas.append(Region(addr, addr + npages * PAGE_SIZE, base, node=node))
         self.next_addr = addr + (npages + 1) * PAGE_SIZE  # a guard page keeps VMAs apart
-        if self.merge_any:
-            # ksm_vma_flags() (6.17+): a new VMA of a MERGE_ANY mm is VM_MERGEABLE from
-            # the start; 6.18 re-enters the mm if ksmd dropped it meanwhile
-            if not self.ksm_registered and self.machine.profile.has("merge_any_kept"):
-                self.machine.ksm._ksm_enter(self)
+        if ksm_vma_flags(self):  # a new VMA of a MERGE_ANY mm is VM_MERGEABLE at once
             self.vmas[-1].mergeable = True
             self.machine.mem.set_mergeable(base, base + npages, True)
         return addr
@@ -373,8 +378,7 @@ class Process:
                 continue
             s_lo, s_hi = v.slot(lo), v.slot(hi)
             if want:
-                if not self.ksm_registered:
-                    m.ksm._ksm_enter(self)
+                ksm_enter(self)
                 v.mergeable = True
                 m.mem.set_mergeable(s_lo, s_hi, True)
             else:
@@ -438,8 +442,7 @@ class Process:
             child.ksm_stat_base = (int(parent["ksm_rmap_items"]),
                                    int(parent["ksm_merging_pages"]))
         child.mempolicy = self.mempolicy
-        if self.ksm_registered:
-            m.ksm._ksm_enter(child)
+        ksm_fork(child, self)
         return child
 
     def exit(self) -> None:
@@ -449,8 +452,7 @@ class Process:
     def _exit_mm(self) -> None:
         """exit_mm(): ksm_exit(), then every mapping goes; ksmd frees the rmap_items."""
         m = self.machine
-        if self.ksm_registered:
-            m.ksm._ksm_exit(self)
+        ksm_exit(self)
         for v in self.vmas:
             lib.ksm_zap_range(m.ctx, v.slot_base, v.slot(v.end))
             v.live = False
@@ -480,10 +482,8 @@ class Process:
         self.next_addr = MMAP_BASE
         self.ksm_registered = False
         self.ksm_stat_base = (0, 0)
-        # MERGE_ANY survives exec from 6.7, and ksm_execve() enters the mm from 6.10
-        self.merge_any = old.merge_any and m.profile.has("merge_any_exec")
-        if self.merge_any and m.profile.has("ksm_execve"):
-            m.ksm._ksm_enter(self)
+        self.merge_any = old.merge_any
+        ksm_execve(self)  # MERGE_ANY survives exec from 6.7, entered from 6.10
         old._exit_mm()  # exec_mmap(): mmput() of the old mm
 
     # ---- prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE)
@@ -498,26 +498,10 @@ class Process:
         self._check_prctl()
         if arg3 or arg4 or arg5:
             raise ksm_error(errno.EINVAL, "PR_SET_MEMORY_MERGE takes no arg3..arg5")
-        m = self.machine
         if value:
-            if self.merge_any:
-                return
-            if not self.ksm_registered:
-                m.ksm._ksm_enter(self)
-            self.merge_any = True
-            for v in self.vmas:  # ksm_add_vmas(): every VMA of the model is compatible
-                if not v.mergeable:
-                    v.mergeable = True
-                    m.mem.set_mergeable(v.slot_base, v.slot(v.end), True)
+            ksm_enable_merge_any(self)
         else:
-            if not self.merge_any:
-                return
-            for v in self.vmas:  # ksm_del_vmas()
-                if v.mergeable:
-                    self._break_ksm(v, v.slot_base, v.slot(v.end))
-                    v.mergeable = False
-                    m.mem.set_mergeable(v.slot_base, v.slot(v.end), False)
-            self.merge_any = False
+            ksm_disable_merge_any(self)
 
     def prctl_get_memory_merge(self, arg2: int = 0, arg3: int = 0, arg4: int = 0,
                                arg5: int = 0) -> int:
