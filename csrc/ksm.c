@@ -958,17 +958,14 @@ static int32_t try_to_merge_two_pages(struct ksm_ctx *c, int64_t s, int32_t page
     return err ? NIL : page;
 }
 
-/* __stable_node_chain(): for a chain pick a dup (stable_node_dup()), which may
- * prune stale dups and collapse the chain into its last dup (*node changes) */
-static int64_t stable_node_chain(struct ksm_ctx *c, int32_t *dup_out, int32_t *node,
-                                 int32_t *root, int prune)
+/* stable_node_dup(): pick a dup of the chain *node: the first that can take another
+ * mapping, or with prune (at most every stable_node_chains_prune_millisecs) the
+ * fullest one after a walk that frees stale dups; a chain left with one dup collapses
+ * into it (*node changes), one left with none is freed. Returns the dup's folio. */
+static int64_t stable_node_dup(struct ksm_ctx *c, int32_t *dup_out, int32_t *node,
+                               int32_t *root, int prune)
 {
     int32_t chain = *node;
-    if (!is_stable_node_chain(c, chain)) {
-        *dup_out = chain;
-        return ksm_get_folio(c, chain);
-    }
-
     struct ksm_stable_node *ch = &c->stable[chain];
     if (!prune || c->jiffies < ch->chain_prune_time + c->stable_node_chains_prune_millisecs)
         prune = 0;
@@ -1022,6 +1019,30 @@ static int64_t stable_node_chain(struct ksm_ctx *c, int32_t *dup_out, int32_t *n
     return tree_folio;
 }
 
+/* __stable_node_chain(): a plain stable node is its own dup; a chain picks one */
+static inline int64_t __stable_node_chain(struct ksm_ctx *c, int32_t *dup_out, int32_t *node,
+                                          int32_t *root, int prune)
+{
+    if (!is_stable_node_chain(c, *node)) {
+        *dup_out = *node;
+        return ksm_get_folio(c, *node);
+    }
+    return stable_node_dup(c, dup_out, node, root, prune);
+}
+
+/* chain_prune(): stable_tree_search()'s lookup, which may prune and collapse */
+static inline int64_t chain_prune(struct ksm_ctx *c, int32_t *dup_out, int32_t *node,
+                                  int32_t *root)
+{
+    return __stable_node_chain(c, dup_out, node, root, 1);
+}
+
+/* chain(): stable_tree_insert()'s lookup, without pruning */
+static inline int64_t chain(struct ksm_ctx *c, int32_t *dup_out, int32_t *node, int32_t *root)
+{
+    return __stable_node_chain(c, dup_out, node, root, 0);
+}
+
 /* memcmp_pages(page, the node's page), deciding on the cached prefix when it can */
 static inline int cmp_stable_node(struct ksm_ctx *c, const uint8_t *page, uint64_t pfx,
                                   int32_t node, int64_t tree_folio)
@@ -1057,7 +1078,7 @@ again:
             __builtin_prefetch(&c->stable[rb[node].left]);
         if (rb[node].right != NIL)
             __builtin_prefetch(&c->stable[rb[node].right]);
-        int64_t tree_folio = stable_node_chain(c, &dup, &node, root, 1);
+        int64_t tree_folio = chain_prune(c, &dup, &node, root);
         if (tree_folio == NIL)
             goto again; /* a stale node went and the tree may have rebalanced */
         int ret = cmp_stable_node(c, addr, pfx, node, tree_folio);
@@ -1149,7 +1170,7 @@ again:
     link = root;
     while (*link != NIL) {
         node = *link;
-        int64_t tree_folio = stable_node_chain(c, &dup, &node, root, 0);
+        int64_t tree_folio = chain(c, &dup, &node, root);
         if (tree_folio == NIL)
             goto again;
         int ret = cmp_stable_node(c, addr, pfx, node, tree_folio);
