@@ -224,6 +224,23 @@ static inline void unstable_tree_disturbed(struct ksm_ctx *c)
     c->uquiet_from = c->ucount;
 }
 
+int ksm_reserve_batch(struct ksm_ctx *c, int64_t budget)
+{
+    int64_t n = (budget < c->nr_slots ? budget : c->nr_slots) + 1;
+    return ksm_reserve(c, 2 * n, n);
+}
+
+void ksm_set_mergeable(struct ksm_ctx *c, int64_t lo, int64_t hi, int on)
+{
+    unstable_tree_disturbed(c);
+    for (int64_t s = lo; s < hi; s++) {
+        if (on)
+            c->ri_flags[s] |= KSM_SLOT_VM_MERGEABLE;
+        else
+            c->ri_flags[s] &= (uint16_t)~KSM_SLOT_VM_MERGEABLE;
+    }
+}
+
 /* Frames [first_frame, first_frame + n) hold a memory image: map them at slots
  * [slot, slot + n), once each. They are read until written, and never reused. */
 void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t n)

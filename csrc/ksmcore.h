@@ -21,7 +21,7 @@
 /* The version of this API: raise it with every change between CFFI-BEGIN and
  * CFFI-END that Python must follow; python/ksmcore/_native.py refuses a library
  * built for another. */
-#define KSMCORE_ABI_VERSION 3
+#define KSMCORE_ABI_VERSION 4
 #define KSM_PAGE_SIZE 4096
 #define KSM_MAX_NUMNODES 64
 #define KSM_NIL -1
@@ -260,6 +260,13 @@ void ksm_ctx_release(struct ksm_ctx *c);
  * trees are intact; Python raises MemoryError). Call before every batch.
  */
 int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable);
+/**
+ * ksm_reserve_batch - ksm_reserve() for a batch of up to @budget pages: C knows what
+ * one page can need (2 stable nodes, a chain and its dup, and 1 unstable node), and
+ * that a batch cannot pass more pages than there are slots. Same return as
+ * ksm_reserve(). Call before every ksm_scan_range() batch.
+ */
+int ksm_reserve_batch(struct ksm_ctx *c, int64_t budget);
 
 /* frames */
 
@@ -284,6 +291,13 @@ void ksm_map_image(struct ksm_ctx *c, int64_t slot, int64_t first_frame, int64_t
 int32_t ksm_make_folio(struct ksm_ctx *c, int64_t slot, int64_t head);
 /* split_huge_page() of the folio frame pfn belongs to (nothing if it is small) */
 void ksm_split_folio(struct ksm_ctx *c, int64_t pfn);
+
+/**
+ * ksm_set_mergeable - VM_MERGEABLE on (@on 1) or off for the pages of slots
+ * [@lo, @hi): a change made outside the scan, so the unstable tree's walk rechecks
+ * the nodes inserted before it (unstable_tree_disturbed()).
+ */
+void ksm_set_mergeable(struct ksm_ctx *c, int64_t lo, int64_t hi, int on);
 
 /* faults and mapping changes, over slot ranges [lo, hi) of one mm.
  * Each returns how many new frames it needs, or did use; with dry_run it only counts:

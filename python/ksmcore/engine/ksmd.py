@@ -296,8 +296,7 @@ class Ksm:
     # ---- ksmd
 
     def _reserve(self, budget: int) -> None:
-        n = min(budget, self._m.mem.nr_slots) + 1
-        if lib.ksm_reserve(self._m.ctx, 2 * n, n) != 0:
+        if lib.ksm_reserve_batch(self._m.ctx, budget) != 0:
             raise MemoryError("cannot reserve KSM nodes")
 
     def _ksmd_should_run(self) -> bool:

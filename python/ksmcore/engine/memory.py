@@ -38,7 +38,6 @@ _FRAME_FIELDS = (
 _MM_FIELDS = ("mm_rmap_items", "mm_merging_pages", "mm_zero_pages", "mm_thp_split_zero_pages")
 HPAGE_PMD_NR = lib.KSM_HPAGE_PMD_NR
 SLOT_BLOCK = 1 << lib.KSM_SLOT_BLOCK_SHIFT
-MERGEABLE = np.uint16(lib.KSM_SLOT_VM_MERGEABLE)
 
 
 def _grown(arr: np.ndarray, need: int, init: int) -> np.ndarray:
@@ -206,13 +205,8 @@ class Memory:
         return int(self.slot_mm[slot // SLOT_BLOCK])
 
     def set_mergeable(self, lo: int, hi: int, on: bool) -> None:
-        """VM_MERGEABLE on or off for the pages of slots [lo, hi)."""
-        # a change outside the scan: the unstable tree's walk rechecks older nodes
-        self.ctx.uquiet_from = self.ctx.ucount
-        if on:
-            self.slots["ri_flags"][lo:hi] |= MERGEABLE
-        else:
-            self.slots["ri_flags"][lo:hi] &= ~MERGEABLE
+        """VM_MERGEABLE on or off for the pages of slots [lo, hi) (ksm_set_mergeable)."""
+        lib.ksm_set_mergeable(self.ctx, lo, hi, 1 if on else 0)
 
     def page(self, pfn: int) -> np.ndarray:
         return self.chunks[pfn >> CHUNK_SHIFT][pfn & (CHUNK_PAGES - 1)]
