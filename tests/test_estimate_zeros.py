@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -185,8 +186,11 @@ def idle_pythons(n: int, cwd: Path, core_limit: bool) -> Iterator[list[subproces
         for i in range(n):
             d = cwd / f"p{i}"
             d.mkdir()
+            # plain processes to be read: not under the sanitizer run's preloaded ASan,
+            # whose terabytes of shadow mappings gcore would try to dump
+            env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
             p = subprocess.Popen([sys.executable, "-c", IDLE], cwd=d, stdout=subprocess.PIPE,
-                                 preexec_fn=limit)
+                                 preexec_fn=limit, env=env)
             procs.append(p)
         for p in procs:
             assert p.stdout is not None and p.stdout.read(1) == b"r"
