@@ -171,6 +171,9 @@ def test_core_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("gcore") is None, reason="needs gdb's gcore")
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="under the sanitizer run the forked child carries ASan's shadow "
+                           "mappings, which gcore would dump (tens of GiB)")
 def test_gcore_of_a_live_process(tmp_path: Path) -> None:
     """gcore's core of a process holds its anonymous mapping, byte for byte."""
     content = np.repeat(pages(8, 9), 5, axis=0)  # 40 pages: 8 contents x 5
