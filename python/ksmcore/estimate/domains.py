@@ -22,6 +22,7 @@ from typing import Any
 from .errors import EXIT_USAGE, EstimateError
 from .extents import nonzero_pages
 from .mappings import cross_group
+from .procmem import real_uid
 from .report import _table, mib
 from .simulate import Knobs, load, new_machine, run_ksmd
 from .sources import Source
@@ -34,16 +35,6 @@ def _user_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
-
-
-def _process_uid(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Uid:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _process_cgroup(pid: int) -> str | None:
@@ -63,7 +54,7 @@ def domain_of(src: Source, by: str) -> str:
     if by == "source":
         return src.name
     if by == "user":
-        uid = _process_uid(src.pid) if src.pid is not None else None
+        uid = real_uid(src.pid) if src.pid is not None else None
         if uid is None and src.kind in ("image", "core"):
             try:
                 uid = os.stat(src.name).st_uid

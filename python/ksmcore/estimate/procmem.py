@@ -472,7 +472,7 @@ def _read_pages(pid: int, vpns: np.ndarray, out: np.ndarray) -> np.ndarray:
     return got
 
 
-def _real_uid(pid: str) -> int | None:
+def real_uid(pid: int | str) -> int | None:
     # /proc/PID itself is owned by root when the process is not dumpable (after a
     # setuid, for one), so ask its status for its real uid.
     try:
@@ -491,7 +491,7 @@ def readable_pids(uid: int | None = None) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
-        if uid is not None and _real_uid(entry) != uid:
+        if uid is not None and real_uid(entry) != uid:
             continue
         pids.append(int(entry))
     return sorted(pids)
