@@ -25,15 +25,10 @@ from ksmcore.constants import KSM_STAT_FIELDS, PAGE_SIZE, SYSFS_FILES
 from ksmcore.estimate.samples import write_images
 from ksmcore.estimate.tune import cheapest, parse_duration
 
+from clirun import run
+
 PNG = b"\x89PNG\r\n\x1a\n"
 ENV = dict(os.environ, SKBUILD_EDITABLE_VERBOSE="0")  # an editable install stays quiet
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

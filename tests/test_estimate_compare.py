@@ -3,8 +3,6 @@ holds against what the estimate says it converges to; compare never writes a kno
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import time
 
@@ -12,14 +10,8 @@ import pytest
 from test_estimate_procmem import live, make_area
 
 from ksmcore import kernel
-from ksmcore.cli import main
 
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
+from clirun import run
 
 
 def knobs_now() -> dict[str, int | str]:

@@ -3,7 +3,6 @@ CSV, and ``ksmcore.estimate.estimate()`` equal to ``--json``."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -14,17 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import ksmcore.estimate
-from ksmcore.cli import main
 from ksmcore.constants import KSM_STAT_FIELDS, PAGE_SIZE
 from ksmcore.estimate.errors import EstimateError
 from ksmcore.estimate.samples import sample_sources, write_images
 
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
+from clirun import run
 
 
 @pytest.fixture(scope="module")

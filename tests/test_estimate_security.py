@@ -3,8 +3,6 @@ with merging kept inside each domain, and from zero pages alone, on two domains.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
@@ -13,19 +11,13 @@ import numpy as np
 import pytest
 from test_estimate_procmem import live, make_area
 
-from ksmcore.cli import main
 from ksmcore.constants import PAGE_SIZE
 from ksmcore.estimate.domains import domain_of
 from ksmcore.estimate.sources import Source
 
+from clirun import run
+
 NOBODY = 65534
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 def two_files(tmp_path: Path) -> tuple[Path, Path]:

@@ -4,8 +4,6 @@ saved GiB, and the merge_across_nodes trade-off when sources sit on several node
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from pathlib import Path
@@ -14,20 +12,14 @@ import numpy as np
 import pytest
 
 import ksmcore
-from ksmcore.cli import main
 from ksmcore.constants import PAGE_SIZE
 from ksmcore.estimate.procmem import parse_numa_maps
 from ksmcore.estimate.samples import write_images
 from ksmcore.estimate.tune import edge_remark, fold
 
+from clirun import run
+
 LINE = re.compile(r"echo (\S+) > /sys/kernel/mm/ksm/(\w+)")
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

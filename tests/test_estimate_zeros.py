@@ -4,7 +4,6 @@ touched, which ksmd never visits; real cores of live processes against ``--pid``
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -19,18 +18,12 @@ import numpy as np
 import pytest
 from test_estimate_sources import pages, write_core
 
-from ksmcore.cli import main
 from ksmcore.constants import PAGE_SIZE
 from ksmcore.estimate.elfcore import open_core
 from ksmcore.estimate.extents import data_extents, zero_merge_savings
 from ksmcore.estimate.sources import open_file
 
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
+from clirun import run
 
 
 def estimate_json(*argv: str) -> dict:
