@@ -85,6 +85,16 @@ def test_replay_follows_the_real_ksmd(kernel: None, name: str) -> None:
     assert last_s["full_scans"] == pytest.approx(last_k["full_scans"], rel=0.10)
 
 
+
+def issue_workload(seconds: float) -> tuple[list[Group], MovingWorkload, dict[str, int]]:
+    """The issue's workload: three processes of 3,000 pages (a third common, rewritten
+    with their own bytes at 1,500 pages/s; a third private; a third rewritten with
+    fresh bytes at 200 pages/s), and its knobs (200 pages per 20 ms, smart_scan 0)."""
+    groups = [Group(1000, "common", "same", 1500.0), Group(1000, "private"),
+              Group(1000, "private", "fresh", 200.0)]
+    w = MovingWorkload([ProcessSpec(groups, seconds=seconds + 5) for _ in range(3)])
+    return groups, w, {"pages_to_scan": 200, "sleep_millisecs": 20, "smart_scan": 0}
+
 def test_the_model_given_every_write_follows_the_real_ksmd(kernel: None) -> None:
     """The issue's workload (3 x 3,000 pages: a third common, rewritten with its own
     bytes at 1,500 pages/s; a third private; a third rewritten with fresh bytes at 200
@@ -94,10 +104,7 @@ def test_the_model_given_every_write_follows_the_real_ksmd(kernel: None) -> None
     writes of unchanged bytes). Over the second half: pages_sharing, pages_volatile and
     general_profit within 10%, and the scan rhythm within 10%."""
     seconds = 10.0
-    groups = [Group(1000, "common", "same", 1500.0), Group(1000, "private"),
-              Group(1000, "private", "fresh", 200.0)]
-    w = MovingWorkload([ProcessSpec(groups, seconds=seconds + 5) for _ in range(3)])
-    knobs = {"pages_to_scan": 200, "sleep_millisecs": 20, "smart_scan": 0}
+    groups, w, knobs = issue_workload(seconds)
     ok, why = kernelrun.wait_for_kernel(60)
     if not ok:
         pytest.skip(f"the real ksmd is not usable now: {why}")
@@ -125,10 +132,7 @@ def test_the_issue_workload_recorded_live_follows_the_real_ksmd() -> None:
     if not ok:
         pytest.skip(f"cannot trace write faults here: {why}")
     seconds = 10.0
-    groups = [Group(1000, "common", "same", 1500.0), Group(1000, "private"),
-              Group(1000, "private", "fresh", 200.0)]
-    w = MovingWorkload([ProcessSpec(groups, seconds=seconds + 5) for _ in range(3)])
-    knobs = {"pages_to_scan": 200, "sleep_millisecs": 20, "smart_scan": 0}
+    _, w, knobs = issue_workload(seconds)
     ok, why = kernelrun.wait_for_kernel(60)
     if not ok:
         pytest.skip(f"the real ksmd is not usable now: {why}")
