@@ -106,6 +106,12 @@ int ksm_ctx_init(struct ksm_ctx *c)
     c->uprefix = NULL;
     c->ucap = c->ucount = 0;
     c->uquiet_from = 0;
+    c->unstable_lazy = 1;
+    c->ulazy = 0;
+    c->ulog = NULL;
+    c->nr_ulog = 0;
+    c->uhash = NULL;
+    c->uhash_mask = -1;
     c->folios = NULL;
     c->folios_cap = c->folios_used = 0;
     c->folios_free = NIL;
@@ -130,6 +136,13 @@ void ksm_ctx_release(struct ksm_ctx *c)
     free(c->uslot);
     free(c->unid);
     free(c->uprefix);
+    free(c->ulog);
+    free(c->uhash);
+    c->ulog = NULL;
+    c->uhash = NULL;
+    c->uhash_mask = -1;
+    c->ulazy = 0;
+    c->nr_ulog = 0;
     c->stable = NULL;
     c->stable_rb = NULL;
     c->unode = NULL;
@@ -137,6 +150,40 @@ void ksm_ctx_release(struct ksm_ctx *c)
     c->unid = NULL;
     c->uprefix = NULL;
     c->stable_cap = c->ucap = 0;
+}
+
+/* ------------------------------------------------- the unstable tree, deferred */
+
+static inline int64_t uhash_index(const struct ksm_ctx *c, uint32_t checksum, int nid)
+{
+    /* the checksum is a hash already; the nid spreads the trees of other nodes */
+    return (int64_t)((checksum ^ ((uint32_t)nid * 0x9E3779B9u)) & (uint64_t)c->uhash_mask);
+}
+
+/* tn is a node of this round still in the tree (not erased) */
+static inline int unstable_node_live(const struct ksm_ctx *c, int32_t tn)
+{
+    int32_t t = c->uslot[tn];
+    return (c->ri_flags[t] & KSM_UNSTABLE_FLAG) && c->ri_head[t] == tn;
+}
+
+static void uhash_add(struct ksm_ctx *c, int32_t tn)
+{
+    int64_t h = uhash_index(c, c->ri_oldchecksum[c->uslot[tn]], c->unid[tn]);
+    while (c->uhash[h] != NIL)
+        h = (h + 1) & c->uhash_mask;
+    c->uhash[h] = tn;
+}
+
+/* every live node of the round, by checksum (a new table, or a new round) */
+static void uhash_rebuild(struct ksm_ctx *c)
+{
+    memset(c->uhash, 0xff, (size_t)(c->uhash_mask + 1) * sizeof(*c->uhash)); /* KSM_NIL */
+    if (!c->ulazy)
+        return;
+    for (int32_t tn = 0; tn < c->ucount; tn++)
+        if (unstable_node_live(c, tn))
+            uhash_add(c, tn);
 }
 
 int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
@@ -186,7 +233,19 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
         if (!pfx)
             return -1;
         c->uprefix = pfx;
+        /* a node is inserted and erased at most once a round */
+        int32_t *log = realloc(c->ulog, (size_t)cap * 2 * sizeof(*log));
+        if (!log)
+            return -1;
+        c->ulog = log;
+        int32_t *hash = malloc((size_t)cap * 2 * sizeof(*hash));
+        if (!hash)
+            return -1;
+        free(c->uhash);
+        c->uhash = hash;
+        c->uhash_mask = cap * 2 - 1;
         c->ucap = (int32_t)cap;
+        uhash_rebuild(c);
     }
     return 0;
 }
@@ -219,9 +278,19 @@ int32_t ksm_frame_alloc(struct ksm_ctx *c, int nid)
 
 /* Something outside the scan changes pages, mappings or VMA flags: the unstable tree
  * nodes inserted so far lose their quiet status (see uquiet_from) */
+static void unstable_tree_build(struct ksm_ctx *c);
+
 static inline void unstable_tree_disturbed(struct ksm_ctx *c)
 {
+    if (c->ulazy)
+        unstable_tree_build(c); /* before the change: the pages are as they were */
     c->uquiet_from = c->ucount;
+}
+
+void ksm_unstable_tree_sync(struct ksm_ctx *c)
+{
+    if (c->ulazy)
+        unstable_tree_build(c);
 }
 
 int ksm_reserve_batch(struct ksm_ctx *c, int64_t budget)
@@ -833,7 +902,9 @@ static void remove_rmap_item_from_tree(struct ksm_ctx *c, int64_t s)
     } else if (f & KSM_UNSTABLE_FLAG) {
         /* erase only if inserted by this scan: older trees were reset already */
         uint8_t age = (uint8_t)(c->seqnr - (f & KSM_SEQNR_MASK));
-        if (!age)
+        if (!age && c->ulazy)
+            c->ulog[c->nr_ulog++] = ~c->ri_head[s];
+        else if (!age)
             ksm_rb_erase(c->unode, c->ri_head[s], &c->root_unstable_tree[c->unid[c->ri_head[s]]]);
         c->pages_unshared--;
         rmap_item_clear_flags(c, s);
@@ -1219,10 +1290,96 @@ again:
     return new_dup;
 }
 
+/* unstable_tree_search_insert()'s bookkeeping of a new node tn for slot s */
+static void unstable_node_init(struct ksm_ctx *c, int32_t tn, int64_t s, int nid, uint64_t pfx)
+{
+    c->uslot[tn] = (int32_t)s;
+    c->unid[tn] = (int16_t)nid;
+    c->uprefix[tn] = pfx;
+    c->ri_head[s] = tn; /* for an unstable item, its tree node */
+    c->ri_flags[s] = (c->ri_flags[s] & (KSM_SLOT_VM_MERGEABLE | KSM_SLOT_CSUM_FRESH)) |
+                     KSM_ITEM_EXISTS | KSM_UNSTABLE_FLAG |
+                     (uint16_t)(c->seqnr & KSM_SEQNR_MASK);
+    c->pages_unshared++;
+}
+
+/* Link a deferred node where the walk that inserted it would have: the pages are as
+ * they were then, so the comparisons are too (prefixes first, as memcmp orders). */
+static void unstable_tree_link(struct ksm_ctx *c, int32_t tn)
+{
+    struct ksm_rbnode *un = c->unode;
+    int32_t *root = &c->root_unstable_tree[c->unid[tn]];
+    int32_t parent = NIL, *link = root;
+    const uint8_t *addr = page_address(c, c->pte[c->uslot[tn]]);
+    uint64_t pfx = c->uprefix[tn];
+    while (*link != NIL) {
+        int32_t x = *link;
+        int ret;
+        if (c->uprefix[x] != pfx)
+            ret = pfx < c->uprefix[x] ? -1 : 1;
+        else
+            ret = memcmp_pages(addr, page_address(c, c->pte[c->uslot[x]]));
+        parent = x;
+        link = ret < 0 ? &un[parent].left : &un[parent].right;
+    }
+    ksm_rb_link_node(un, tn, parent, link);
+    ksm_rb_insert_color(un, tn, root);
+}
+
+/* the deferred inserts and erases of this round, in order, into the rbtree */
+static void unstable_tree_build(struct ksm_ctx *c)
+{
+    c->ulazy = 0;
+    for (int64_t i = 0; i < c->nr_ulog; i++) {
+        int32_t e = c->ulog[i];
+        if (e >= 0)
+            unstable_tree_link(c, e);
+        else
+            ksm_rb_erase(c->unode, ~e, &c->root_unstable_tree[c->unid[~e]]);
+    }
+    c->nr_ulog = 0;
+}
+
+/* unstable_tree_search_insert() on a deferred tree: a node of equal content is what
+ * the walk would find (and the checks it makes there), else the page goes in. */
+static int32_t unstable_tree_search_insert_deferred(struct ksm_ctx *c, int64_t s, int32_t page,
+                                                    int nid, int32_t *tree_page)
+{
+    uint32_t checksum = c->ri_oldchecksum[s];
+    const uint8_t *addr = page_address(c, page);
+    int64_t h = uhash_index(c, checksum, nid);
+    for (; c->uhash[h] != NIL; h = (h + 1) & c->uhash_mask) {
+        int32_t tn = c->uhash[h];
+        int32_t t = c->uslot[tn];
+        if (c->unid[tn] != nid || c->ri_oldchecksum[t] != checksum || !unstable_node_live(c, tn))
+            continue;
+        int32_t tp = c->pte[t];
+        if (tp == page) /* COW-shared with the scanned page since fork */
+            return NIL;
+        if (memcmp_pages(addr, page_address(c, tp)) != 0)
+            continue; /* equal checksums, other contents */
+        if (!c->merge_across_nodes && frame_nid(c, tp) != nid)
+            return NIL;
+        *tree_page = tp;
+        return t;
+    }
+    int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
+    unstable_node_init(c, tn, s, nid, page_prefix(addr));
+    c->ulog[c->nr_ulog++] = tn;
+    c->uhash[h] = tn;
+    return NIL;
+}
+
 static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t page,
                                            int32_t *tree_page)
 {
     int nid = get_kpfn_nid(c, page);
+    if (c->ulazy) {
+        /* the page is the one mapped, and its checksum is of it: else build the tree */
+        if (c->pte[s] == page && (c->ri_flags[s] & KSM_SLOT_CSUM_FRESH))
+            return unstable_tree_search_insert_deferred(c, s, page, nid, tree_page);
+        unstable_tree_build(c);
+    }
     int32_t *root = &c->root_unstable_tree[nid];
     struct ksm_rbnode *un = c->unode;
     int32_t parent = NIL, *link = root;
@@ -1281,16 +1438,9 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
     }
 
     int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
-    c->uslot[tn] = (int32_t)s;
-    c->unid[tn] = (int16_t)nid;
-    c->uprefix[tn] = pfx;
-    c->ri_head[s] = tn; /* for an unstable item, its tree node */
+    unstable_node_init(c, tn, s, nid, pfx);
     ksm_rb_link_node(un, tn, parent, link);
     ksm_rb_insert_color(un, tn, root);
-    c->ri_flags[s] = (c->ri_flags[s] & (KSM_SLOT_VM_MERGEABLE | KSM_SLOT_CSUM_FRESH)) |
-                     KSM_ITEM_EXISTS | KSM_UNSTABLE_FLAG |
-                     (uint16_t)(c->seqnr & KSM_SEQNR_MASK);
-    c->pages_unshared++;
     return NIL;
 }
 
@@ -1408,9 +1558,30 @@ static inline const uint8_t *page_to_prefetch(const struct ksm_ctx *c, int64_t s
     return page_address(c, page);
 }
 
+/* The end of a full batch of ksm_do_scan(batch_pages): its row in the log, then the
+ * clock at its end and, unless it is the call's @last, after the next batch's
+ * overhead (what Python's do_scan() charges around each batch). */
+static void ksm_batch_end(struct ksm_ctx *c, int last)
+{
+    if (c->nr_batch_log < c->batch_log_cap) {
+        int64_t *row = c->batch_log + c->nr_batch_log * KSM_BATCH_LOG_COLS;
+        row[0] = c->batch_done;
+        row[1] = c->pages_sharing;
+        row[2] = c->ksm_zero_pages;
+        row[3] = c->rmap_items;
+        c->nr_batch_log++;
+    }
+    c->batch_clock_ns += c->batch_done * c->page_ns;
+    if (!last)
+        c->batch_clock_ns += c->batch_ns;
+    c->batch_done = 0;
+    c->jiffies = (uint64_t)c->batch_clock_ns / 1000000u; /* HZ=1000 */
+}
+
 int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget, int64_t *next)
 {
     int64_t processed = 0;
+    int merging = 1; /* the last page processed merged */
     for (int64_t s = lo; s < hi; s++) {
         int32_t page = c->pte[s];
         uint16_t f = c->ri_flags[s];
@@ -1436,12 +1607,26 @@ int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget
         if (should_skip_rmap_item(c, s, page))
             continue;
         const uint8_t *ahead = s + 1 < hi ? page_to_prefetch(c, s + 1) : NULL;
-        if (ahead)
-            for (size_t off = 0; off < KSM_PAGE_SIZE; off += 64)
+        if (ahead) {
+            /* the whole page when the last one merged (runs of equal pages are
+             * compared whole), else its first lines: the prefixes decide most walks */
+            size_t lines = merging ? KSM_PAGE_SIZE : 128;
+            for (size_t off = 0; off < lines; off += 64)
                 __builtin_prefetch(ahead + off, 0, 1); /* low locality: read once, soon */
+            if (c->ulazy && !frame_is_ksm(c, c->pte[s + 1]))
+                /* where the next page's search of the deferred tree looks first: a
+                 * large table misses the caches on every page */
+                __builtin_prefetch(&c->uhash[uhash_index(c, c->ri_oldchecksum[s + 1],
+                                                         get_kpfn_nid(c, c->pte[s + 1]))]);
+        }
+        int64_t merged = c->pages_sharing + c->ksm_zero_pages;
         cmp_and_merge_page(c, s);
+        merging = c->pages_sharing + c->ksm_zero_pages != merged;
         c->pages_scanned++;
-        if (++processed == budget || c->pending_break_cow != NIL) {
+        ++processed;
+        if (c->batch_pages && ++c->batch_done == c->batch_pages)
+            ksm_batch_end(c, processed == budget);
+        if (processed == budget || c->pending_break_cow != NIL) {
             *next = s + 1;
             return processed;
         }
@@ -1466,6 +1651,10 @@ void ksm_start_round(struct ksm_ctx *c)
         c->root_unstable_tree[nid] = NIL;
     c->ucount = 0; /* the unstable tree's nodes are all dropped with it */
     c->uquiet_from = 0;
+    c->nr_ulog = 0;
+    c->ulazy = c->unstable_lazy;
+    if (c->ulazy)
+        uhash_rebuild(c);
 }
 
 /* remove_stable_node(): 0 when gone, -1 (EBUSY) when its page is still mapped */

@@ -21,7 +21,7 @@
 /* The version of this API: raise it with every change between CFFI-BEGIN and
  * CFFI-END that Python must follow; python/ksmcore/_native.py refuses a library
  * built for another. */
-#define KSMCORE_ABI_VERSION 4
+#define KSMCORE_ABI_VERSION 5
 #define KSM_PAGE_SIZE 4096
 #define KSM_MAX_NUMNODES 64
 #define KSM_NIL -1
@@ -34,6 +34,10 @@
 
 /* transparent huge pages: a PMD-sized anonymous folio of HPAGE_PMD_NR frames */
 #define KSM_HPAGE_PMD_NR 512
+
+/* a row of batch_log: pages processed, then pages_sharing, ksm_zero_pages and
+ * rmap_items at the batch's end */
+#define KSM_BATCH_LOG_COLS 4
 
 /* frame_stable[] values besides a stable node index */
 #define KSM_FRAME_NOT_KSM -1
@@ -160,6 +164,21 @@ struct ksm_ctx {
                           * maps, unmaps, writes, migrates or (un)marks pages sets it
                           * to ucount): their pages are still mapped, mergeable and
                           * unwritten, so their recorded prefix can order a walk */
+    /* The unstable tree, kept lazily while nothing outside the scan disturbs it (the
+     * whole round, on memory that does not move): inserts and erases go to ulog in
+     * order and a search is answered from uhash, the round's nodes by checksum. That
+     * decides exactly as the walk would: the nodes' pages are all quiet (see
+     * uquiet_from), so the tree is a search tree of distinct contents, and a walk
+     * finds a node of equal content or inserts. unstable_tree_disturbed() and
+     * ksm_unstable_tree_sync() replay ulog into the rbtree, in the kernel's order, so
+     * that the tree has the shape the kernel's would; the rest of the round is then
+     * walked as always. unstable_lazy 0 (set by Python) never defers. */
+    int32_t unstable_lazy; /* 1 (the default): defer while quiet */
+    int32_t ulazy;         /* this round's tree is deferred now */
+    int32_t *ulog;         /* tn: inserted; ~tn: erased */
+    int64_t nr_ulog;
+    int32_t *uhash;        /* open addressing by (checksum, nid): tn, or KSM_NIL */
+    int64_t uhash_mask;
     int32_t root_stable_tree[64];
     int32_t root_unstable_tree[64];
     int32_t migrate_nodes; /* first stable node on the migrate_nodes list */
@@ -182,6 +201,18 @@ struct ksm_ctx {
     uint64_t jiffies; /* the simulated clock, in ms */
     uint64_t seqnr;   /* ksm_scan.seqnr = full_scans */
     int64_t pending_break_cow; /* a slot whose merge half failed: Python unshares it */
+
+    /* ksmd's batches counted inside ksm_scan_range(), so that one call can run many
+     * ksm_do_scan(batch_pages) batches back to back (batch_pages 0: not counted).
+     * When a batch is full, a row (KSM_BATCH_LOG_COLS values) goes to batch_log and
+     * the clock moves on as ksmd's would: the batch's pages, then the next batch's
+     * overhead (unless the call's budget is used up), and jiffies follow. */
+    int64_t batch_pages;    /* pages_to_scan */
+    int64_t batch_done;     /* pages processed in the current batch */
+    int64_t batch_clock_ns; /* the clock while the current batch runs */
+    int64_t page_ns, batch_ns; /* CostModel: per page processed, per batch */
+    int64_t *batch_log;     /* nr_batch_log rows of the batch log (batch_log_cap at most) */
+    int64_t nr_batch_log, batch_log_cap;
 
     /* tracing: events accumulate while trace_enabled; Python drains them after
      * each call (nr_trace = 0) */
@@ -369,6 +400,10 @@ void ksm_copy_out(const struct ksm_ctx *c, int64_t slot, size_t offset, uint8_t 
  * and the caller must unshare it (ksm_break_ksm() over that one slot, after providing
  * a frame on its owner's node) and set pending_break_cow back to KSM_NIL before
  * the next call. Call ksm_reserve() before; drain c->trace after.
+ *
+ * With c->batch_pages set, the pages count into ksmd's batches as well: each full
+ * batch appends a row to c->batch_log (the caller provides room for every batch the
+ * budget can fill) and moves c->batch_clock_ns and c->jiffies on.
  */
 int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget, int64_t *next);
 /**
@@ -381,6 +416,12 @@ void ksm_remove_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi);
  * stale migrate_nodes (merge_across_nodes 0) and reset every unstable tree.
  */
 void ksm_start_round(struct ksm_ctx *c);
+/**
+ * ksm_unstable_tree_sync - build the unstable tree's rbtree now if it was deferred
+ * (c->ulazy): call before reading c->unode or c->root_unstable_tree. Decides nothing;
+ * the rest of the round then walks the rbtree.
+ */
+void ksm_unstable_tree_sync(struct ksm_ctx *c);
 /**
  * ksm_remove_all_stable_nodes - remove_all_stable_nodes(), for a write of
  * merge_across_nodes or max_page_sharing: 0 when every stable node went, -1 (the

@@ -179,6 +179,11 @@ class Differential(RuleBasedStateMachine):
     def do_scan(self, n: int) -> None:
         self.both(lambda side, m: m.ksm.do_scan(n))
 
+    @rule(n=st.integers(0, 9), count=st.integers(0, 30))
+    def do_scans(self, n: int, count: int) -> None:
+        # many batches in one call: the rows (and all state, checked after every rule)
+        self.both(lambda side, m: m.ksm.do_scans(n, count).tolist())
+
     @rule()
     def do_scan_to_round_end(self) -> None:
         # a batch larger than every mm: it ends where the full scan ends

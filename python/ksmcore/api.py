@@ -20,6 +20,9 @@ from .profiles import Profile
 from .timing import CostModel
 from .tracing import Event, Tracer
 
+# the columns of do_scans()'s rows: one row per ksm_do_scan() batch
+BATCH_COLUMNS = ("processed", "pages_sharing", "ksm_zero_pages", "general_profit")
+
 
 class KsmAPI(Protocol):
     """``m.ksm``: every file of /sys/kernel/mm/ksm as an attribute (read: the file's
@@ -33,6 +36,7 @@ class KsmAPI(Protocol):
     def stable_nodes(self) -> list[dict[str, Any]]: ...
     def node_stats(self) -> dict[int, dict[str, int]]: ...
     def do_scan(self, n: int) -> int: ...
+    def do_scans(self, n: int, count: int) -> np.ndarray: ...
     def scan(self, full_scans: int = 1) -> None: ...
 
 

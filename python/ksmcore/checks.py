@@ -14,6 +14,7 @@ from .errors import ksm_error
 
 KTIME_MAX = (1 << 63) - 1  # ktime_t is s64 nanoseconds
 U32_MAX = (1 << 32) - 1
+MAX_BATCHES = 1 << 20  # do_scans() keeps a row per batch
 TASK_SIZE = 1 << 47  # x86-64 user address space (4-level page tables)
 # A machine maps at most this many pages over all its processes: mmap beyond it is
 # refused with ENOMEM (as the kernel's overcommit heuristic refuses a mapping larger

@@ -12,9 +12,11 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .._native import ffi, lib
 from ..advisor import UINT, AdvisorCtx, scan_time_advisor
-from ..checks import U32_MAX, as_count, as_int, check_clock
+from ..checks import MAX_BATCHES, U32_MAX, as_count, as_int, check_clock
 from ..constants import (
     KNOB_DEFAULTS,
     KSM_RUN_MERGE,
@@ -42,6 +44,14 @@ _CTX_KNOBS = {
     "smart_scan": "smart_scan",
     "stable_node_chains_prune_millisecs": "stable_node_chains_prune_millisecs",
 }
+
+
+def _batch_rows(rows: np.ndarray) -> np.ndarray:
+    """The C core's rows (processed, pages_sharing, ksm_zero_pages, rmap_items) with
+    general_profit in place of rmap_items."""
+    out = rows.copy()
+    out[:, 3] = (rows[:, 1] + rows[:, 2]) * PAGE_SIZE - rows[:, 3] * SIZEOF_RMAP_ITEM
+    return out
 
 
 U32 = (1 << 32) - 1
@@ -322,6 +332,61 @@ class Ksm:
         self._charge(processed * cost.page_ns)
         return processed
 
+    def do_scans(self, n: int, count: int) -> np.ndarray:
+        """``count`` ksm_do_scan(n) batches back to back, as :meth:`do_scan` runs them
+        one by one (each costs its time; no sleeps between them), stopping after the
+        batch that ends a full scan. One row per batch (:data:`ksmcore.api.BATCH_COLUMNS`):
+        pages processed, pages_sharing, ksm_zero_pages and general_profit after it.
+
+        The C core counts the batches inside its page loop, so a whole run of
+        batches costs one pass through Python rather than one per batch."""
+        n = as_count(n, "do_scans' page count", U32_MAX)
+        count = as_count(count, "do_scans' batch count", MAX_BATCHES)
+        cost = self._cost
+        check_clock(self._clock_ns + count * cost.batch(n), "the clock after these batches")
+        rows = np.zeros((count + 1, lib.KSM_BATCH_LOG_COLS), np.int64)
+        if count == 0 or not self._ksmd_should_run():
+            return _batch_rows(rows[:0])
+        if n == 0:
+            # nothing counts into a batch: each runs alone (it processes no page)
+            for i in range(count):
+                if not self._ksmd_should_run():
+                    return _batch_rows(rows[:i])
+                seqnr = self._m.ctx.seqnr
+                self.do_scan(0)
+                rows[i] = self._batch_row(0)
+                if self._m.ctx.seqnr != seqnr:
+                    return _batch_rows(rows[: i + 1])
+            return _batch_rows(rows[:count])
+        c = self._m.ctx
+        start, cpu = self._clock_ns, self._cpu_ns
+        seqnr = c.seqnr
+        self._charge(cost.batch_ns)  # the first batch's overhead
+        c.batch_pages, c.batch_done = n, 0
+        c.page_ns, c.batch_ns = cost.page_ns, cost.batch_ns
+        c.batch_clock_ns = self._clock_ns
+        c.batch_log, c.nr_batch_log, c.batch_log_cap = ffi.from_buffer("int64_t[]", rows), 0, count
+        self._batch_pages = 0
+        try:
+            self._reserve(n * count)
+            processed = self._scan_batch(n * count)
+        finally:
+            k = int(c.nr_batch_log)
+            partial = c.seqnr != seqnr  # a full scan ended the last batch early
+            if partial:
+                rows[k] = self._batch_row(int(c.batch_done))
+            c.batch_pages, c.batch_log, c.batch_log_cap = 0, ffi.NULL, 0
+            self._batch_pages = 0
+        batches = k + int(partial)
+        total = batches * cost.batch_ns + processed * cost.page_ns
+        self._cpu_ns = cpu + total
+        self._set_clock(start + total)
+        return _batch_rows(rows[:batches])
+
+    def _batch_row(self, processed: int) -> list[int]:
+        c = self._m.ctx
+        return [processed, c.pages_sharing, c.ksm_zero_pages, c.rmap_items]
+
     def scan(self, full_scans: int = 1) -> None:
         """Run ksmd, a batch of pages_to_scan at a time, until full_scans grew by that
         many. The batches follow each other without ksmd's sleeps (run_for sleeps)."""
@@ -355,6 +420,10 @@ class Ksm:
     def _stop_round(self, processed: int) -> None:
         """The end of a full scan: the advisor, the tracepoint, then full_scans++."""
         c = self._m.ctx
+        if c.batch_pages:
+            # in do_scans(): the clock of the batch the C core counted last
+            self._clock_ns = int(c.batch_clock_ns)
+            processed = int(c.batch_done)
         self._batch_pages = processed
         self._advisor_stop_scan()
         if self._trace.active:

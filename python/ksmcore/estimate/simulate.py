@@ -46,6 +46,7 @@ DEFAULT_COST_PER_PAGE_US = CostModel().page_ns / 1000
 SAVINGS = ("pages_shared", "pages_sharing", "ksm_zero_pages")
 MIN_FULL_SCANS = 2  # nothing can merge before the second full scan
 STILL_SCANS = 2  # full scans that must change nothing
+PAGES_PER_CALL = 1 << 16  # ksmd's batches run this many pages per do_scans() call
 
 
 @dataclass(frozen=True)
@@ -214,15 +215,19 @@ def run_ksmd(m: MachineAPI, max_scans: int = 50, on_batch: BatchHook | None = No
         run.converged = True  # nothing to scan: ksmd would sleep
         return run
     m.ksm.run = 1
-    pts = int(m.ksm.pages_to_scan)
     while len(scans) < max_scans:
-        n = m.ksm.do_scan(pts)
+        # many batches a call (do_scans returns each batch's counters), up to the end
+        # of the full scan; pages_to_scan is read again after it (the advisor sets it)
+        pts = int(m.ksm.pages_to_scan)
+        rows = m.ksm.do_scans(pts, max(1, PAGES_PER_CALL // max(pts, 1)))
+        if not len(rows):
+            break  # ksmd would not run: nothing is registered any more
+        processed.extend(rows[:, 0].tolist())
+        saved.extend((rows[:, 1] + rows[:, 2]).tolist())
+        profit.extend(rows[:, 3].tolist())
         s = m.ksm.stats(every=True)  # with what the model keeps beyond this kernel's files
-        processed.append(n)
-        saved.append(int(s["pages_sharing"]) + int(s["ksm_zero_pages"]))
-        profit.append(int(s["general_profit"]))
         if on_batch is not None:
-            on_batch(n, s)
+            on_batch(int(rows[:, 0].sum()), s)
         if int(s["full_scans"]) > len(scans):
             ends.append(len(processed) - 1)
             scans.append(s)

@@ -11,7 +11,9 @@ from typing import Any, cast
 
 import numpy as np
 
+from ..api import BATCH_COLUMNS
 from ..checks import (
+    MAX_BATCHES,
     MAX_PAGES,
     TASK_SIZE,
     U32_MAX,
@@ -616,7 +618,7 @@ class KsmSysfs:
 
     def __dir__(self) -> list[str]:
         return [*self._ksm.mem.profile.sysfs_files, "sysfs_write", "sysfs_read", "do_scan",
-                "scan", "stats"]
+                "do_scans", "scan", "stats"]
 
     def sysfs_write(self, name: str, text: str | bytes) -> None:
         self._ksm.store(name, text)
@@ -634,6 +636,24 @@ class KsmSysfs:
         if not ksm.ksmd_should_run():
             return 0
         return ksm.ksm_do_scan(n)
+
+    def do_scans(self, n: int, count: int) -> np.ndarray:
+        """``count`` ksm_do_scan(n) batches back to back (no sleeps between them), up to
+        the one that ends a full scan; per batch: pages processed, pages_sharing,
+        ksm_zero_pages and general_profit after it (ksmcore.api.BATCH_COLUMNS)."""
+        ksm = self._ksm
+        n = as_count(n, "do_scans' page count", U32_MAX)
+        count = as_count(count, "do_scans' batch count", MAX_BATCHES)
+        check_clock(ksm.clock_ns + count * ksm.cost.batch(n), "the clock after these batches")
+        rows: list[list[int]] = []
+        while len(rows) < count and ksm.ksmd_should_run():
+            seqnr = ksm.ksm_scan.seqnr
+            row = [ksm.ksm_do_scan(n)]
+            row += [int(ksm.value(name, every=True)) for name in BATCH_COLUMNS[1:]]
+            rows.append(row)
+            if ksm.ksm_scan.seqnr != seqnr:
+                break
+        return np.array(rows, np.int64).reshape(len(rows), len(BATCH_COLUMNS))
 
     def scan(self, full_scans: int = 1) -> None:
         """Run ksmd batches of pages_to_scan until full_scans more full scans ended."""
