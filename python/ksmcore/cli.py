@@ -7,7 +7,7 @@ import errno
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .constants import MADV_MERGEABLE, PAGE_SIZE
 
@@ -77,7 +77,30 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"ksmcore bench on {platform.node()} ({platform.machine()}, Linux "
           f"{platform.release()}, {_cpu_model()}), W1-W2 at {int(262_144 * args.scale)} pages")
     print(format_table(rows))
+    if not args.no_speeds:
+        _bench_speeds(args.scale, log)
     return 0
+
+
+def _bench_speeds(scale: float, log: Callable[[str], None]) -> None:
+    """The whole estimate against a page-cache read, and the replay against real time."""
+    from .benchspeed import GIB, estimate_vs_read, replay_speed, room_for_image
+
+    size = max(64 << 20, int(4 * GIB * scale) >> 20 << 20)
+    name = f"{size // GIB} GiB" if size % GIB == 0 else f"{size >> 20} MiB"
+    if room_for_image(size):
+        log(f"estimate of a {name} raw image against cat, 3 times each ...")
+        e = estimate_vs_read(size)
+        print(f"estimate of a {name} raw image: {e.estimate_s:.2f} s, a page-cache "
+              f"read {e.read_s:.2f} s: {e.ratio:.1f}x the read (medians of 3; "
+              f"{e.full_scans} full scans)")
+    else:
+        print(f"estimate of a {name} raw image: skipped, not enough free space "
+              f"and memory for it")
+    log("replay of the record/replay issue's 60 s workload, 3 times ...")
+    r = replay_speed(60.0)
+    print(f"replay of a 60 s trace (3 x 3,000 pages, 1,700 writes/s): {r.cpu_s:.2f} s of CPU, "
+          f"{r.ratio:.0f}x real time (median of 3)")
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -165,6 +188,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
                        help="W1/W2 size as a fraction of 1 GiB (default 1)")
     bench.add_argument("--no-kernel", action="store_true", help="leave the real ksmd out")
     bench.add_argument("--no-reference", action="store_true", help="leave the reference out")
+    bench.add_argument("--no-speeds", action="store_true",
+                       help="leave out the whole estimate of a 4 GiB image (against a "
+                            "page-cache read) and the 60 s trace replay")
     bench.set_defaults(func=_bench)
     cal = sub.add_parser("calibrate", help="measure this host's ksmd; write a cost model "
                                            "for --cost-model (root, a KSM kernel)")
