@@ -33,6 +33,18 @@ def _live_frame(mem: PhysMem, node: StableNode) -> Frame | None:
 # the stable trees: root_stable_tree[], stable node chains, migrate_nodes
 
 
+def _collect(nid: int, node: StableNode, what: str, mem: PhysMem, nodes: list[StableNode],
+             contents: list[bytearray]) -> None:
+    """A regular node or dup met in tree ``nid``: its nid is the tree's. Adds it to
+    ``nodes``, and its page's content to ``contents`` if the node is live."""
+    if node.nid != nid:
+        _fail(f"stable tree {nid}: a {what} has nid {node.nid}")
+    frame = _live_frame(mem, node)
+    if frame is not None:
+        contents.append(frame.data)
+    nodes.append(node)
+
+
 def check_stable_chain(nid: int, chain: StableNode, mem: PhysMem,
                        nodes: list[StableNode]) -> list[bytearray]:
     """A stable_node_chain (rmap_hlist_len == STABLE_NODE_CHAIN) holds only its own
@@ -43,12 +55,7 @@ def check_stable_chain(nid: int, chain: StableNode, mem: PhysMem,
     for dup in chain.dups:
         if dup.head != HEAD_DUP or dup.chain is not chain or dup.is_chain():
             _fail(f"stable tree {nid}: a chain holds a node that is not its dup")
-        if dup.nid != nid:
-            _fail(f"stable tree {nid}: a dup has nid {dup.nid}")
-        frame = _live_frame(mem, dup)
-        if frame is not None:
-            contents.append(frame.data)
-        nodes.append(dup)
+        _collect(nid, dup, "dup", mem, nodes, contents)
     return contents
 
 
@@ -69,12 +76,7 @@ def check_stable_tree(nid: int, root: RbRoot, mem: PhysMem, nodes: list[StableNo
         if node.is_chain():
             contents = check_stable_chain(nid, node, mem, nodes)
         else:
-            if node.nid != nid:
-                _fail(f"stable tree {nid}: a node has nid {node.nid}")
-            frame = _live_frame(mem, node)
-            if frame is not None:
-                contents.append(frame.data)
-            nodes.append(node)
+            _collect(nid, node, "node", mem, nodes, contents)
         if any(c != contents[0] for c in contents[1:]):
             _fail(f"stable tree {nid}: the dups of a chain differ in content")
         if contents:
