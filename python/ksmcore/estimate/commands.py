@@ -15,9 +15,10 @@ import re
 import sys
 import textwrap
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, TextIO
 
+from ..api import MachineAPI, ProcessAPI
 from ..guard import MachineBroken
 from ..knobs import kstrtoull
 from ..thp import THP_ENABLED_DEFAULT, THP_ENABLED_VALUES
@@ -33,7 +34,7 @@ from .procmem import (
     readable_pids,
 )
 from .samples import sample_sources
-from .simulate import DEFAULT_COST_PER_PAGE_US, Knobs, load, new_machine, run_ksmd
+from .simulate import DEFAULT_COST_PER_PAGE_US, Knobs, Run, load, new_machine, run_ksmd
 from .sources import FORMATS, Source, check_node, open_file, split_node
 
 DEFAULT_MAX_SCANS = 50
@@ -232,6 +233,11 @@ def _one_line_errors(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
+    return {"estimate": _estimate_parser(sub), "tune": _tune_parser(sub),
+            "compare": _compare_parser(sub)}
+
+
+def _estimate_parser(sub: Any) -> argparse.ArgumentParser:
     est = sub.add_parser(
         "estimate",
         help="what KSM would save on real memory (images, cores, live processes)",
@@ -261,7 +267,10 @@ def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
              "huge pages they have")
     est.set_defaults(func=run_estimate)
     _one_line_errors(est)
+    return est
 
+
+def _tune_parser(sub: Any) -> argparse.ArgumentParser:
     tn = sub.add_parser(
         "tune",
         help="which pages_to_scan/sleep_millisecs/smart_scan reach the savings, at what cost",
@@ -287,7 +296,10 @@ def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
     _add_output(tn, ("text", "json", "csv"))
     tn.set_defaults(func=run_tune)
     _one_line_errors(tn)
+    return tn
 
+
+def _compare_parser(sub: Any) -> argparse.ArgumentParser:
     cmp = sub.add_parser(
         "compare",
         help="where KSM runs: what ksmd holds now against what it converges to",
@@ -316,7 +328,7 @@ def add_parsers(sub: Any) -> dict[str, argparse.ArgumentParser]:
     cmp.add_argument("--json", action="store_true", help="print one JSON object instead")
     cmp.set_defaults(func=run_compare, sources=[])
     _one_line_errors(cmp)
-    return {"estimate": est, "tune": tn, "compare": cmp}
+    return cmp
 
 
 # --------------------------------------------------------------------------------
@@ -349,14 +361,24 @@ def _numa_node(pid: int, nodes: int) -> int | None:
     return node if node is not None and node < nodes else None
 
 
-def gather(args: argparse.Namespace) -> tuple[list[Source], list[str]]:
-    """Every source, in order: the sample, files, --pid, --all. Also remarks on what
-    was left out (printed with the report)."""
+@dataclass(frozen=True)
+class SourceSpecs:
+    """The sources the options name, parsed and checked; nothing read yet."""
+
+    files: list[tuple[str, int | None]]  # (path, NUMA node or None)
+    pids: list[tuple[int, int | None]]  # (pid, NUMA node or None)
+    uid: int | None  # --all --user
+
+
+def validate(args: argparse.Namespace) -> SourceSpecs:
+    """Every check of the source options, before anything is read or printed: --user
+    goes with --all, --nodes is 1..64, each --pid PID[@NODE] and FILE[@NODE] is well
+    formed and names an existing node, the user exists, and some source is named.
+    Reads nothing (but the user database); raises EstimateError."""
     if args.user and not args.all:
         raise EstimateError("--user applies to --all only", EXIT_USAGE)
     if args.nodes < 1 or args.nodes > 64:
         raise EstimateError(f"--nodes {args.nodes}: expected 1..64", EXIT_USAGE)
-    # every spec is checked before anything is read
     pids = [_pid_spec(spec) for spec in args.pid]
     for pid, node in pids:
         check_node(node, args.nodes, f"--pid {pid}")
@@ -364,29 +386,36 @@ def gather(args: argparse.Namespace) -> tuple[list[Source], list[str]]:
     for path, node in files:
         check_node(node, args.nodes, path)
     uid = _uid(args.user) if args.user else None
+    if not (args.sample or files or getattr(args, "extra_sources", []) or pids or args.all):
+        raise EstimateError("nothing to estimate: name image or core files, --pid PID, --all "
+                            "or --sample", EXIT_USAGE)
+    return SourceSpecs(files, pids, uid)
+
+
+def gather(args: argparse.Namespace, specs: SourceSpecs) -> tuple[list[Source], list[str]]:
+    """Every source ``validate`` passed, read in order: the sample, files, Source
+    objects (estimate()), --pid, --all. Also remarks on what was left out (printed
+    with the report)."""
     sources: list[Source] = []
     remarks: list[str] = []
     if args.sample:
         sources += sample_sources()
         remarks.append(samples.describe())
-    for path, node in files:
+    for path, node in specs.files:
         src = open_file(path, args.format, args.allow_partial, args.zero_pages)
         src.node = node
         sources.append(src)
     sources += getattr(args, "extra_sources", [])  # estimate(): Source objects
     budget = mem_available() - HEADROOM
-    for pid, node in pids:
+    for pid, node in specs.pids:
         src = read_process(pid, args.mergeable_only, budget=budget)
         budget -= src.npages * 4096
         src.node = node if node is not None else _numa_node(pid, args.nodes)
         sources.append(src)
     if args.all:
-        found, remark = _gather_all(args, uid, budget)
+        found, remark = _gather_all(args, specs.uid, budget)
         sources += found
         remarks.append(remark)
-    if not sources:
-        raise EstimateError("nothing to estimate: name image or core files, --pid PID, --all "
-                            "or --sample", EXIT_USAGE)
     return sources, remarks
 
 
@@ -416,6 +445,16 @@ def _anonymous_bytes(pid: int) -> int:
     return 0
 
 
+@dataclass
+class _AllRead:
+    """What --all read, and what it left out and why."""
+
+    sources: list[Source] = field(default_factory=list)
+    skipped: dict[str, list[int]] = field(
+        default_factory=lambda: {"denied": [], "gone": [], "empty": [], "memory": []})
+    nothing: int = 0  # read, but with no memory KSM could merge
+
+
 def _gather_all(args: argparse.Namespace, uid: int | None,
                 budget: int) -> tuple[list[Source], str]:
     """--all: every process this user may read, each copied while the memory lasts
@@ -426,15 +465,23 @@ def _gather_all(args: argparse.Namespace, uid: int | None,
     print(f"ksmcore {args.command}: --all: {len(pids)} processes, up to {need >> 20} MiB of "
           f"anonymous memory to copy ({max(budget, 0) >> 20} MiB may be used)",
           file=sys.stderr)
+    read = _read_all(args, pids, budget)
+    who = f"of user {args.user} " if args.user else ""
+    if not read.sources:
+        raise EstimateError(_none_read(who, len(pids), read))
+    return read.sources, _all_remark(who, read)
+
+
+def _read_all(args: argparse.Namespace, pids: list[int], budget: int) -> _AllRead:
+    """Read each process while the memory budget lasts, with a progress bar on a
+    terminal; sort the ones left out by why."""
     bar = None
     if _progress_wanted(args):
         from tqdm import tqdm
 
         bar = tqdm(total=len(pids), unit="proc", file=sys.stderr, leave=False,
                    desc="reading /proc")
-    sources: list[Source] = []
-    skipped: dict[str, list[int]] = {"denied": [], "gone": [], "empty": [], "memory": []}
-    nothing = 0
+    read = _AllRead()
     try:
         for pid in pids:
             if bar is not None:
@@ -442,35 +489,44 @@ def _gather_all(args: argparse.Namespace, uid: int | None,
             try:
                 src = read_process(pid, args.mergeable_only, budget=budget)
             except ProcessUnreadable as e:
-                skipped[e.reason].append(pid)
+                read.skipped[e.reason].append(pid)
                 continue
             except EstimateError:  # more than the memory left: named, not read
-                skipped["memory"].append(pid)
+                read.skipped["memory"].append(pid)
                 continue
             budget -= src.npages * 4096
             src.node = _numa_node(pid, args.nodes)
             if src.npages:
-                sources.append(src)
+                read.sources.append(src)
             else:
-                nothing += 1
+                read.nothing += 1
     finally:
         if bar is not None:
             bar.close()
-    who = f"of user {args.user} " if args.user else ""
-    if not sources:
-        why = (f"{len(skipped['denied'])} not readable (needs root or CAP_SYS_PTRACE: "
-               f"{_named(skipped['denied'])})" if skipped["denied"] else "")
-        raise EstimateError(
-            f"--all: no process {who}could be read ({len(pids)} found"
-            + (f", {why}" if why else "")
-            + (f", {nothing} with no memory KSM could merge" if nothing else "")
-            + (f", {len(skipped['empty'])} kernel threads or zombies" if skipped["empty"]
-               else "")
-            + ")"
-        )
-    remark = (
-        f"--all: {len(sources)} processes {who}read"
-        + (f", {nothing} with no candidate memory left out" if nothing else "")
+    return read
+
+
+def _none_read(who: str, found: int, read: _AllRead) -> str:
+    """Why --all has no source: how many processes it found, and why each was left out."""
+    skipped = read.skipped
+    why = (f"{len(skipped['denied'])} not readable (needs root or CAP_SYS_PTRACE: "
+           f"{_named(skipped['denied'])})" if skipped["denied"] else "")
+    return (
+        f"--all: no process {who}could be read ({found} found"
+        + (f", {why}" if why else "")
+        + (f", {read.nothing} with no memory KSM could merge" if read.nothing else "")
+        + (f", {len(skipped['empty'])} kernel threads or zombies" if skipped["empty"]
+           else "")
+        + ")"
+    )
+
+
+def _all_remark(who: str, read: _AllRead) -> str:
+    """What --all read, and the processes it left out (printed with the report)."""
+    skipped = read.skipped
+    return (
+        f"--all: {len(read.sources)} processes {who}read"
+        + (f", {read.nothing} with no candidate memory left out" if read.nothing else "")
         + (f"; not readable (needs root or CAP_SYS_PTRACE): {_named(skipped['denied'])}"
            if skipped["denied"] else "")
         + (f"; left out for lack of memory: {_named(skipped['memory'])}"
@@ -478,7 +534,6 @@ def _gather_all(args: argparse.Namespace, uid: int | None,
         + (f"; {len(skipped['empty'])} kernel threads or zombies" if skipped["empty"] else "")
         + (f"; {len(skipped['gone'])} exited meanwhile" if skipped["gone"] else "")
     )
-    return sources, remark
 
 
 # --------------------------------------------------------------------------------
@@ -548,21 +603,20 @@ def _trace_hook(args: argparse.Namespace) -> str | None:
     return path
 
 
-def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """The report (text or JSON) for ``ksmcore estimate``, computed in full."""
-    trace = _trace_hook(args)
-    if trace is not None:
-        from .replay import estimate_report
-
-        return estimate_report(args, trace)
+def _estimate_knobs(args: argparse.Namespace) -> Knobs:
+    """The checks of estimate's own options, before any source is read: --max-scans,
+    --plot, and the knobs as the kernel takes them."""
     _check_common(args)
     knobs = _knobs(args)
-    cost = args.cost_per_page_us * 1e-6
-    thp = getattr(args, "thp", THP_ENABLED_DEFAULT)
-    new_machine(args.nodes, knobs, thp=thp)  # refuse bad knobs before reading anything
-    sources, remarks = gather(args)
-    check_memory(args, sources, remarks)
-    m = new_machine(args.nodes, knobs, thp=thp)
+    new_machine(args.nodes, knobs, thp=getattr(args, "thp", THP_ENABLED_DEFAULT))
+    return knobs
+
+
+def _simulate(args: argparse.Namespace, knobs: Knobs,
+              sources: list[Source]) -> tuple[MachineAPI, list[ProcessAPI], Run]:
+    """ksmd on a machine holding the sources, until it converges or --max-scans, with
+    a progress bar on a terminal."""
+    m = new_machine(args.nodes, knobs, thp=getattr(args, "thp", THP_ENABLED_DEFAULT))
     procs = load(m, sources)
     bar = _ScanBar(sum(s.npages for s in sources), sys.stderr) if _progress_wanted(args) else None
     try:
@@ -570,6 +624,21 @@ def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     finally:
         if bar is not None:
             bar.close()
+    return m, procs, run
+
+
+def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The report (text or JSON) for ``ksmcore estimate``, computed in full."""
+    trace = _trace_hook(args)
+    if trace is not None:
+        from .replay import estimate_report
+
+        return estimate_report(args, trace)
+    knobs = _estimate_knobs(args)  # refuse bad options before reading anything
+    sources, remarks = gather(args, validate(args))
+    check_memory(args, sources, remarks)
+    m, procs, run = _simulate(args, knobs, sources)
+    cost = args.cost_per_page_us * 1e-6
     result = report.build(m, procs, sources, run, knobs, cost, args.zero_pages)
     if getattr(args, "domain_by", None):
         from . import domains
@@ -610,19 +679,24 @@ def _output(args: argparse.Namespace, result: dict[str, Any],
     return out, result
 
 
-def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """The table (text or JSON) for ``ksmcore tune``, computed in full."""
-    trace = _trace_hook(args)
-    if trace is not None:
-        from .replay import tune_report as tune_trace_report
+@dataclass(frozen=True)
+class _Grid:
+    """The sweep of ``ksmcore tune``: its target time and the knob values."""
 
-        return tune_trace_report(args, trace)
+    within_s: float
+    pages_to_scan: tuple[int, ...]
+    sleep_millisecs: tuple[int, ...]
+    smart_scan: tuple[int, ...]
+
+
+def _tune_grid(args: argparse.Namespace, base: Knobs) -> _Grid:
+    """The checks of tune's own options, before any source is read: --max-scans,
+    --plot, --within, the swept values, and every setting as the kernel takes it."""
     _check_common(args)
     within = tune.parse_duration(args.within)
     pts = tune.parse_values(args.pages_to_scan_values, "--pages-to-scan-values", 1)
     sleeps = tune.parse_values(args.sleep_millisecs_values, "--sleep-millisecs-values", 0)
     smart = tune.parse_values(args.smart_scan_values, "--smart-scan-values", 0)
-    base = _knobs(args)
     if "smart_scan" not in new_machine(args.nodes, base).profile.sysfs_files:
         smart = (0,)  # a kernel without smart scan (before 6.7) has one setting
     for p in pts:  # every setting must be one the kernel takes
@@ -630,16 +704,19 @@ def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             for sl in sleeps:
                 new_machine(args.nodes, replace(base, pages_to_scan=p, smart_scan=s,
                                                 sleep_millisecs=sl))
-    cost = args.cost_per_page_us * 1e-6
-    sources, remarks = gather(args)
-    check_memory(args, sources, remarks)
-    advisor = tune.advisor_status(args.nodes, args.kernel)
+    return _Grid(within, pts, sleeps, smart)
+
+
+def _sweep(args: argparse.Namespace, sources: list[Source], base: Knobs, grid: _Grid,
+           cost: float, advisor: bool) -> list[dict[str, Any]]:
+    """tune.sweep over the grid, with a progress bar (one step a run) on a terminal."""
     bar = None
     hook = None
     if _progress_wanted(args):
         from tqdm import tqdm
 
-        runs = len(pts) * len(smart) + (len(sleeps) if advisor[0] else 0)
+        runs = (len(grid.pages_to_scan) * len(grid.smart_scan)
+                + (len(grid.sleep_millisecs) if advisor else 0))
         bar = tqdm(total=runs, unit="run", file=sys.stderr, leave=False)
 
         def hook(what: str) -> None:
@@ -647,19 +724,38 @@ def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             bar.update(1)
 
     try:
-        rows = tune.sweep(sources, base, args.nodes, cost, pts, sleeps, smart, args.max_scans,
-                          hook, advisor=advisor[0])
+        return tune.sweep(sources, base, args.nodes, cost, grid.pages_to_scan,
+                          grid.sleep_millisecs, grid.smart_scan, args.max_scans, hook,
+                          advisor=advisor)
     finally:
         if bar is not None:
             bar.close()
+
+
+def tune_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The table (text or JSON) for ``ksmcore tune``, computed in full."""
+    trace = _trace_hook(args)
+    if trace is not None:
+        from .replay import tune_report as tune_trace_report
+
+        return tune_trace_report(args, trace)
+    base = _knobs(args)
+    grid = _tune_grid(args, base)  # refuse bad options before reading anything
+    cost = args.cost_per_page_us * 1e-6
+    sources, remarks = gather(args, validate(args))
+    check_memory(args, sources, remarks)
+    advisor = tune.advisor_status(args.nodes, args.kernel)
+    rows = _sweep(args, sources, base, grid, cost, advisor[0])
     numa = None
     if len({s.node or 0 for s in sources}) > 1:
-        numa = tune.numa_tradeoff(sources, base, args.nodes, max(pts), args.max_scans)
-    result = tune.build(sources, rows, within, advisor, base, cost, grid=(pts, sleeps),
+        numa = tune.numa_tradeoff(sources, base, args.nodes, max(grid.pages_to_scan),
+                                  args.max_scans)
+    result = tune.build(sources, rows, grid.within_s, advisor, base, cost,
+                        grid=(grid.pages_to_scan, grid.sleep_millisecs),
                         advisor_knobs=tune.advisor_settings(args.nodes), numa=numa)
     result["remarks"] = remarks
     if args.plot:
-        plot.tune(args.plot, rows, within, result["cheapest"])
+        plot.tune(args.plot, rows, grid.within_s, result["cheapest"])
     return _output(args, result, tune.text, export.tune_csv)
 
 

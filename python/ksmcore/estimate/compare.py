@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import EXIT_USAGE, EstimateError
 from .procmem import ProcessUnreadable, read_process
-from .report import _table, duration, mib
+from .report import _table, duration, mib, render
 from .simulate import Knobs, cpu_fraction, ksmd_times, load, new_machine, run_ksmd
 from .sources import Source
 
@@ -162,13 +162,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def text(result: dict[str, Any]) -> str:
-    host = result["host"]
-    k = host["ksm"]
+def _header(result: dict[str, Any]) -> list[str]:
+    """The processes compared and the host's knobs."""
+    k = result["host"]["ksm"]
     est = result["estimate"]
-    ek = est["ksm"]
-    procs = host["processes"]
-    lines = [
+    procs = result["host"]["processes"]
+    return [
         f"ksmcore compare: {len(procs)} process{'es' * (len(procs) != 1)} registered with "
         f"KSM, {est['pages']} candidate pages ({mib(est['pages']):.1f} MiB)",
         "host knobs: " + ", ".join(f"{n} {k[n]}" for n in (*KNOB_NAMES, "advisor_mode")
@@ -176,6 +175,13 @@ def text(result: dict[str, Any]) -> str:
         + f"; ksmd has run {k.get('full_scans', 0)} full scans",
         "",
     ]
+
+
+def _savings(result: dict[str, Any]) -> list[str]:
+    """The host's savings counters now against the estimate's converged ones."""
+    host = result["host"]
+    k = host["ksm"]
+    ek = result["estimate"]["ksm"]
     rows = []
     for name in SAVINGS:
         now, then = int(k.get(name, 0)), int(ek[name])
@@ -185,31 +191,46 @@ def text(result: dict[str, Any]) -> str:
             rows.append([name, str(now), str(then)])
     rows.append(["memory saved (MiB)", f"{host['saved_mib']:.1f}",
                  f"{mib(result['converged_saved_pages']):.1f}"])
-    lines += _table(["", "ksmd now", "converged (estimate)"], rows)
+    lines = _table(["", "ksmd now", "converged (estimate)"], rows)
     frac = result["fraction_reached"]
     if frac is not None:
         lines.append(f"  ksmd holds {100 * frac:.0f}% of the savings it converges to")
+    return lines
+
+
+def _timing(result: dict[str, Any]) -> list[str]:
+    """How long ksmd needs to converge at the host's knobs and at a faster setting."""
+    k = result["host"]["ksm"]
     f = result["faster"]
-    lines += [
+    return [
         "",
         f"time to converge  {duration(result['time_to_converge_s'])} of ksmd from the start "
         f"at the host's knobs (pages_to_scan {k.get('pages_to_scan')}, sleep_millisecs "
         f"{k.get('sleep_millisecs')}); counters final after full scan "
-        f"{est['converged_at_full_scan']}",
+        f"{result['estimate']['converged_at_full_scan']}",
         f"                  {duration(f['time_to_converge_s'])} at pages_to_scan "
         f"{f['pages_to_scan']} ({100 * f['cpu_fraction']:.1f}% of one CPU while scanning)",
-        "",
-        "per process (/proc/<pid>/ksm_stat now, and converged):",
     ]
+
+
+def _per_process(result: dict[str, Any]) -> list[str]:
+    """Each process's ksm_stat now against the estimate's converged one."""
     rows = []
-    for p, e in zip(procs, est["processes"], strict=True):
+    for p, e in zip(result["host"]["processes"], result["estimate"]["processes"], strict=True):
         st = p["ksm_stat"]
         rows.append([f"{p['pid']} ({p['comm']})", e["pages"], st.get("ksm_rmap_items", "-"),
                      st.get("ksm_merging_pages", "-"), e["ksm_stat"]["ksm_merging_pages"],
                      st.get("ksm_zero_pages", "-"), e["ksm_stat"]["ksm_zero_pages"]])
-    lines += _table(["process", "pages", "rmap_items", "merging_now", "merging_converged",
-                     "zero_now", "zero_converged"], rows)
-    if result["remarks"]:
-        lines += [""] + result["remarks"]
-    return "\n".join(lines) + "\n"
+    return ["", "per process (/proc/<pid>/ksm_stat now, and converged):"] + _table(
+        ["process", "pages", "rmap_items", "merging_now", "merging_converged",
+         "zero_now", "zero_converged"], rows)
 
+
+def _remarks(result: dict[str, Any]) -> list[str]:
+    return [""] + result["remarks"] if result["remarks"] else []
+
+
+def text(result: dict[str, Any]) -> str:
+    """The readable comparison: its sections in order."""
+    sections = (_header, _savings, _timing, _per_process, _remarks)
+    return render(sections, result)

@@ -18,7 +18,7 @@ from ..timing import CostModel
 from ..trace.format import Trace, TraceError, is_trace, read_trace
 from ..trace.replay import Replay, replay, steady_state
 from .errors import EXIT_USAGE, EstimateError
-from .report import _table
+from .report import _table, render
 from .simulate import DEFAULT_COST_PER_PAGE_US, Knobs, knob_option, new_machine
 from .sources import split_node
 
@@ -158,9 +158,10 @@ def _mib(pages: float) -> float:
     return pages * PAGE_SIZE / 2**20
 
 
-def text(result: dict[str, Any]) -> str:
-    tr, st, k = result["trace"], result["steady_state"], result["knobs"]
-    lines = [
+def _header(result: dict[str, Any]) -> list[str]:
+    """The trace, the knobs and the cost model of the replay."""
+    tr, k = result["trace"], result["knobs"]
+    return [
         f"ksmcore estimate: trace {tr['path']}, {tr['processes']} processes, "
         f"{tr['initial_pages']} pages at the start ({_mib(tr['initial_pages']):.1f} MiB), "
         f"{tr['duration_s']:.1f} s recorded every {tr['interval_ms']} ms ({tr['method']}"
@@ -170,31 +171,45 @@ def text(result: dict[str, Any]) -> str:
         "cost model: " + describe_model(CostModel(**result["cost_model"])),
         "",
     ]
-    if st.get("rows"):
-        lines += [
-            f"steady state over the second half ({st['from_s']:.1f}-{st['to_s']:.1f} s, "
-            f"means of {st['rows']} samples):",
-            f"  memory saved      {st['saved_pages']:.0f} pages = {st['saved_mib']:.1f} MiB  "
-            f"(pages_sharing {st['pages_sharing']:.0f} + ksm_zero_pages "
-            f"{st['ksm_zero_pages']:.0f})",
-            f"  general_profit    {st['general_profit_mib']:.1f} MiB",
-            f"  pages_volatile    {st['pages_volatile']:.0f}  (pages_shared "
-            f"{st['pages_shared']:.0f}, pages_unshared {st['pages_unshared']:.0f})",
-        ]
-        if "cow_per_s" in st:
-            lines.append(f"  copied on write   {st['cow_per_s']:.0f} pages/s (writes to "
-                         f"merged pages)")
-        if "cpu_fraction" in st:
-            lines.append(f"  ksmd              {100 * st['cpu_fraction']:.1f}% of one CPU, "
-                         f"{st['full_scans_per_s']:.2f} full scans/s, "
-                         f"{st['pages_scanned_per_s']:.0f} pages scanned/s")
-    else:
-        lines.append("steady state: the trace is too short to have a second half")
-    lines += ["", f"/sys/kernel/mm/ksm at the end ({tr['duration_s']:.1f} s):"]
+
+
+def _steady(result: dict[str, Any]) -> list[str]:
+    """The means over the trace's second half: what ksmd holds and what it costs."""
+    st = result["steady_state"]
+    if not st.get("rows"):
+        return ["steady state: the trace is too short to have a second half"]
+    lines = [
+        f"steady state over the second half ({st['from_s']:.1f}-{st['to_s']:.1f} s, "
+        f"means of {st['rows']} samples):",
+        f"  memory saved      {st['saved_pages']:.0f} pages = {st['saved_mib']:.1f} MiB  "
+        f"(pages_sharing {st['pages_sharing']:.0f} + ksm_zero_pages "
+        f"{st['ksm_zero_pages']:.0f})",
+        f"  general_profit    {st['general_profit_mib']:.1f} MiB",
+        f"  pages_volatile    {st['pages_volatile']:.0f}  (pages_shared "
+        f"{st['pages_shared']:.0f}, pages_unshared {st['pages_unshared']:.0f})",
+    ]
+    if "cow_per_s" in st:
+        lines.append(f"  copied on write   {st['cow_per_s']:.0f} pages/s (writes to "
+                     f"merged pages)")
+    if "cpu_fraction" in st:
+        lines.append(f"  ksmd              {100 * st['cpu_fraction']:.1f}% of one CPU, "
+                     f"{st['full_scans_per_s']:.2f} full scans/s, "
+                     f"{st['pages_scanned_per_s']:.0f} pages scanned/s")
+    return lines
+
+
+def _sysfs_at_end(result: dict[str, Any]) -> list[str]:
+    """/sys/kernel/mm/ksm when the trace ends."""
+    lines = ["", f"/sys/kernel/mm/ksm at the end ({result['trace']['duration_s']:.1f} s):"]
     for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
                  "pages_skipped", "pages_scanned", "ksm_zero_pages", "full_scans",
                  "general_profit"):
         lines.append(f"  {name:<20} {result['ksm'][name]}")
+    return lines
+
+
+def _per_process(result: dict[str, Any]) -> list[str]:
+    """/proc/<pid>/ksm_stat of each process at the end (or when it exited)."""
     rows = []
     for p in result["processes"]:
         ks = p.get("ksm_stat")
@@ -202,9 +217,14 @@ def text(result: dict[str, Any]) -> str:
                      f"exited {p['exited_s']:.1f} s" if p["exited_s"] is not None else "",
                      str(ks["ksm_merging_pages"]) if ks else "-",
                      f"{int(ks['ksm_process_profit']) / 2**20:.1f}" if ks else "-"])
-    lines += ["", "per process (/proc/<pid>/ksm_stat at the end):"]
-    lines += _table(["source", "node", "", "merging_pages", "profit_MiB"], rows)
-    return "\n".join(lines) + "\n"
+    lines = ["", "per process (/proc/<pid>/ksm_stat at the end):"]
+    return lines + _table(["source", "node", "", "merging_pages", "profit_MiB"], rows)
+
+
+def text(result: dict[str, Any]) -> str:
+    """The readable report of ``estimate TRACE``: its sections in order."""
+    sections = (_header, _steady, _sysfs_at_end, _per_process)
+    return render(sections, result)
 
 
 def plot_timeline(path: str, result: dict[str, Any]) -> None:
@@ -352,9 +372,10 @@ def _values(args: argparse.Namespace, name: str, defaults: dict[str, tuple[int, 
     return parse(text, knob_option(name), low)
 
 
-def tune_text(result: dict[str, Any]) -> str:
+def _tune_header(result: dict[str, Any]) -> list[str]:
+    """The trace and the fixed knobs of the sweep."""
     tr = result["trace"]
-    lines = [
+    return [
         f"ksmcore tune: trace {tr['path']}, {tr['processes']} processes, "
         f"{tr['initial_pages']} pages at the start, {tr['duration_s']:.1f} s; steady state "
         f"over its second half",
@@ -362,6 +383,10 @@ def tune_text(result: dict[str, Any]) -> str:
         + "; cost model " + describe_model(CostModel(**result["cost_model"])),
         "",
     ]
+
+
+def _tune_table(result: dict[str, Any]) -> list[str]:
+    """One row per setting, its steady state; the pick marked <."""
     best = result["cheapest"]
     rows = []
     for r in result["rows"]:
@@ -374,19 +399,27 @@ def tune_text(result: dict[str, Any]) -> str:
             f"{100 * r['cpu_fraction']:.2f}", f"{per:.2f}" if per is not None else "-",
             f"{r['full_scans_per_s']:.2f}" + (" <" if r is best else ""),
         ])
-    lines += _table(["smart_scan", "pages_to_scan", "sleep_ms", "saved_MiB", "profit_MiB",
-                     "volatile", "cow/s", "CPU%", "CPU_ms/s/MiB", "scans/s"], rows)
-    lines.append("")
-    if best is not None:
-        lines.append(
-            f"cheapest setting keeping {100 * result['keep']:.0f}% of the best steady-state "
-            f"savings ({result['best_saved_mib']:.2f} MiB) (marked <): pages_to_scan "
-            f"{best['pages_to_scan']}, sleep_millisecs {best['sleep_millisecs']}, smart_scan "
-            f"{best['smart_scan']}: {best['saved_mib']:.2f} MiB saved, "
-            f"{100 * best['cpu_fraction']:.2f}% of one CPU")
-    else:
-        lines.append("no setting saves memory at steady state on this trace")
-    return "\n".join(lines) + "\n"
+    return _table(["smart_scan", "pages_to_scan", "sleep_ms", "saved_MiB", "profit_MiB",
+                   "volatile", "cow/s", "CPU%", "CPU_ms/s/MiB", "scans/s"], rows) + [""]
+
+
+def _tune_verdict(result: dict[str, Any]) -> list[str]:
+    """The cheapest setting keeping most of the best steady-state savings."""
+    best = result["cheapest"]
+    if best is None:
+        return ["no setting saves memory at steady state on this trace"]
+    return [
+        f"cheapest setting keeping {100 * result['keep']:.0f}% of the best steady-state "
+        f"savings ({result['best_saved_mib']:.2f} MiB) (marked <): pages_to_scan "
+        f"{best['pages_to_scan']}, sleep_millisecs {best['sleep_millisecs']}, smart_scan "
+        f"{best['smart_scan']}: {best['saved_mib']:.2f} MiB saved, "
+        f"{100 * best['cpu_fraction']:.2f}% of one CPU"]
+
+
+def tune_text(result: dict[str, Any]) -> str:
+    """The readable table of ``tune TRACE``: its sections in order."""
+    sections = (_tune_header, _tune_table, _tune_verdict)
+    return render(sections, result)
 
 
 def plot_tune(path: str, result: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..constants import KSM_STAT_FIELDS, PAGE_SIZE, SIZEOF_RMAP_ITEM
@@ -225,23 +225,30 @@ def kernel_line(kernel: str) -> str:
     return f"kernel: the KSM of Linux {kernel} (ksmcore profile {kernel}; --kernel)"
 
 
-def text(result: dict[str, Any]) -> str:
-    """The readable report."""
+def _header(result: dict[str, Any]) -> list[str]:
+    """What was scanned, the knobs, the kernel."""
     k = result["ksm"]
-    tm = result["time_model"]
     procs = result["processes"]
     total = result["pages"]
-    saved = result["saved"]
-    lines = [
+    nodes = result["machine"]["nodes"]
+    return [
         f"ksmcore estimate: {len(procs)} source{'s' * (len(procs) != 1)}, "
-        f"{total} pages ({mib(total):.1f} MiB), {result['machine']['nodes']} NUMA node"
-        f"{'s' * (result['machine']['nodes'] != 1)}",
+        f"{total} pages ({mib(total):.1f} MiB), {nodes} NUMA node{'s' * (nodes != 1)}",
         f"knobs: pages_to_scan {k['pages_to_scan']}, sleep_millisecs {k['sleep_millisecs']}, "
         f"smart_scan {k['smart_scan']}, use_zero_pages {k['use_zero_pages']}, "
         f"max_page_sharing {k['max_page_sharing']}, merge_across_nodes {k['merge_across_nodes']}",
         kernel_line(result["kernel"]),
         "",
     ]
+
+
+def _savings(result: dict[str, Any]) -> list[str]:
+    """The memory saved: KSM's, what the left-out zero pages and holes would change,
+    THP splits, general_profit."""
+    k = result["ksm"]
+    total = result["pages"]
+    saved = result["saved"]
+    lines = []
     if not total:
         lines.append("nothing to scan: no source has memory KSM could merge")
     pct = f", {100 * saved['fraction']:.1f}% of the memory scanned" if total else ""
@@ -275,6 +282,14 @@ def text(result: dict[str, Any]) -> str:
         f"general_profit    {int(k['general_profit']) / MIB:.1f} MiB  (saved memory less "
         f"{SIZEOF_RMAP_ITEM} bytes per rmap_item)"
     )
+    return lines
+
+
+def _timing(result: dict[str, Any]) -> list[str]:
+    """How long ksmd takes: to converge, to the savings milestones, a full scan; and
+    what it costs."""
+    k = result["ksm"]
+    tm = result["time_model"]
     if result["converged"]:
         at = result["converged_at_full_scan"]
         conv = (
@@ -288,9 +303,9 @@ def text(result: dict[str, Any]) -> str:
             f" ({duration(result['full_scans'][-1]['time_s']) if result['full_scans'] else '0 s'}"
             " of ksmd); raise --max-scans"
         )
-    lines.append(conv)
+    lines = [conv]
     ms = result["savings_time_s"]
-    if saved["pages"]:
+    if result["saved"]["pages"]:
         lines.append(
             "savings reached   "
             + ", ".join(f"{key} after {duration(t)}" for key, t in ms.items())
@@ -304,17 +319,27 @@ def text(result: dict[str, Any]) -> str:
     if result["full_scans"]:
         first = result["full_scans"][0]["time_s"]
         lines.append(f"one full scan     {duration(first)} (the first)")
+    return lines
 
-    lines += ["", f"/sys/kernel/mm/ksm after {k['full_scans']} full scans:"]
-    shown = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-             "pages_skipped", "pages_scanned", "ksm_zero_pages", "full_scans",
-             "stable_node_chains", "stable_node_dups", "general_profit")
+
+SYSFS_SHOWN = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+               "pages_skipped", "pages_scanned", "ksm_zero_pages", "full_scans",
+               "stable_node_chains", "stable_node_dups", "general_profit")
+
+
+def _sysfs(result: dict[str, Any]) -> list[str]:
+    """/sys/kernel/mm/ksm at the end, saying which files the modelled kernel lacks."""
+    k = result["ksm"]
     files = Profile(result["kernel"]).sysfs_files
-    lines += [f"  {name:<20} {k[name]}" + ("" if name in files else
-                                            f"  (no such file in Linux {result['kernel']})")
-              for name in shown]
+    return ["", f"/sys/kernel/mm/ksm after {k['full_scans']} full scans:"] + [
+        f"  {name:<20} {k[name]}" + ("" if name in files else
+                                     f"  (no such file in Linux {result['kernel']})")
+        for name in SYSFS_SHOWN]
 
-    lines += ["", "per source (/proc/<pid>/ksm_stat):"]
+
+def _per_source(result: dict[str, Any]) -> list[str]:
+    """/proc/<pid>/ksm_stat of each source (the --top ones, said so)."""
+    procs = result["processes"]
     rows = []
     for p in procs:
         st = p["ksm_stat"]
@@ -322,41 +347,73 @@ def text(result: dict[str, Any]) -> str:
             p["source"], p["node"], p["pages"], st["ksm_rmap_items"], st["ksm_merging_pages"],
             st["ksm_zero_pages"], f"{int(st['ksm_process_profit']) / MIB:.1f}",
         ])
+    lines = ["", "per source (/proc/<pid>/ksm_stat):"]
     lines += _table(["source", "node", "pages", "rmap_items", "merging_pages", "zero_pages",
                      "profit_MiB"], rows)
     if result.get("sources_total", len(procs)) > len(procs):
         lines.append(f"  (the {len(procs)} of {result['sources_total']} sources that save the "
                      "most, by ksm_process_profit: --top)")
+    return lines
+
+
+def _notes(result: dict[str, Any]) -> list[str]:
+    """The sources' notes: listed for a few sources, summed over many."""
+    procs = result["processes"]
     if len(procs) > SUMMARY_FROM:
         summary = summarise_notes(procs)
         if summary:
-            lines += ["", "notes (summed over the sources):"] + [f"  {n}" for n in summary]
-    else:
-        notes = [(p["source"], n) for p in procs for n in p["notes"]]
-        if notes:
-            lines += ["", "notes:"] + [f"  {src}: {n}" for src, n in notes]
+            return ["", "notes (summed over the sources):"] + [f"  {n}" for n in summary]
+        return []
+    notes = [(p["source"], n) for p in procs for n in p["notes"]]
+    if notes:
+        return ["", "notes:"] + [f"  {src}: {n}" for src, n in notes]
+    return []
 
-    if result.get("security"):
-        from .domains import text as security_text
 
-        lines += security_text(result["security"])
+def _security(result: dict[str, Any]) -> list[str]:
+    """--domain-by: merging across trust domains (domains.text)."""
+    if not result.get("security"):
+        return []
+    from .domains import text as security_text
 
-    if len(result["nodes"]) > 1:
-        lines += ["", "per node:"]
-        has_shared = any("pages_shared" in n for n in result["nodes"])
-        head = ["node", "sources", "pages", "merging_pages", "zero_pages"]
+    return security_text(result["security"])
+
+
+def _per_node(result: dict[str, Any]) -> list[str]:
+    """With several NUMA nodes: each node's sources and KSM pages."""
+    if len(result["nodes"]) <= 1:
+        return []
+    lines = ["", "per node:"]
+    has_shared = any("pages_shared" in n for n in result["nodes"])
+    head = ["node", "sources", "pages", "merging_pages", "zero_pages"]
+    if has_shared:
+        head += ["pages_shared", "pages_sharing"]
+    rows = []
+    for n in result["nodes"]:
+        row = [n["node"], len(n["sources"]), n["pages"], n["ksm_merging_pages"],
+               n["ksm_zero_pages"]]
         if has_shared:
-            head += ["pages_shared", "pages_sharing"]
-        rows = []
-        for n in result["nodes"]:
-            row = [n["node"], len(n["sources"]), n["pages"], n["ksm_merging_pages"],
-                   n["ksm_zero_pages"]]
-            if has_shared:
-                row += [n.get("pages_shared", "-"), n.get("pages_sharing", "-")]
-            rows.append(row)
-        lines += _table(head, rows)
-        if not has_shared:
-            lines.append("  (per-node pages_shared/pages_sharing need Machine.ksm.node_stats())")
-        if k["merge_across_nodes"]:
-            lines.append("  merge_across_nodes=1: a KSM page may serve processes on other nodes")
-    return "\n".join(lines) + "\n"
+            row += [n.get("pages_shared", "-"), n.get("pages_sharing", "-")]
+        rows.append(row)
+    lines += _table(head, rows)
+    if not has_shared:
+        lines.append("  (per-node pages_shared/pages_sharing need Machine.ksm.node_stats())")
+    if result["ksm"]["merge_across_nodes"]:
+        lines.append("  merge_across_nodes=1: a KSM page may serve processes on other nodes")
+    return lines
+
+
+Section = Callable[[dict[str, Any]], list[str]]
+
+
+def render(sections: Sequence[Section], result: dict[str, Any]) -> str:
+    """A text report: the lines of its sections, in order."""
+    return "\n".join(line for section in sections for line in section(result)) + "\n"
+
+
+SECTIONS = (_header, _savings, _timing, _sysfs, _per_source, _notes, _security, _per_node)
+
+
+def text(result: dict[str, Any]) -> str:
+    """The readable report: its sections in order."""
+    return render(SECTIONS, result)

@@ -22,7 +22,7 @@ from ..knobs import kstrtoull
 from ..profiles import resolve as resolve_profile
 from ..timing import CostModel
 from .errors import EXIT_USAGE, EstimateError
-from .report import _table, duration, kernel_line, mib
+from .report import _table, duration, kernel_line, mib, render
 from .simulate import (
     Knobs,
     converged_at_scan,
@@ -333,12 +333,10 @@ def build(sources: Sequence[Source], rows: list[dict[str, Any]], within_s: float
     }
 
 
-def text(result: dict[str, Any]) -> str:
-    rows = result["settings"]
-    best = result["cheapest"]
-    within = result["within_s"]
+def _header(result: dict[str, Any]) -> list[str]:
+    """The sources, the savings every setting is measured against, the fixed knobs."""
     ref = result["reference_saved_pages"]
-    lines = [
+    return [
         f"ksmcore tune: {len(result['sources'])} sources, {result['pages']} pages "
         f"({result['pages'] * PAGE_SIZE / 2**20:.1f} MiB); savings at convergence: {ref} pages "
         f"= {result['reference_saved_mib']:.1f} MiB",
@@ -347,6 +345,12 @@ def text(result: dict[str, Any]) -> str:
         kernel_line(result["kernel"]),
         "",
     ]
+
+
+def _settings_table(result: dict[str, Any]) -> list[str]:
+    """One row per setting (identical smart_scan rows folded), the pick marked <."""
+    rows = result["settings"]
+    best = result["cheapest"]
     table = []
     for r, smart in fold(rows):
         mark = " <" if best is not None and any(
@@ -361,10 +365,18 @@ def text(result: dict[str, Any]) -> str:
             duration(r["t50_s"]), duration(r["t90_s"]), duration(r["t100_s"]),
             f"{r['full_scans_to_converge'] if r['converged'] else 'no'}{mark}",
         ])
-    lines += _table(["smart_scan", "pages_to_scan", "sleep_ms", "pages/s", "CPU%",
-                     "CPU%/GiB", "to 50%", "to 90%", "to 100%", "scans"], table, left=0)
-    lines.append("")
-    if not ref:
+    return _table(["smart_scan", "pages_to_scan", "sleep_ms", "pages/s", "CPU%",
+                   "CPU%/GiB", "to 50%", "to 90%", "to 100%", "scans"], table, left=0) + [""]
+
+
+def _verdict(result: dict[str, Any]) -> list[str]:
+    """The cheapest setting reaching 90% within the target (or why there is none), and
+    whether a cheaper one may lie beyond the grid."""
+    rows = result["settings"]
+    best = result["cheapest"]
+    within = result["within_s"]
+    lines = []
+    if not result["reference_saved_pages"]:
         lines.append("nothing to save: KSM would merge nothing in these sources")
     elif best is None:
         fastest = min((r for r in rows if r["t90_s"] is not None), key=lambda r: r["t90_s"],
@@ -383,23 +395,47 @@ def text(result: dict[str, Any]) -> str:
         )
     if result.get("edge"):
         lines.append(result["edge"])
-    if result.get("apply"):
-        lines += ["", "to apply it (as root):"] + [f"  {x}" for x in result["apply"]]
-    if result.get("merge_across_nodes"):
-        lines += ["", "merge_across_nodes (the sources sit on several nodes):"]
-        lines += _table(["merge_across_nodes", "saved_MiB", "savings_lost_pages",
-                         "remote_mappings"],
-                        [[x["merge_across_nodes"], f"{x['saved_mib']:.1f}", x["savings_lost"],
-                          x["remote_mappings"]] for x in result["merge_across_nodes"]], left=0)
-        lines.append("  1: one tree, a KSM page serves every node (remote_mappings: pages "
-                     "mapped from a KSM page on another node); 0: a tree per node, no remote "
-                     "mapping, the savings lost to per-node trees")
-    lines.append("CPU%/GiB: ksmd's share of one CPU while scanning, per GiB it keeps saved; "
-                 "smart_scan \"0,1\": both gave identical results")
+    return lines
+
+
+def _apply(result: dict[str, Any]) -> list[str]:
+    """The shell lines that set the pick on a host."""
+    if not result.get("apply"):
+        return []
+    return ["", "to apply it (as root):"] + [f"  {x}" for x in result["apply"]]
+
+
+def _numa(result: dict[str, Any]) -> list[str]:
+    """merge_across_nodes 1 against 0, when the sources sit on several nodes."""
+    if not result.get("merge_across_nodes"):
+        return []
+    lines = ["", "merge_across_nodes (the sources sit on several nodes):"]
+    lines += _table(["merge_across_nodes", "saved_MiB", "savings_lost_pages",
+                     "remote_mappings"],
+                    [[x["merge_across_nodes"], f"{x['saved_mib']:.1f}", x["savings_lost"],
+                      x["remote_mappings"]] for x in result["merge_across_nodes"]], left=0)
+    lines.append("  1: one tree, a KSM page serves every node (remote_mappings: pages "
+                 "mapped from a KSM page on another node); 0: a tree per node, no remote "
+                 "mapping, the savings lost to per-node trees")
+    return lines
+
+
+def _legend(result: dict[str, Any]) -> list[str]:
+    """What the columns and the advisor rows mean (or why the advisor is left out)."""
+    lines = ["CPU%/GiB: ksmd's share of one CPU while scanning, per GiB it keeps saved; "
+             "smart_scan \"0,1\": both gave identical results"]
     adv = result["advisor"]
     if not adv["included"]:
         lines.append(f"advisor (advisor_mode=scan-time): left out of the sweep: {adv['reason']}")
     else:
         lines.append(f"advisor rows (pages_to_scan \"advisor: N\", N where it settled): "
                      f"{adv['reason']}")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+SECTIONS = (_header, _settings_table, _verdict, _apply, _numa, _legend)
+
+
+def text(result: dict[str, Any]) -> str:
+    """The readable table and pick: its sections in order."""
+    return render(SECTIONS, result)
