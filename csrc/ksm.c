@@ -36,6 +36,17 @@ static inline uint64_t page_prefix(const uint8_t *p)
     return v;
 }
 
+/* the large folio of a frame, or -1 (frame_folio[] keeps it + 1) */
+static inline int32_t frame_folio(const struct ksm_ctx *c, int64_t pfn)
+{
+    return c->frame_folio[pfn] - 1;
+}
+
+static inline void set_frame_folio(struct ksm_ctx *c, int64_t pfn, int32_t f)
+{
+    c->frame_folio[pfn] = f + 1;
+}
+
 static inline int frame_nid(const struct ksm_ctx *c, int64_t pfn)
 {
     return c->chunk_nid[pfn >> c->chunk_shift];
@@ -109,7 +120,7 @@ int ksm_ctx_init(struct ksm_ctx *c)
     c->unstable_lazy = 1;
     c->ulazy = 0;
     c->ulog = NULL;
-    c->nr_ulog = 0;
+    c->nr_ulog = c->ulog_cap = 0;
     c->uhash = NULL;
     c->uhash_mask = -1;
     c->folios = NULL;
@@ -142,7 +153,7 @@ void ksm_ctx_release(struct ksm_ctx *c)
     c->uhash = NULL;
     c->uhash_mask = -1;
     c->ulazy = 0;
-    c->nr_ulog = 0;
+    c->nr_ulog = c->ulog_cap = 0;
     c->stable = NULL;
     c->stable_rb = NULL;
     c->unode = NULL;
@@ -233,11 +244,6 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
         if (!pfx)
             return -1;
         c->uprefix = pfx;
-        /* a node is inserted and erased at most once a round */
-        int32_t *log = realloc(c->ulog, (size_t)cap * 2 * sizeof(*log));
-        if (!log)
-            return -1;
-        c->ulog = log;
         int32_t *hash = malloc((size_t)cap * 2 * sizeof(*hash));
         if (!hash)
             return -1;
@@ -330,7 +336,7 @@ static void free_frame(struct ksm_ctx *c, int32_t pfn);
 
 static void put_frame(struct ksm_ctx *c, int32_t pfn)
 {
-    int32_t f = c->frame_folio[pfn];
+    int32_t f = frame_folio(c, pfn);
     if (f >= 0) {
         /* a subpage of a large folio: the folio holds the memory until its last
          * subpage is unmapped (partially mapped folios wait for a split) */
@@ -372,7 +378,7 @@ static void free_folio(struct ksm_ctx *c, int32_t f)
     struct ksm_folio *fo = &c->folios[f];
     for (int64_t k = 0; k < KSM_HPAGE_PMD_NR; k++) {
         int32_t pfn = (int32_t)(fo->head + k);
-        c->frame_folio[pfn] = -1;
+        set_frame_folio(c, pfn, -1);
         free_frame(c, pfn);
     }
     fo->nr_maps = 0;
@@ -428,7 +434,7 @@ int32_t ksm_make_folio(struct ksm_ctx *c, int64_t slot, int64_t head)
         return -1;
     }
     for (int64_t k = 0; k < KSM_HPAGE_PMD_NR; k++)
-        c->frame_folio[head + k] = f;
+        set_frame_folio(c, head + k, f);
     return f;
 }
 
@@ -466,7 +472,7 @@ static void split_huge_page(struct ksm_ctx *c, int32_t f)
     }
     for (int64_t k = 0; k < KSM_HPAGE_PMD_NR; k++) {
         int32_t pfn = (int32_t)(head + k);
-        c->frame_folio[pfn] = -1;
+        set_frame_folio(c, pfn, -1);
         if (c->frame_mapcount[pfn] == 0)
             free_frame(c, pfn);
     }
@@ -477,8 +483,8 @@ static void split_huge_page(struct ksm_ctx *c, int32_t f)
 
 void ksm_split_folio(struct ksm_ctx *c, int64_t pfn)
 {
-    if (c->frame_folio[pfn] >= 0)
-        split_huge_page(c, c->frame_folio[pfn]);
+    if (frame_folio(c, pfn) >= 0)
+        split_huge_page(c, frame_folio(c, pfn));
 }
 
 /* a write to a subpage of a large folio reuses it unless the folio is mapped by
@@ -486,7 +492,7 @@ void ksm_split_folio(struct ksm_ctx *c, int64_t pfn)
  * the PMD and falls back to a 4 KiB copy) */
 static inline int folio_shared(const struct ksm_ctx *c, int32_t pfn)
 {
-    int32_t f = c->frame_folio[pfn];
+    int32_t f = frame_folio(c, pfn);
     return f >= 0 && c->folios[f].shared > 0;
 }
 
@@ -633,7 +639,7 @@ void ksm_fork_range(struct ksm_ctx *c, int64_t src, int64_t dst, int64_t n, int3
             c->thp_split_zero_pages++;
             c->mm_thp_split_zero_pages[child_mm]++;
         } else if (p >= 0) {
-            int32_t f = c->frame_folio[p];
+            int32_t f = frame_folio(c, p);
             if (++c->frame_mapcount[p] == 2 && f >= 0)
                 c->folios[f].shared++;
             if (f >= 0) /* copy_huge_pmd() / copy_present_ptes(): the child maps it too */
@@ -874,6 +880,24 @@ static int64_t ksm_get_folio(struct ksm_ctx *c, int32_t node)
 
 /* ---------------------------------------------------------------- rmap_items */
 
+/* rb_erase() of a deferred node: noted with the number of nodes inserted before it */
+static void unstable_tree_erase_deferred(struct ksm_ctx *c, int32_t tn)
+{
+    if (c->nr_ulog + 2 > c->ulog_cap) {
+        int64_t cap = c->ulog_cap ? 2 * c->ulog_cap : 1024;
+        int32_t *log = realloc(c->ulog, (size_t)cap * sizeof(*log));
+        if (!log) {
+            unstable_tree_build(c); /* no room to defer: the tree now, then the erase */
+            ksm_rb_erase(c->unode, tn, &c->root_unstable_tree[c->unid[tn]]);
+            return;
+        }
+        c->ulog = log;
+        c->ulog_cap = cap;
+    }
+    c->ulog[c->nr_ulog++] = tn;
+    c->ulog[c->nr_ulog++] = c->ucount;
+}
+
 static void remove_rmap_item_from_tree(struct ksm_ctx *c, int64_t s)
 {
     uint16_t f = c->ri_flags[s];
@@ -903,7 +927,7 @@ static void remove_rmap_item_from_tree(struct ksm_ctx *c, int64_t s)
         /* erase only if inserted by this scan: older trees were reset already */
         uint8_t age = (uint8_t)(c->seqnr - (f & KSM_SEQNR_MASK));
         if (!age && c->ulazy)
-            c->ulog[c->nr_ulog++] = ~c->ri_head[s];
+            unstable_tree_erase_deferred(c, c->ri_head[s]);
         else if (!age)
             ksm_rb_erase(c->unode, c->ri_head[s], &c->root_unstable_tree[c->unid[c->ri_head[s]]]);
         c->pages_unshared--;
@@ -972,12 +996,12 @@ static int try_to_merge_one_page(struct ksm_ctx *c, int64_t s, int32_t page, int
 {
     if (page == kpage) /* a forked KSM page: nothing to do */
         return 0;
-    if (c->frame_folio[page] >= 0) {
+    if (frame_folio(c, page) >= 0) {
         /* split_huge_page() fails while ksmd holds two references to the folio
          * (the scanned page and the tree page are subpages of one THP) */
         if (pinned_twice)
             return -1;
-        split_huge_page(c, c->frame_folio[page]);
+        split_huge_page(c, frame_folio(c, page));
     }
     /* write_protect_page(): the page must still be mapped here (a zero-filled
      * subpage became the shared zero page in the split) */
@@ -1033,7 +1057,7 @@ static int32_t try_to_merge_two_pages(struct ksm_ctx *c, int64_t s, int32_t page
                                       int64_t t, int32_t tree_page)
 {
     /* the scanned page becomes the KSM page; the tree item's PTE moves onto it */
-    int same = c->frame_folio[page] >= 0 && c->frame_folio[page] == c->frame_folio[tree_page];
+    int same = frame_folio(c, page) >= 0 && frame_folio(c, page) == frame_folio(c, tree_page);
     int err = try_to_merge_with_ksm_page(c, s, page, NIL, same);
     if (!err) {
         err = try_to_merge_with_ksm_page(c, t, tree_page, page, 0);
@@ -1326,16 +1350,19 @@ static void unstable_tree_link(struct ksm_ctx *c, int32_t tn)
     ksm_rb_insert_color(un, tn, root);
 }
 
-/* the deferred inserts and erases of this round, in order, into the rbtree */
+/* the deferred inserts (in tn order) and erases of this round, in the order they
+ * were made, into the rbtree */
 static void unstable_tree_build(struct ksm_ctx *c)
 {
+    int64_t e = 0;
     c->ulazy = 0;
-    for (int64_t i = 0; i < c->nr_ulog; i++) {
-        int32_t e = c->ulog[i];
-        if (e >= 0)
-            unstable_tree_link(c, e);
-        else
-            ksm_rb_erase(c->unode, ~e, &c->root_unstable_tree[c->unid[~e]]);
+    for (int32_t tn = 0; tn <= c->ucount; tn++) {
+        for (; e < c->nr_ulog && c->ulog[e + 1] <= tn; e += 2) {
+            int32_t gone = c->ulog[e];
+            ksm_rb_erase(c->unode, gone, &c->root_unstable_tree[c->unid[gone]]);
+        }
+        if (tn < c->ucount)
+            unstable_tree_link(c, tn);
     }
     c->nr_ulog = 0;
 }
@@ -1365,7 +1392,6 @@ static int32_t unstable_tree_search_insert_deferred(struct ksm_ctx *c, int64_t s
     }
     int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
     unstable_node_init(c, tn, s, nid, page_prefix(addr));
-    c->ulog[c->nr_ulog++] = tn;
     c->uhash[h] = tn;
     return NIL;
 }
@@ -1510,14 +1536,14 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
         unstable_tree_disturbed(c); /* inserted with its page gone (split to zero) */
     if (t != NIL) {
         /* both subpages of one THP: the merge failed, split it now (no merge) */
-        int split = c->frame_folio[page] >= 0 && c->frame_folio[page] == c->frame_folio[tree_page];
+        int split = frame_folio(c, page) >= 0 && frame_folio(c, page) == frame_folio(c, tree_page);
         int32_t kpfn = try_to_merge_two_pages(c, s, page, t, tree_page);
         if (kpfn != NIL) {
             int32_t node = stable_tree_insert(c, kpfn);
             stable_tree_append(c, t, node);
             stable_tree_append(c, s, node);
-        } else if (split && c->frame_folio[page] >= 0) {
-            split_huge_page(c, c->frame_folio[page]);
+        } else if (split && frame_folio(c, page) >= 0) {
+            split_huge_page(c, frame_folio(c, page));
         }
     }
 }

@@ -128,7 +128,9 @@ struct ksm_ctx {
     int32_t *frame_mapcount;
     int32_t *frame_stable;    /* stable node index, or KSM_FRAME_*; on a free frame
                                * it links the free list: KSM_FREE_LINK(next) */
-    int32_t *frame_folio;     /* the large folio (THP) the frame belongs to, or -1 */
+    int32_t *frame_folio;     /* the large folio (THP) the frame belongs to, + 1 (0: none,
+                               * so that the array is untouched zero pages where there
+                               * are no huge pages); read with frame_folio() in ksm.c */
     int32_t free_head[64];
     int64_t nr_free[64];
 
@@ -175,8 +177,9 @@ struct ksm_ctx {
      * walked as always. unstable_lazy 0 (set by Python) never defers. */
     int32_t unstable_lazy; /* 1 (the default): defer while quiet */
     int32_t ulazy;         /* this round's tree is deferred now */
-    int32_t *ulog;         /* tn: inserted; ~tn: erased */
-    int64_t nr_ulog;
+    int32_t *ulog;         /* the erases, as pairs (tn, ucount then): the inserts are
+                            * in tn order, so an erase is placed by the nodes before it */
+    int64_t nr_ulog, ulog_cap;
     int32_t *uhash;        /* open addressing by (checksum, nid): tn, or KSM_NIL */
     int64_t uhash_mask;
     int32_t root_stable_tree[64];

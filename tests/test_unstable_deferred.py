@@ -66,7 +66,7 @@ def _run(seed: int) -> int:
         assert got[0] == got[1], where
         assert snapshot(lazy, procs[0]) == snapshot(walked, procs[1]), where
         if step % 9 == 8:
-            compared += bool(lazy.ctx.ulazy and lazy.ctx.nr_ulog)
+            compared += bool(lazy.ctx.ulazy and lazy.ctx.ucount)
             lib.ksm_unstable_tree_sync(lazy.ctx)
             assert not lazy.ctx.ulazy
             assert _tree(lazy) == _tree(walked), where
@@ -94,7 +94,7 @@ def test_built_tree_is_an_rbtree_of_the_live_items_in_memcmp_order() -> None:
     m.ksm.do_scan(600)  # checksums
     m.ksm.do_scan(1)  # the empty batch that ends the first full scan
     m.ksm.do_scan(450)  # three quarters of a round, deferred
-    assert m.ctx.ulazy and m.ctx.nr_ulog > 0
+    assert m.ctx.ulazy and m.ctx.ucount > 0 and m.ctx.nr_ulog > 0  # inserts and erases
     lib.ksm_unstable_tree_sync(m.ctx)
     c = m.ctx
     live = _live_nodes(m)[0]

@@ -12,6 +12,7 @@ import numpy as np
 
 from .._native import ffi, lib
 from ..thp import HPAGE_PMD_NR
+from .memory import folio_of
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -217,7 +218,7 @@ def _check_folios(c, mem: Memory, counts: np.ndarray, nframes: int) -> None:
     """Large folios (THP): frame_folio names a live folio whose head..head+511 are its
     frames; its mapped/shared counts match the mapcounts; every slot that maps a
     subpage k is listed as a mapping (its slot minus k); no subpage is KSM."""
-    frame_folio = mem.frames["frame_folio"][:nframes]
+    frame_folio = folio_of(mem.frames["frame_folio"][:nframes])
     pte = mem.slots["pte"][: mem.nr_slots]
     in_folio = np.nonzero(frame_folio >= 0)[0]
     folios = {int(f) for f in np.unique(frame_folio[in_folio])}

@@ -146,7 +146,7 @@ class Machine(SimulatedTime, ThpKnobs):
         if not 0 < pfn < len(self.mem.chunks) * CHUNK_PAGES or frames["frame_mapcount"][pfn] <= 0:
             raise ksm_error(errno.EINVAL, f"page frame {pfn} is not in use")
         node = as_node(node, self.nodes)
-        if frames["frame_folio"][pfn] >= 0:
+        if frames["frame_folio"][pfn]:  # in a huge page (folio index + 1)
             lib.ksm_split_folio(self.ctx, pfn)  # the model splits a huge page to move it
             if frames["frame_mapcount"][pfn] <= 0:
                 raise ksm_error(errno.EINVAL, f"page frame {pfn} was zero-filled: the "

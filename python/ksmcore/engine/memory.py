@@ -29,11 +29,13 @@ _SLOT_FIELDS = (
     ("ri_head", np.int32, -1),
     ("ri_hnext", np.int32, -1),
 )
-# and of the per-frame arrays: 12 bytes a frame (the node and kind are per chunk)
+# and of the per-frame arrays: 8 bytes a frame (the node and kind are per chunk), and
+# 4 more for frame_folio, which stays untouched zero pages (no memory) where no frame
+# is in a huge page: it holds the folio's index + 1, 0 for none (see folio_of)
 _FRAME_FIELDS = (
     ("frame_mapcount", np.int32, 0),
     ("frame_stable", np.int32, lib.KSM_FRAME_NOT_KSM),
-    ("frame_folio", np.int32, -1),
+    ("frame_folio", np.int32, 0),
 )
 _MM_FIELDS = ("mm_rmap_items", "mm_merging_pages", "mm_zero_pages", "mm_thp_split_zero_pages")
 HPAGE_PMD_NR = lib.KSM_HPAGE_PMD_NR
@@ -45,9 +47,21 @@ def _grown(arr: np.ndarray, need: int, init: int) -> np.ndarray:
     large mapping costs little more than its size and many small ones amortize."""
     if need <= len(arr):
         return arr
-    out = np.full(max(need, len(arr) + len(arr) // 4), init, dtype=arr.dtype)
+    size = max(need, len(arr) + len(arr) // 4)
+    if init == 0:
+        # calloc'd: pages never written cost nothing, so copy only what is not zero
+        out = np.zeros(size, dtype=arr.dtype)
+        nonzero = np.flatnonzero(arr)
+        out[nonzero] = arr[nonzero]
+        return out
+    out = np.full(size, init, dtype=arr.dtype)
     out[: len(arr)] = arr
     return out
+
+
+def folio_of(frame_folio: np.ndarray) -> np.ndarray:
+    """The large folio of each frame of ``frame_folio`` values, -1 for none."""
+    return frame_folio.astype(np.int64) - 1
 
 
 class Memory:

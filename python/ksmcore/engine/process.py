@@ -556,7 +556,7 @@ class Process:
                 err = -errno.EFAULT
             else:
                 p = int(pte[v.slot(a)])
-                if p > 0 and frames["frame_folio"][p] >= 0:
+                if p > 0 and frames["frame_folio"][p]:  # in a huge page
                     lib.ksm_split_folio(m.ctx, p)  # the model splits a huge page to move it
                     p = int(pte[v.slot(a)])
                 if p == lib.KSM_PTE_NONE:
