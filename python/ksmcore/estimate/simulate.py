@@ -34,6 +34,7 @@ import numpy as np
 
 from ..api import MachineAPI, ProcessAPI
 from ..constants import MADV_MERGEABLE, PAGE_SIZE
+from ..images import populate
 from ..profiles import resolve as resolve_profile
 from ..thp import THP_ENABLED_DEFAULT
 from ..timing import CostModel
@@ -160,6 +161,7 @@ def load(m: MachineAPI, sources: Sequence[Source]) -> list[ProcessAPI]:
             m.thp_enabled = "madvise"  # what the process has: huge pages where it has them
         for i, seg in enumerate(src.segments):
             huge = bool(src.hugepage[i]) if i < len(src.hugepage) else False
+            populate(seg)  # the first scan reads every page of it
             addr = p.mmap_image(seg, node=src.node, hugepage=huge)
             p.madvise(addr, len(seg) * PAGE_SIZE, MADV_MERGEABLE)
         m.thp_enabled = enabled
