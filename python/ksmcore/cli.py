@@ -9,7 +9,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from .constants import MADV_MERGEABLE, PAGE_SIZE
+# The command does no linear algebra worth threads: without this, numpy's OpenBLAS
+# starts a thread per CPU at import, and they spin beside the scan. (Set before numpy
+# is first imported; a user's own setting wins.)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from .constants import MADV_MERGEABLE, PAGE_SIZE  # noqa: E402
 
 SHOWN = (
     "full_scans",
