@@ -381,13 +381,15 @@ class Recorder:
             why = ", ".join(f"{n} {r}" for r, n in self.skipped.items()) or "no process"
             raise EstimateError(f"nothing to record ({why}: none with candidate memory "
                                 f"this user may read)")
-        self.t0 = time.monotonic()
         for pid, node, comm, snap, pages, hashes, cache in first:
             idx = self.w.process(pid, f"pid {pid} ({comm})", node, 0)
             self.w.changes(0, idx, snap.vpns, pages, maps=snap.maps)
             self.states.append(_State(pid, idx, snap.maps, snap.vpns, hashes, snap.entries,
                                       cache=cache))
         self.w.tick(0)
+        # the clock starts once the initial pages are written (compressing a large
+        # process takes seconds): what changed meanwhile is in the first sample
+        self.t0 = time.monotonic()
 
     def sample(self) -> int:
         """Every process's changes since the last sample; returns the time (ns)."""
@@ -596,7 +598,7 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
            out: str | os.PathLike[str] | IO[bytes] | None = None,
            interval_ms: int = DEFAULT_INTERVAL_MS, mergeable_only: bool = False,
            method: str = "hash", meta: dict[str, Any] | None = None,
-           on_start: Callable[[], None] | None = None, codec: str = "zlib",
+           on_start: Callable[[], None] | None = None, codec: str = "auto",
            skip_unreadable: bool = False, fault_trace: bool | None = None,
            impute_writes: bool = True) -> RecordResult:
     """Record ``pids`` (PID or (PID, NODE)) for ``seconds`` into ``out`` (a path or a
