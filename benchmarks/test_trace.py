@@ -84,7 +84,7 @@ while True:
 
 @pytest.mark.parametrize("codec", ["auto", "zlib", "lzma"])
 def test_trace_size_budget_real_memory(benchmark: Any, codec: str) -> None:
-    from ksmcore.trace.format import TICK, _FRAME, read_trace
+    from ksmcore.trace.format import _FRAME, TICK, read_trace
     from ksmcore.trace.recorder import record
 
     p = subprocess.Popen([sys.executable, "-c", HEAP], stdout=subprocess.PIPE, text=True)
