@@ -37,9 +37,10 @@ bytes did not change (the pfn check of the poll is then not needed). Writes that
 sample's time. Those matter to a replay whose ksmd merges pages at other times than
 the recorded kernel's (its writes to a page it merged while the kernel had not would
 be missing), so with the faults and pfns the recorder also imputes them
-(``impute_writes``, the default): pagemap, read with each poll, tells which pages the
-kernel had read-only (mapped more than once, or moved by ksmd without a fault) and
-writable; each page's write rate is its faults over its read-only time (after a
+(``impute_writes``, the default): pagemap, read with every read of the faults (each
+poll and each sample), tells which pages the kernel had read-only (mapped more than
+once: merged) and writable (faulted, or moved to a page of its own: copied on
+write); each page's write rate is its faults over its read-only time (after a
 second of it), and each interval gets Poisson(rate x writable time) writes of the
 page, with its contents, at random times (a fixed seed): an estimate that assumes
 steady writers.
