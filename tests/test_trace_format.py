@@ -42,7 +42,7 @@ def _small_trace(codec: str = "zlib") -> tuple[bytes, dict[str, object]]:
     return buf.getvalue(), {"a0": a0, "b0": b0, "a1": a1, "common": common, "writer": w}
 
 
-@pytest.mark.parametrize("codec", ["zlib", "lzma"])
+@pytest.mark.parametrize("codec", ["zlib", "lzma", "auto"])
 def test_round_trip(codec: str) -> None:
     data, d = _small_trace(codec)
     t = read_trace(data)
@@ -158,6 +158,55 @@ def test_writer_refuses_bad_input() -> None:
         w.changes(5, p)
     with pytest.raises(ValueError, match="codec"):
         TraceWriter(io.BytesIO(), codec="zip")
+
+
+def _record_kinds(data: bytes) -> list[tuple[int, int]]:
+    """(type, count of pages for CONTENT else 0) of each record, the codec bits kept."""
+    from ksmcore.trace import format as F
+
+    out, off = [], 16
+    while off < len(data):
+        kind, length, _ = F._FRAME.unpack_from(data, off)
+        off += F._FRAME.size + length
+        out.append(kind)
+    return out
+
+
+def test_auto_codec_lzma_for_the_initial_pages_zlib_for_the_changes(monkeypatch) -> None:
+    """``auto`` (what ``ksmcore record`` writes): the initial pages' CONTENT records in
+    lzma, in chunks compressed in parallel and written in order; the changes' in
+    zlib. Still format version 1: a reader needs nothing new (the type byte's lzma
+    bit was there from the start), and the trace reads back whole."""
+    from ksmcore.trace import format as F
+
+    monkeypatch.setattr(F, "CONTENT_CHUNK", 3)
+    rng = np.random.default_rng(8)
+    words = rng.integers(0, 1 << 12, (10, PAGE // 8), np.uint64).view(np.uint8)
+    buf = io.BytesIO()
+    w = TraceWriter(buf, codec="auto")
+    p = w.process(1, "p")
+    w.changes(0, p, np.arange(10), words)
+    w.tick(0)
+    later = words[:4].copy()
+    later[:, :64] = 7
+    w.changes(10**8, p, np.arange(4), later)
+    w.tick(10**8)
+    w.close()
+    data = buf.getvalue()
+    assert struct.unpack_from("<H", data, 8)[0] == 1  # version 1
+    kinds = _record_kinds(data)
+    content = [k for k in kinds if k & 0x3F == F.CONTENT]
+    # 10 initial pages in chunks of 3: 4 records, lzma; then 4 changed pages in zlib
+    assert content == [F.CONTENT | F.LZMA_BIT] * 4 + [F.CONTENT] * 2
+    t = read_trace(data)
+    assert t.complete and (t.contents[t.changes[0].ids] == words).all()
+    assert (t.contents[t.changes[1].ids] == later).all()
+    # and the same trace in zlib alone reads the same
+    buf2 = io.BytesIO()
+    write_trace(t, buf2)
+    t2 = read_trace(buf2.getvalue())
+    assert all(F.LZMA_BIT & k == 0 for k in _record_kinds(buf2.getvalue()))
+    assert (t2.contents[t2.changes[0].ids] == words).all()
 
 
 def test_size_budget_arithmetic() -> None:

@@ -312,9 +312,24 @@ def test_steady_state_means() -> None:
              "ksmd_cpu_ns": 10**8 * t, "full_scans": t, "pages_scanned": 100 * t,
              "cow_ksm": 3 * t} for t in range(11)]
     st = steady_state(rows, 10.0)
-    assert st["rows"] == 6 and st["pages_sharing"] == 15.0 and st["saved_pages"] == 15.0
+    # each row holds until the next: 2t over t = 5..9 (the row at 10 s holds 0 s)
+    assert st["rows"] == 6 and st["pages_sharing"] == 14.0 and st["saved_pages"] == 14.0
     assert st["cpu_fraction"] == pytest.approx(0.1) and st["cow_per_s"] == pytest.approx(3)
     assert st["full_scans_per_s"] == pytest.approx(1) and st["pages_scanned_per_s"] == 100
+
+
+def test_steady_state_weighs_rows_by_time() -> None:
+    """Extra rows (a replay samples at every change time too) do not change the means:
+    volatile 100 while writing (5-8 s, rows every 0.05 s), 0 after (8-10 s, every
+    0.5 s) is 60 on average over 5-10 s; the row at 4.5 s holds until 5 s."""
+    def row(t: float, vol: int) -> dict[str, float]:
+        return {"t": t, "pages_shared": 0, "pages_sharing": 0, "pages_unshared": 0,
+                "pages_volatile": vol, "ksm_zero_pages": 0, "general_profit": 0,
+                "ksmd_cpu_ns": 0, "full_scans": 0, "pages_scanned": 0}
+
+    rows = [row(4.5, 100)] + [row(5.05 + 0.05 * i, 100) for i in range(59)]
+    rows += [row(8.0 + 0.5 * i, 0) for i in range(5)]
+    assert steady_state(rows, 10.0)["pages_volatile"] == pytest.approx(60.0)
 
 
 def test_calibration_fit_recovers_a_known_model(monkeypatch) -> None:

@@ -55,9 +55,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "drawn at each page's write rate as seen while it faulted; an "
                         "estimate, for a replay whose ksmd merges other pages at other "
                         "times (default: on)")
-    p.add_argument("--compress", choices=CODECS, default="zlib",
-                   help="page contents: zlib (fast, the default) or lzma (about 1.4x "
-                        "smaller, about 5x slower)")
+    p.add_argument("--compress", choices=CODECS, default="auto",
+                   help="page contents: auto (the default: lzma for the initial pages, "
+                        "where most bytes go, zlib for the changes), zlib (fast; about "
+                        "2x bigger on process memory) or lzma (all of them)")
     p.add_argument("--nodes", type=int, default=1, help="NUMA nodes that @NODE may name")
     p.set_defaults(func=run_record)
     _one_line_errors(p)

@@ -157,11 +157,47 @@ COMPARED = ("pages_sharing", "pages_volatile", "general_profit")
 FINAL = ("pages_shared", "pages_sharing", "pages_unshared")
 
 
+def kernel_period_ns(timeline: list[dict[str, Any]], pages_to_scan: int,
+                     since: float = 0.0) -> float | None:
+    """The real ksmd's mean time from one batch to the next from ``since`` seconds on:
+    the time over the batches (pages_scanned / pages_to_scan: ksm_do_scan() counts
+    only the pages it passes to cmp_and_merge_page, as a batch's quota does)."""
+    rows = [r for r in timeline if r["t"] >= since]
+    if len(rows) < 2 or pages_to_scan <= 0:
+        return None
+    first, last = rows[0], rows[-1]
+    batches = (int(last["pages_scanned"]) - int(first["pages_scanned"])) / pages_to_scan
+    span = float(last["t"]) - float(first["t"])
+    return span * 1e9 / batches if batches >= 1 else None
+
+
+def matched_rhythm(cost: Any, period_ns: float | None, replayed_ns: float | None) -> Any:
+    """``cost`` with its wake-up delay moved so that the replay's batch period
+    (``replayed_ns``, measured on a replay with ``cost``) becomes ``period_ns`` (the
+    rhythm the real ksmd had on this machine during the run); ``cost`` as it is
+    when either is unknown. The period grows with the wake-up delay one for one as
+    long as a batch ends in the jiffy it started in."""
+    import dataclasses
+
+    if period_ns is None or replayed_ns is None:
+        return cost
+    return dataclasses.replace(cost, wake_ns=max(0, round(cost.wake_ns + period_ns
+                                                            - replayed_ns)))
+
+
 def compare(w: MovingWorkload, seconds: float, knobs: dict[str, int], cost: Any,
-            interval_ms: int = 100, machine_cls: Any = None) -> dict[str, Any]:
+            interval_ms: int = 100, machine_cls: Any = None,
+            match_rhythm: bool = False) -> dict[str, Any]:
     """``w`` under the real ksmd, recorded; the trace replayed with ``cost`` (a
     CostModel); both timelines, both steady states (the second half), and the last
-    rows (the static tail, when the workload stops writing before the end)."""
+    rows (the static tail, when the workload stops writing before the end).
+
+    ``match_rhythm``: replay with ``cost``'s wake-up delay fitted to the kernel's own
+    mean batch period over the second half (``cost_used``): on a shared machine the load
+    of the moment moves ksmd's wake-ups by up to a jiffy from run to run, and how
+    many pages stay volatile follows the scan period. ``period_ns`` (the kernel's)
+    and ``model_period_ns`` (the replay's with ``cost``) say how far the rhythm was
+    off."""
     from .format import read_trace
     from .replay import replay, steady_state
 
@@ -170,13 +206,30 @@ def compare(w: MovingWorkload, seconds: float, knobs: dict[str, int], cost: Any,
     kr = run(w, seconds, None, interval_ms, interval_ms, knobs)
     assert kr.recording is not None and kr.recording.buffer is not None
     trace = read_trace(kr.recording.buffer)
-    m = machine_cls()
-    for name, value in kr.knobs.items():
-        setattr(m.ksm, name, value)
-    m.cost_model = cost
-    rp = replay(trace, m, interval_ms)
+    pts = kr.knobs["pages_to_scan"]
     duration = trace.duration
+
+    def replay_with(cm: Any) -> Any:
+        m = machine_cls()
+        for name, value in kr.knobs.items():
+            setattr(m.ksm, name, value)
+        m.cost_model = cm
+        return replay(trace, m, interval_ms)
+
+    # the steady rhythm: the second half (the first scan, which allocates every
+    # rmap_item, is slower)
+    period = kernel_period_ns(kr.timeline, pts, duration / 2)
+    rp = replay_with(cost)
+    model_period = kernel_period_ns(rp.timeline, pts, duration / 2)
+    used = cost
+    if match_rhythm:
+        used = matched_rhythm(cost, period, model_period)
+        if used != cost:
+            rp = replay_with(used)
     return {
+        "period_ns": period,
+        "model_period_ns": model_period,
+        "cost_used": used,
         "kernel": steady_state(kr.timeline, duration),
         "replay": steady_state(rp.timeline, duration),
         "kernel_last": kr.timeline[-1] if kr.timeline else {},
@@ -186,6 +239,9 @@ def compare(w: MovingWorkload, seconds: float, knobs: dict[str, int], cost: Any,
         "disturbed": kr.disturbed,
         "load": kr.load,
         "late_samples": kr.recording.late_samples,
+        "write_faults": kr.recording.write_faults,
+        "lost_faults": kr.recording.lost_faults,
+        "imputed_writes": kr.recording.imputed_writes,
         "samples": kr.recording.samples,
         "duration": duration,
         "knobs": kr.knobs,

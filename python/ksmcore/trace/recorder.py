@@ -37,9 +37,10 @@ bytes did not change (the pfn check of the poll is then not needed). Writes that
 sample's time. Those matter to a replay whose ksmd merges pages at other times than
 the recorded kernel's (its writes to a page it merged while the kernel had not would
 be missing), so with the faults and pfns the recorder also imputes them
-(``impute_writes``, the default): pagemap, read with each poll, tells which pages the
-kernel had read-only (mapped more than once, or moved by ksmd without a fault) and
-writable; each page's write rate is its faults over its read-only time (after a
+(``impute_writes``, the default): pagemap, read with every read of the faults (each
+poll and each sample), tells which pages the kernel had read-only (mapped more than
+once: merged) and writable (faulted, or moved to a page of its own: copied on
+write); each page's write rate is its faults over its read-only time (after a
 second of it), and each interval gets Poisson(rate x writable time) writes of the
 page, with its contents, at random times (a fixed seed): an estimate that assumes
 steady writers.
@@ -381,19 +382,21 @@ class Recorder:
             why = ", ".join(f"{n} {r}" for r, n in self.skipped.items()) or "no process"
             raise EstimateError(f"nothing to record ({why}: none with candidate memory "
                                 f"this user may read)")
-        self.t0 = time.monotonic()
         for pid, node, comm, snap, pages, hashes, cache in first:
             idx = self.w.process(pid, f"pid {pid} ({comm})", node, 0)
             self.w.changes(0, idx, snap.vpns, pages, maps=snap.maps)
             self.states.append(_State(pid, idx, snap.maps, snap.vpns, hashes, snap.entries,
                                       cache=cache))
         self.w.tick(0)
+        # the clock starts once the initial pages are written (compressing a large
+        # process takes seconds): what changed meanwhile is in the first sample
+        self.t0 = time.monotonic()
 
     def sample(self) -> int:
         """Every process's changes since the last sample; returns the time (ns)."""
         t = self._now_ns()
         if self.faults is not None:
-            self._pull()
+            self._pull_and_expose()
         faults = self._faults_until(t)
         out: list[_Emit] = []
         bucket = FAULT_BUCKET_MS * 1_000_000
@@ -422,13 +425,7 @@ class Recorder:
         since the last look (shared, now exclusive at another pfn), so that a copy that
         ksmd merges again before the next sample is seen."""
         if self.faults is not None:
-            n = len(self._fault_pids)
-            self._pull()
-            if self.impute:
-                new = self._fault_pids[n:]
-                self._exposure(
-                    np.concatenate(new) if new else np.zeros(0, np.int64),
-                    np.concatenate(self._fault_vpns[n:]) if new else np.zeros(0, np.int64))
+            self._pull_and_expose()
             return
         if not self.pfns or self.method != "hash":
             return
@@ -450,12 +447,26 @@ class Recorder:
             st.entries = st.entries.copy()
             st.entries[pos[old]] = entries[old]
 
+    def _pull_and_expose(self) -> None:
+        """Read the traced write faults, and (imputing) update which pages are read-only
+        with them. Every read of the faults goes with a look at pagemap: a page copied
+        on write moves to another pfn, and only its fault tells that move from ksmd's
+        (a fault read without that look, at a sample, left the copy taken for a merge:
+        read-only while writable, its write rate underestimated)."""
+        n = len(self._fault_pids)
+        self._pull()
+        if self.impute:
+            new = self._fault_pids[n:]
+            self._exposure(
+                np.concatenate(new) if new else np.zeros(0, np.int64),
+                np.concatenate(self._fault_vpns[n:]) if new else np.zeros(0, np.int64))
+
     def _exposure(self, fpids: np.ndarray, fvpns: np.ndarray) -> None:
         """Add the time since the last poll to each page's read-only time (mapped
         read-only in the kernel: a write faults) or writable time (a write is unseen),
         then update which pages are read-only: a page written (faulted: ``fpids``,
-        ``fvpns`` since the last poll) is writable; one mapped more than once, or at
-        another pfn than before without a fault (ksmd replaced it: merged), read-only."""
+        ``fvpns`` since the last poll), or moved to a page of its own, is writable; one
+        mapped more than once (merged), read-only."""
         excl, pfnm = np.uint64(PM_EXCLUSIVE), np.uint64(PM_PFN_MASK)
         now = time.monotonic()
         for st in self.states:
@@ -482,9 +493,14 @@ class Recorder:
             pos = np.minimum(np.searchsorted(st.vpns, vpns), m - 1)
             old = st.vpns[pos] == vpns
             p, e = pos[old], entries[old]
-            # a copy on write moves the page too: only a move without a fault is ksmd's
-            moved = ((e & pfnm) != st.pfns[p]) & ~faulted[p]
-            st.ro[p[((e & excl) == 0) | moved]] = True
+            # a page ksmd merged is mapped more than once (with the KSM page's other
+            # mappers); one that moved to a page of its own was copied on write, even
+            # when its fault has not been read yet (the event can come after pagemap
+            # shows the copy)
+            shared = (e & excl) == 0
+            moved = (e & pfnm) != st.pfns[p]
+            st.ro[p[shared]] = True
+            st.ro[p[moved & ~shared]] = False
             st.pfns[p] = e & pfnm
 
     def _imputed(self, st: _State, fv: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -596,7 +612,7 @@ def record(pids: Sequence[int | tuple[int, int | None]], seconds: float,
            out: str | os.PathLike[str] | IO[bytes] | None = None,
            interval_ms: int = DEFAULT_INTERVAL_MS, mergeable_only: bool = False,
            method: str = "hash", meta: dict[str, Any] | None = None,
-           on_start: Callable[[], None] | None = None, codec: str = "zlib",
+           on_start: Callable[[], None] | None = None, codec: str = "auto",
            skip_unreadable: bool = False, fault_trace: bool | None = None,
            impute_writes: bool = True) -> RecordResult:
     """Record ``pids`` (PID or (PID, NODE)) for ``seconds`` into ``out`` (a path or a
