@@ -104,6 +104,39 @@ def test_a_sparse_write_is_stored_as_a_small_xor() -> None:
     assert (t.contents[t.changes[1].ids] == new).all()
 
 
+def test_the_writer_holds_only_the_pages_processes_hold_now() -> None:
+    """XOR bases are the pages at those addresses now: after 50 intervals of rewrites
+    (and contents that come back, and pages that go) the writer holds what the
+    processes hold, and every change still reads back exactly."""
+    rng = np.random.default_rng(5)
+    buf = io.BytesIO()
+    w = TraceWriter(buf)
+    a, b = w.process(1, "a"), w.process(2, "b")
+    first = _pages(rng, 32)
+    w.changes(0, a, np.arange(32), first)
+    w.changes(0, b, np.arange(16), first[:16])
+    w.tick(0)
+    expect = {}
+    for t in range(1, 51):
+        new = first[:8].copy()
+        new[:, t % 4096] ^= 0xFF  # near the old: stored as XORs
+        vp = np.arange(8) + (t % 3) * 8
+        if t % 10 == 0:
+            new[0] = first[31]  # a content that was seen before comes back
+        w.changes(t, a, vp, new, absent=[30] if t == 25 else ())
+        expect[t] = new
+        w.tick(t)
+        assert w.held_pages() <= 32 + 16
+    w.changes(51, b, (), exited=True)
+    w.tick(51)
+    assert w.held_pages() <= 32
+    w.close()
+    tr = read_trace(buf.getvalue())
+    for ch in tr.changes:
+        if ch.proc == a and ch.t_ns in expect and len(ch.ids):
+            assert (tr.contents[ch.ids[:8]] == expect[ch.t_ns]).all()  # (then the gone)
+
+
 def test_cut_short_anywhere_reads_whole_intervals_only() -> None:
     data, d = _small_trace()
     full = read_trace(data)

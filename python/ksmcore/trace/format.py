@@ -108,7 +108,11 @@ class TraceWriter:
         self._level = level
         self._ids: dict[bytes, int] = {}
         self._current: list[dict[int, int]] = []  # per process: vpn -> content id
-        self._pages_of_id: list[np.ndarray] = []  # content id -> its page (for XOR bases)
+        # content id -> its page, for XOR bases, while some process's page holds it
+        # (refs counts them): the writer keeps what the processes hold now, not every
+        # content it ever wrote
+        self._pages_of_id: dict[int, np.ndarray] = {}
+        self._refs: dict[int, int] = {}
         self._nprocs = 0
         self._last_t = 0
         self._ticked = False  # a TICK was written: the initial state is out
@@ -166,11 +170,13 @@ class TraceWriter:
             page = pages[i]
             key = page_key(page)
             cid = self._ids.get(key)
+            if cid is not None and cid not in self._pages_of_id:
+                self._pages_of_id[cid] = np.array(page, copy=True)  # held again
             if cid is None:
                 cid = len(self._ids)
                 self._ids[key] = cid
                 page = np.array(page, copy=True)
-                self._pages_of_id.append(page)
+                self._pages_of_id[cid] = page
                 base = cur.get(int(vpns[i]), ABSENT)
                 stored, b = page, NO_BASE
                 if base != ABSENT:
@@ -223,9 +229,24 @@ class TraceWriter:
             raise ValueError("pages must be a (len(vpns), 4096) uint8 array")
         ids = self._intern(proc, vp, pages)
         cur = self._current[proc]
-        cur.update(zip(vp.tolist(), ids.tolist(), strict=True))
+        for v, cid in zip(vp.tolist(), ids.tolist(), strict=True):
+            old = cur.get(v)
+            if old != cid:
+                cur[v] = cid
+                self._refs[cid] = self._refs.get(cid, 0) + 1
+                if old is not None:
+                    self._unref(old)
         for v in gone.tolist():
-            cur.pop(v, None)
+            old = cur.pop(v, None)
+            if old is not None:
+                self._unref(old)
+        if exited:
+            for old in cur.values():
+                self._unref(old)
+            cur.clear()
+        for cid in ids.tolist():
+            if cid not in self._refs:  # superseded within this call
+                self._pages_of_id.pop(cid, None)
         all_vpns = np.concatenate([vp, gone])
         all_ids = np.concatenate([ids, np.full(len(gone), ABSENT, np.uint32)])
         flags = (F_MAPS if maps is not None else 0) | (F_EXITED if exited else 0)
@@ -234,6 +255,18 @@ class TraceWriter:
                 + m.tobytes() + all_vpns.tobytes() + all_ids.tobytes())
         self._record(CHANGES, body)
         self._last_t = t_ns
+
+    def _unref(self, cid: int) -> None:
+        left = self._refs[cid] - 1
+        if left:
+            self._refs[cid] = left
+        else:
+            del self._refs[cid]
+            self._pages_of_id.pop(cid, None)
+
+    def held_pages(self) -> int:
+        """Pages the writer holds as XOR bases: those the processes hold now."""
+        return len(self._pages_of_id)
 
     def tick(self, t_ns: int) -> None:
         """Every change up to ``t_ns`` is written: the interval is whole."""
