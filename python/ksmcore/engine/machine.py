@@ -56,15 +56,12 @@ class Machine(SimulatedTime, ThpKnobs):
         self._thp_enabled = THP_ENABLED_DEFAULT
         self._thp_use_zero_page = THP_USE_ZERO_PAGE_DEFAULT
 
-    def _new_process(self, node: int = 0) -> Process:
-        p = Process(self, self._next_pid, node)
+    def spawn(self, node: int = 0) -> Process:
+        """A new process with an empty address space, running on ``node``."""
+        p = Process(self, self._next_pid, as_node(node, self.nodes))
         self._next_pid += 1
         self._all.append(p)
         return p
-
-    def spawn(self, node: int = 0) -> Process:
-        """A new process with an empty address space, running on ``node``."""
-        return self._new_process(as_node(node, self.nodes))
 
     def _check_images(self) -> None:
         if self.mem.images:

@@ -262,8 +262,7 @@ class Process:
 
     def fork(self) -> Process:
         mm = self._live()
-        m = self.machine
-        child = m._new_process(mm.node)
+        child = self.machine.spawn(mm.node)  # copy_process(): a new task with its own mm
         mm.dup_mmap(child.mm)
         ksm_fork(child.mm, mm)
         return child
