@@ -67,6 +67,9 @@ class Mm:
         self.pmd_table: set[int] = set()
         self.pmd_hzero: set[int] = set()
 
+    def __repr__(self) -> str:
+        return f"<ksmcore mm {self.mm_id} of pid {self.pid}{' exiting' if self.exiting else ''}>"
+
     # ---- VMAs
 
     def cover(self, start: int, end: int, err: int) -> list[tuple[Region, int, int]]:
