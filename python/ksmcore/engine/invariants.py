@@ -6,7 +6,7 @@ the recounts count what the kernel's counters count (stale stable nodes included
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,15 +51,33 @@ def _rb_black_height(rb, node: int) -> int:
 
 
 def check_invariants(m: Machine) -> None:
+    """Recount every structure and compare: the stable trees (chains), the stable
+    nodes, the rmap_items and their caches, the unstable tree's nodes, the counters,
+    the per-mm counters, the mm_slots, the page tables and frames, the folios."""
     c = m.ctx
     mem = m.mem
-    n_slots = mem.nr_slots
-    sl = {k: v[:n_slots] for k, v in mem.slots.items()}
-    frames = mem.frames
-    stable = c.stable
-    valid = lambda i: frames["frame_stable"][stable[i].kpfn] == i  # noqa: E731
+    sl = {k: v[: mem.nr_slots] for k, v in mem.slots.items()}
+    flags = sl["ri_flags"].astype(np.int64)
+    seen_in_tree = _check_stable_trees(c, mem)
+    recount = _check_stable_nodes(c, mem, seen_in_tree, sl)
+    _check_rmap_items(c, mem, sl, flags, recount["stable_items"])
+    _check_unstable_tree(c, mem, sl, flags)
+    _check_counters(c, sl, flags, recount)
+    _check_mm_counters(mem, sl, flags)
+    _check_mm_slots(m)
+    counts = _check_frames(c, mem, sl)
+    _check_folios(c, mem, counts, len(mem.chunks) << 12)
 
-    # the stable trees: kernel red-black shape and memcmp order of live contents
+
+def _valid(c: Any, mem: Memory, node: int) -> bool:
+    """The stable node is not stale: its frame still names it (get_ksm_page())."""
+    return bool(mem.frames["frame_stable"][c.stable[node].kpfn] == node)
+
+
+def _check_stable_trees(c: Any, mem: Memory) -> set[int]:
+    """The stable trees: kernel red-black shape and memcmp order of live contents
+    (a chain by its live dups). Returns the nodes in the trees."""
+    stable = c.stable
     seen_in_tree: set[int] = set()
     for nid in range(64):
         root = c.root_stable_tree[nid]
@@ -76,45 +94,64 @@ def check_invariants(m: Machine) -> None:
             sn = stable[node]
             _check(sn.head == lib.KSM_HEAD_TREE, f"tree node {node} has head {sn.head}")
             _check(sn.nid == nid, f"stable node {node} is in tree {nid} but has nid {sn.nid}")
-            live = [d for d in _dups(c, node) if valid(d)] if _is_chain(c, node) else (
-                [node] if valid(node) else [])
+            live = [d for d in _dups(c, node) if _valid(c, mem, d)] if _is_chain(c, node) \
+                else ([node] if _valid(c, mem, node) else [])
             if live:
                 content = bytes(mem.page(stable[live[0]].kpfn))
                 if prev is not None:
                     _check(prev < content, f"stable tree {nid} out of memcmp order at {node}")
                 prev = content
             node = lib.ksm_rb_next(c.stable_rb, node)
+    return seen_in_tree
 
-    # every stable node in use: where it is, its rmap_items, the counters it makes
-    shared = sharing = chains = dups = 0
+
+def _check_chain(c: Any, node: int, seen_in_tree: set[int]) -> None:
+    """A stable_node_chain: in a tree, and its dups link back to it."""
+    _check(node in seen_in_tree, f"chain {node} not in a tree")
+    for d in _dups(c, node):
+        _check(c.stable[d].head == lib.KSM_HEAD_DUP and c.stable[d].chain == node,
+               f"dup {d} of chain {node} badly linked")
+
+
+def _migrate_nodes(c: Any) -> set[int]:
+    """The nodes on migrate_nodes, each marked as on it."""
     migrate = set()
     i = c.migrate_nodes
     while i != NIL:
-        _check(stable[i].head == lib.KSM_HEAD_MIGRATE, f"node {i} on migrate_nodes with bad head")
+        _check(c.stable[i].head == lib.KSM_HEAD_MIGRATE,
+               f"node {i} on migrate_nodes with bad head")
         migrate.add(i)
-        i = stable[i].next
-    stable_items = 0
+        i = c.stable[i].next
+    return migrate
+
+
+def _check_stable_nodes(c: Any, mem: Memory, seen_in_tree: set[int],
+                        sl: dict[str, np.ndarray]) -> dict[str, int]:
+    """Every stable node in use: where it is, its stale mark, its node, its hlist of
+    rmap_items. Returns the counters they make (and the items on hlists)."""
+    stable = c.stable
+    migrate = _migrate_nodes(c)
+    out = {"pages_shared": 0, "pages_sharing": 0, "stable_node_chains": 0,
+           "stable_node_dups": 0, "stable_items": 0}
     for node in range(c.stable_used):
         sn = stable[node]
         if sn.head == lib.KSM_HEAD_FREE:
             continue
         if _is_chain(c, node):
-            chains += 1
-            _check(node in seen_in_tree, f"chain {node} not in a tree")
-            for d in _dups(c, node):
-                _check(stable[d].head == lib.KSM_HEAD_DUP and stable[d].chain == node,
-                       f"dup {d} of chain {node} badly linked")
+            out["stable_node_chains"] += 1
+            _check_chain(c, node, seen_in_tree)
             continue
+        valid = _valid(c, mem, node)
         # the stale mark is get_ksm_page()'s test: the frame no longer names the node
-        _check(bool(sn.stale) != valid(node),
+        _check(bool(sn.stale) != valid,
                f"stable node {node}: stale is {sn.stale} but its frame says otherwise")
         if sn.head == lib.KSM_HEAD_DUP:
-            dups += 1
+            out["stable_node_dups"] += 1
         elif sn.head == lib.KSM_HEAD_TREE:
             _check(node in seen_in_tree, f"stable node {node} says tree but is not in one")
         else:
             _check(node in migrate, f"stable node {node} says migrate but is not listed")
-        if (not c.merge_across_nodes and sn.head != lib.KSM_HEAD_MIGRATE and valid(node)
+        if (not c.merge_across_nodes and sn.head != lib.KSM_HEAD_MIGRATE and valid
                 and not sn.migrated):
             # only a migration ksmd has not met yet leaves a page in another node's tree
             _check(mem.frame_nid(sn.kpfn) == sn.nid,
@@ -125,56 +162,73 @@ def check_invariants(m: Machine) -> None:
             _check(sl["ri_flags"][s] & lib.KSM_STABLE_FLAG and sl["ri_head"][s] == node,
                    f"slot {s} on node {node}'s hlist is not a stable item of it")
             count += 1
-            s = sl["ri_hnext"][s]
+            s = int(sl["ri_hnext"][s])
         _check(count == sn.rmap_hlist_len,
                f"node {node}: rmap_hlist_len {sn.rmap_hlist_len} != {count}")
-        stable_items += count
+        out["stable_items"] += count
         if count:
-            shared += 1
-            sharing += count - 1
-    flags = sl["ri_flags"].astype(np.int64)
+            out["pages_shared"] += 1
+            out["pages_sharing"] += count - 1
+    return out
+
+
+def _check_rmap_items(c: Any, mem: Memory, sl: dict[str, np.ndarray], flags: np.ndarray,
+                      stable_items: int) -> None:
+    """rmap_items: the stable ones are all on stable nodes, a freed one keeps no flag,
+    and a fresh cached checksum (oldchecksum) is the checksum of the page mapped now."""
     exists = (flags & lib.KSM_ITEM_EXISTS) != 0
     _check(stable_items == int(((flags & lib.KSM_STABLE_FLAG) != 0).sum()),
            "stable rmap_items not all on stable nodes")
     slot_bits = lib.KSM_SLOT_VM_MERGEABLE
     _check(not (((flags & ~slot_bits) != 0) & ~exists).any(), "flags on a freed rmap_item")
-    # the checksum cache: a fresh oldchecksum is the checksum of the page mapped now
     pte_all = sl["pte"]
     fresh = np.nonzero(((flags & lib.KSM_SLOT_CSUM_FRESH) != 0) & (pte_all > 0))[0]
     for s in fresh:
         page = mem.page(int(pte_all[s]))
         _check(lib.calc_checksum(ffi.from_buffer(page)) == sl["ri_oldchecksum"][s],
                f"slot {s}: the cached checksum is not the page's")
-    # the unstable nodes' prefix cache: an item of this round whose page was not
-    # written since (its checksum fresh) has the prefix its node recorded
-    if c.ucount:
-        uslot = np.frombuffer(ffi.buffer(c.uslot, 4 * c.ucount), dtype=np.int32)
-        uprefix = np.frombuffer(ffi.buffer(c.uprefix, 8 * c.ucount), dtype=np.uint64)
-        in_tree = ((flags & lib.KSM_UNSTABLE_FLAG) != 0) & \
-            ((flags & lib.KSM_SEQNR_MASK) == (c.seqnr & lib.KSM_SEQNR_MASK))
-        fresh_in_tree = in_tree & ((flags & lib.KSM_SLOT_CSUM_FRESH) != 0) & (pte_all > 0)
-        for s in np.nonzero(fresh_in_tree)[0]:
-            tn = int(sl["ri_head"][s])
-            if 0 <= tn < c.ucount and uslot[tn] == s:
-                page = mem.page(int(pte_all[s]))
-                _check(int(uprefix[tn]) == int.from_bytes(bytes(page[:8]), "big"),
-                       f"slot {s}: unstable node {tn} has a stale prefix")
-        # nodes inserted since the last change outside the scan: their pages are still
-        # mapped, mergeable and unwritten (a walk trusts their prefix without looking)
-        for tn in range(max(c.uquiet_from, 0), c.ucount):
-            s = int(uslot[tn])
-            if not (in_tree[s] and sl["ri_head"][s] == tn):
-                continue  # no longer in the tree
-            _check(bool(flags[s] & lib.KSM_SLOT_VM_MERGEABLE) and pte_all[s] >= 0,
-                   f"quiet unstable node {tn}: slot {s} unmapped or not mergeable")
-            page = mem.page(int(pte_all[s]))
+
+
+def _check_unstable_tree(c: Any, mem: Memory, sl: dict[str, np.ndarray],
+                         flags: np.ndarray) -> None:
+    """The unstable nodes' prefix cache: an item of this round whose page was not
+    written since (its checksum fresh) has the prefix its node recorded."""
+    if not c.ucount:
+        return
+    pte_all = sl["pte"]
+    uslot = np.frombuffer(ffi.buffer(c.uslot, 4 * c.ucount), dtype=np.int32)
+    uprefix = np.frombuffer(ffi.buffer(c.uprefix, 8 * c.ucount), dtype=np.uint64)
+    in_tree = ((flags & lib.KSM_UNSTABLE_FLAG) != 0) & \
+        ((flags & lib.KSM_SEQNR_MASK) == (c.seqnr & lib.KSM_SEQNR_MASK))
+    fresh_in_tree = in_tree & ((flags & lib.KSM_SLOT_CSUM_FRESH) != 0) & (pte_all > 0)
+    for fs in np.nonzero(fresh_in_tree)[0]:
+        tn = int(sl["ri_head"][fs])
+        if 0 <= tn < c.ucount and uslot[tn] == fs:
+            page = mem.page(int(pte_all[fs]))
             _check(int(uprefix[tn]) == int.from_bytes(bytes(page[:8]), "big"),
-                   f"quiet unstable node {tn}: slot {s} was written")
+                   f"slot {fs}: unstable node {tn} has a stale prefix")
+    # nodes inserted since the last change outside the scan: their pages are still
+    # mapped, mergeable and unwritten (a walk trusts their prefix without looking)
+    for tn in range(max(c.uquiet_from, 0), c.ucount):
+        s = int(uslot[tn])
+        if not (in_tree[s] and sl["ri_head"][s] == tn):
+            continue  # no longer in the tree
+        _check(bool(flags[s] & lib.KSM_SLOT_VM_MERGEABLE) and pte_all[s] >= 0,
+               f"quiet unstable node {tn}: slot {s} unmapped or not mergeable")
+        page = mem.page(int(pte_all[s]))
+        _check(int(uprefix[tn]) == int.from_bytes(bytes(page[:8]), "big"),
+               f"quiet unstable node {tn}: slot {s} was written")
+
+
+def _check_counters(c: Any, sl: dict[str, np.ndarray], flags: np.ndarray,
+                    recount: dict[str, int]) -> None:
+    """The global counters of /sys/kernel/mm/ksm (and the THP split count)."""
+    exists = (flags & lib.KSM_ITEM_EXISTS) != 0
     for name, want in (
-        ("pages_shared", shared),
-        ("pages_sharing", sharing),
-        ("stable_node_chains", chains),
-        ("stable_node_dups", dups),
+        ("pages_shared", recount["pages_shared"]),
+        ("pages_sharing", recount["pages_sharing"]),
+        ("stable_node_chains", recount["stable_node_chains"]),
+        ("stable_node_dups", recount["stable_node_dups"]),
         ("pages_unshared", int(((flags & lib.KSM_UNSTABLE_FLAG) != 0).sum())),
         ("rmap_items", int(exists.sum())),
         ("ksm_zero_pages", int((sl["pte"] == lib.KSM_PTE_ZERO).sum())),
@@ -182,8 +236,11 @@ def check_invariants(m: Machine) -> None:
     ):
         _check(getattr(c, name) == want, f"{name} is {getattr(c, name)}, a recount gives {want}")
 
-    # per mm counters
-    mm_ids = np.repeat(mem.slot_mm, 64)[:n_slots]
+
+def _check_mm_counters(mem: Memory, sl: dict[str, np.ndarray], flags: np.ndarray) -> None:
+    """The per-mm counters (ksm_stat) against the slots each mm owns."""
+    exists = (flags & lib.KSM_ITEM_EXISTS) != 0
+    mm_ids = np.repeat(mem.slot_mm, 64)[: mem.nr_slots]
     nmm = mem.nr_mm
     per_mm = {
         "mm_rmap_items": np.bincount(mm_ids[exists], minlength=nmm),
@@ -197,7 +254,28 @@ def check_invariants(m: Machine) -> None:
         _check(np.array_equal(got, recount[:nmm]),
                f"{name} per mm {got} != recount {recount[:nmm]}")
 
-    # page tables and frames: mapcounts, no mapping of a free frame, KSM marks
+
+def _check_mm_slots(m: Machine) -> None:
+    """ksmd's mm_slot list: each mm at most once and MMF_VM_MERGEABLE; the cursor on
+    it (or at its head); an mm with rmap_items keeps its slot until ksmd frees them."""
+    ksmd = m.ksm.ksmd
+    mms = [slot.mm for slot in ksmd.mm_slots]
+    _check(len({id(mm) for mm in mms}) == len(mms), "an mm has two mm_slots")
+    for mm in mms:
+        _check(mm.ksm_registered, f"mm of process {mm.pid} has a slot but not MMF_VM_MERGEABLE")
+    _check(ksmd.cursor is None or any(s is ksmd.cursor for s in ksmd.mm_slots),
+           "ksm_scan.mm_slot is not on the list")
+    slotted = {mm.mm_id for mm in mms}
+    items = m.mem.mm["mm_rmap_items"][: m.mem.nr_mm]
+    for mm_id in np.nonzero(items)[0]:
+        _check(int(mm_id) in slotted, f"mm {mm_id} has rmap_items but no mm_slot")
+
+
+def _check_frames(c: Any, mem: Memory, sl: dict[str, np.ndarray]) -> np.ndarray:
+    """Page tables and frames: mapcounts, no mapping of a free frame, KSM marks.
+    Returns the PTEs per frame."""
+    stable = c.stable
+    frames = mem.frames
     pte = sl["pte"]
     mapped = pte[pte >= 0]
     nframes = len(mem.chunks) << 12
@@ -211,7 +289,7 @@ def check_invariants(m: Machine) -> None:
         _check(stable[node].head != lib.KSM_HEAD_FREE and stable[node].kpfn == f,
                f"frame {f} names stable node {node}, which does not name it")
         _check(counts[f] > 0, f"KSM frame {f} is not mapped")
-    _check_folios(c, mem, counts, nframes)
+    return counts
 
 
 def _check_folios(c, mem: Memory, counts: np.ndarray, nframes: int) -> None:

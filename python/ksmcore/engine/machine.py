@@ -6,9 +6,7 @@ import errno
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from .._native import lib, ptr
+from .._native import lib
 from ..checks import MAX_PAGES, as_int, as_node
 from ..constants import FIRST_PID
 from ..errors import ksm_error
@@ -24,7 +22,7 @@ from ..thp import (
 )
 from ..timing import CostModel
 from ..tracing import Tracer
-from .ksmd import Ksm
+from .ksm import Ksm
 from .memory import CHUNK_PAGES, Memory
 from .process import Process
 
@@ -54,21 +52,16 @@ class Machine(SimulatedTime, ThpKnobs):
         self.ctx: Any = self.mem.ctx
         self.ksm = Ksm(self)
         self._all: list[Process] = []
-        self._mms: dict[int, Process] = {}  # mm id -> its process (or an mm left by exec)
         self._next_pid = FIRST_PID
         self._thp_enabled = THP_ENABLED_DEFAULT
         self._thp_use_zero_page = THP_USE_ZERO_PAGE_DEFAULT
 
-    def _new_process(self, node: int = 0) -> Process:
-        p = Process(self, self._next_pid, node)
-        self._next_pid += 1
-        self._all.append(p)
-        self._mms[p.mm_id] = p
-        return p
-
     def spawn(self, node: int = 0) -> Process:
         """A new process with an empty address space, running on ``node``."""
-        return self._new_process(as_node(node, self.nodes))
+        p = Process(self, self._next_pid, as_node(node, self.nodes))
+        self._next_pid += 1
+        self._all.append(p)
+        return p
 
     def _check_images(self) -> None:
         if self.mem.images:
@@ -93,25 +86,25 @@ class Machine(SimulatedTime, ThpKnobs):
     # ---- simulated time: the API is ksmcore.simclock.SimulatedTime's
 
     def _clock_now(self) -> int:
-        return int(self.ksm._clock_ns)
+        return self.ksm.ksmd.clock_ns
 
     def _clock_move(self, ns: int) -> None:
-        self.ksm._set_clock(ns)
+        self.ksm.ksmd.clock_ns = ns
 
     def _cost(self) -> CostModel:
-        return self.ksm._cost
+        return self.ksm.ksmd.cost
 
     def _set_cost(self, value: CostModel) -> None:
-        self.ksm._cost = value
+        self.ksm.ksmd.cost = value
 
     def _cpu_ns(self) -> int:
-        return int(self.ksm._cpu_ns)
+        return self.ksm.ksmd.ksmd_cpu_ns
 
     def _tracer(self) -> Tracer:
-        return self.ksm._trace
+        return self.ksm.ksmd.tracer
 
     def _scan_thread(self, ns: int) -> None:
-        self.ksm._run_for(ns)
+        self.ksm.ksmd.ksm_scan_thread(ns)
 
     # ---- transparent huge pages (ksmcore.thp)
 
@@ -151,14 +144,4 @@ class Machine(SimulatedTime, ThpKnobs):
             if frames["frame_mapcount"][pfn] <= 0:
                 raise ksm_error(errno.EINVAL, f"page frame {pfn} was zero-filled: the "
                                               "split mapped the zero page instead")
-        return self._migrate([pfn], node)[0]
-
-    def _migrate(self, pfns: list[int], node: int) -> list[int]:
-        if not pfns:
-            return []
-        self.mem.ensure_free(node, len(pfns))
-        new = np.array([lib.ksm_frame_alloc(self.ctx, node) for _ in pfns], dtype=np.int32)
-        old = np.asarray(pfns, dtype=np.int32)
-        remap = np.full(len(self.mem.chunks) * CHUNK_PAGES, -1, dtype=np.int32)
-        lib.ksm_migrate_frames(self.ctx, ptr(old), ptr(new), len(old), ptr(remap))
-        return new.tolist()
+        return self.mem.migrate_pages([pfn], node)[0]

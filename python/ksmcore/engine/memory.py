@@ -251,3 +251,17 @@ class Memory:
                 self.mm[name] = grown
             self._refresh()
         return mm_id
+
+    # ---- migration
+
+    def migrate_pages(self, pfns: list[int], node: int) -> list[int]:
+        """migrate_pages(): move each frame of ``pfns`` to a new frame on ``node``;
+        every mapping follows. Returns the new pfns."""
+        if not pfns:
+            return []
+        self.ensure_free(node, len(pfns))
+        new = np.array([lib.ksm_frame_alloc(self.ctx, node) for _ in pfns], dtype=np.int32)
+        old = np.asarray(pfns, dtype=np.int32)
+        remap = np.full(len(self.chunks) * CHUNK_PAGES, -1, dtype=np.int32)
+        lib.ksm_migrate_frames(self.ctx, ptr(old), ptr(new), len(old), ptr(remap))
+        return list(new.tolist())

@@ -8,59 +8,30 @@ from __future__ import annotations
 
 import errno
 
-from ..constants import COUNTERS, KSM_RUN_UNMERGE, PAGE_SIZE, SIZEOF_RMAP_ITEM
+from ..constants import COUNTERS, PAGE_SIZE, SIZEOF_RMAP_ITEM
 from ..errors import ksm_error
-from ..knobs import check_file, parse_knob, sysfs_buffer
+from ..sysfs_store import ksm_sysfs_store
 from .scan import ScanOps
 
 
 class Ksm(ScanOps):
     """KSM with its sysfs interface."""
 
-    # ---- sysfs stores -------------------------------------------------------------
+    # ---- sysfs stores (ksmcore.sysfs_store) -----------------------------------------
 
     def store(self, name: str, text: str | bytes) -> None:
-        """write(2) of ``text`` to /sys/kernel/mm/ksm/``name``: open (ENOENT, EACCES),
-        the bytes the store sees (none for an empty write), then the store's own
-        checks in the kernel's order. Raises OSError; a rejected write changes
-        nothing, except that an EBUSY from remove_all_stable_nodes() keeps the
-        removals it managed (as in the kernel)."""
-        check_file(name, write=True, files=self.mem.profile.sysfs_files)
-        buf = sysfs_buffer(text)
-        if buf is None:
-            return
-        if name == "pages_to_scan" and self.knobs["advisor_mode"] != "none":
-            raise ksm_error(errno.EINVAL, "pages_to_scan is set by the advisor")
-        value = parse_knob(name, buf)
-        if name == "run":
-            if value != self.knobs["run"]:
-                self.knobs["run"] = value
-                if int(value) & KSM_RUN_UNMERGE:
-                    self.unmerge_and_remove_all_rmap_items()
-        elif name == "merge_across_nodes":
-            if value != self.knobs["merge_across_nodes"]:
-                if self.ksm_pages_shared or self.remove_all_stable_nodes():
-                    raise ksm_error(errno.EBUSY, "KSM pages exist")
-                self.knobs["merge_across_nodes"] = value
-                self.ksm_nr_node_ids = 1 if value else self.nr_node_ids
-        elif name == "max_page_sharing":
-            if value == self.knobs["max_page_sharing"]:
-                return
-            if self.ksm_pages_shared or self.remove_all_stable_nodes():
-                raise ksm_error(errno.EBUSY, "KSM pages exist")
-            self.knobs["max_page_sharing"] = value
-        elif name == "advisor_mode":
-            if value != self.knobs["advisor_mode"]:
-                self.knobs["advisor_mode"] = value
-                self.set_advisor_defaults()
-        elif name == "sleep_millisecs":
-            # wake_up_interruptible(&ksm_iter_wait): a sleeping ksmd wakes at once if
-            # the value it sleeps on changed
-            if self.ksmd_wake is not None and value != self.knobs[name]:
-                self.ksmd_wake = self.clock_ns
-            self.knobs[name] = value
-        else:
-            self.knobs[name] = value
+        """write(2) of ``text`` to /sys/kernel/mm/ksm/``name`` (ksm_sysfs_store)."""
+        ksm_sysfs_store(self, self.mem.profile.sysfs_files, name, text)
+
+    def stable_nodes_busy(self) -> bool:
+        """ksm_pages_shared || remove_all_stable_nodes(): whether merge_across_nodes
+        or max_page_sharing must refuse to change (EBUSY)."""
+        return bool(self.ksm_pages_shared or self.remove_all_stable_nodes())
+
+    def knob_stored(self, name: str, value: int | str) -> None:
+        """A knob just changed: merge_across_nodes sets how many trees there are."""
+        if name == "merge_across_nodes":
+            self.ksm_nr_node_ids = 1 if value else self.nr_node_ids
 
     # ---- counters -----------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 
 from ..constants import KSM_RUN_UNMERGE, PAGE_SIZE, SKIP_MIN_AGE, ZERO_PFN
+from ..scan_thread import ksm_scan_thread
 from ..tracing import scan_event
 from .advisor import AdvisorOps
 from .ksm_structs import MmSlot, RmapItem
@@ -204,38 +205,8 @@ class ScanOps(AdvisorOps):
         self.ksmd_cpu_ns += ns
 
     def ksm_scan_thread(self, duration_ns: int) -> None:
-        """ksm_scan_thread() for duration_ns of simulated time: while ksmd should
-        run, ksm_do_scan(pages_to_scan) then a sleep of sleep_millisecs (whole
-        jiffies); otherwise a wait for work. A batch started before the end ends."""
-        end = self.clock_ns + duration_ns
-        while True:
-            if self.ksmd_wake is None:  # wait_event_freezable(ksm_thread_wait, ...)
-                if not self.ksmd_should_run():
-                    break
-                self.ksmd_wake = self.clock_ns  # woken when work appeared
-            if self.ksmd_wake >= end:
-                break
-            self.clock_ns = max(self.clock_ns, self.ksmd_wake)
-            if int(self.knobs["pages_to_scan"]) == 0 and self.ksmd_should_run():
-                # ksm_do_scan(0) changes nothing but time: all the wake-ups until the
-                # end at once (with sleep_millisecs 0 they would be countless)
-                period = round(self.cost.period(0, int(self.knobs["sleep_millisecs"])))
-                wakeups = max(1, -(-(end - self.clock_ns) // period))  # one is due now
-                self.ksmd_cpu_ns += wakeups * self.cost.batch_ns
-                last = self.clock_ns + (wakeups - 1) * period
-                self.clock_ns = last + self.cost.batch_ns
-                self.ksmd_wake = last + period
-                continue
-            start = self.clock_ns
-            if self.ksmd_should_run():
-                self.ksm_do_scan(int(self.knobs["pages_to_scan"]))
-            if self.ksmd_should_run():
-                sleep_ms = int(self.knobs["sleep_millisecs"])
-                # msecs_to_jiffies() and schedule_timeout() (CostModel.wake)
-                self.ksmd_wake = self.cost.wake(start, self.clock_ns, sleep_ms)
-            else:
-                self.ksmd_wake = None
-        self.clock_ns = max(self.clock_ns, end)
+        """ksm_scan_thread() for duration_ns of simulated time (ksmcore.scan_thread)."""
+        ksm_scan_thread(self, duration_ns)
 
     # ---- registration -------------------------------------------------------------
 
