@@ -487,7 +487,7 @@ static void free_rmap_item(struct ksm_ctx *c, int64_t s)
     c->mm_rmap_items[SLOT_MM(c, s)]--;
 }
 
-void ksm_remove_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi)
+void remove_trailing_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi)
 {
     unstable_tree_disturbed(c);
     /* remove_trailing_rmap_items() and get_next_rmap_item()'s removal of items

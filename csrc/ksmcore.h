@@ -21,7 +21,7 @@
 /* The version of this API: raise it with every change between CFFI-BEGIN and
  * CFFI-END that Python must follow; python/ksmcore/_native.py refuses a library
  * built for another. */
-#define KSMCORE_ABI_VERSION 5
+#define KSMCORE_ABI_VERSION 6
 #define KSM_PAGE_SIZE 4096
 #define KSM_MAX_NUMNODES 64
 #define KSM_NIL -1
@@ -410,10 +410,12 @@ void ksm_copy_out(const struct ksm_ctx *c, int64_t slot, size_t offset, uint8_t 
  */
 int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget, int64_t *next);
 /**
- * ksm_remove_rmap_items - free the rmap_items of [@lo, @hi), taking them out of the
- * trees (pages no longer in a VM_MERGEABLE VMA, or in no VMA, as the scan passes).
+ * remove_trailing_rmap_items - free the rmap_items of [@lo, @hi), taking them out of the
+ * trees: the kernel's for the rest of an mm's rmap_list, here for a run of slots
+ * (pages no longer in a VM_MERGEABLE VMA, or in no VMA, as the scan passes; an
+ * exited mm's; every mm's at run=2).
  */
-void ksm_remove_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi);
+void remove_trailing_rmap_items(struct ksm_ctx *c, int64_t lo, int64_t hi);
 /**
  * ksm_start_round - the start of a full scan in scan_get_next_rmap_item(): prune the
  * stale migrate_nodes (merge_across_nodes 0) and reset every unstable tree.

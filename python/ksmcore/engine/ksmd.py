@@ -335,7 +335,7 @@ class Ksmd:
             else:
                 # items of pages no longer in a mergeable VMA go as the scan passes
                 lo = max(self.address, r.start)
-                lib.ksm_remove_rmap_items(c, r.slot(lo), r.slot(r.end))
+                lib.remove_trailing_rmap_items(c, r.slot(lo), r.slot(r.end))
                 self.drain()
                 if not r.live and lo == r.start:
                     mm.dead.remove(r)
@@ -345,7 +345,7 @@ class Ksmd:
         """remove_trailing_rmap_items() from the mm's first item: all of them go."""
         c = self.ctx
         for r in mm.regions():
-            lib.ksm_remove_rmap_items(c, r.slot_base, r.slot(r.end))
+            lib.remove_trailing_rmap_items(c, r.slot_base, r.slot(r.end))
             self.drain()
         mm.dead = []
 
