@@ -1115,16 +1115,16 @@ static int should_skip_rmap_item(struct ksm_ctx *c, int64_t s, int32_t page)
     return 1;
 }
 
-/* The next slot's page when it will be compared rather than hashed (its checksum is
- * cached, or it is a KSM page), else NULL: ksm_scan_range() starts reading it while
- * this slot is merged. Equal pages are compared whole, and the hardware prefetcher
- * stops at every 4 KiB page; a page about to be hashed is streamed fast enough by the
- * hash. (The prefetch loop stays in the caller: GCC drops a call to a function that
+/* A slot's page when it will be compared rather than hashed (its checksum is cached;
+ * a KSM page is passed over as already accounted), else NULL: ksm_scan_range()
+ * starts reading it ahead. Equal pages are compared whole, and the hardware
+ * prefetcher stops at every 4 KiB page; a page about to be hashed is streamed fast
+ * enough by the hash. (The prefetch loop stays in the caller: GCC drops a call to a function that
  * only prefetches, as having no effect.) */
 static inline const uint8_t *page_to_prefetch(const struct ksm_ctx *c, int64_t s)
 {
     int32_t page = c->pte[s];
-    if (page < 0 || !((c->ri_flags[s] & KSM_SLOT_CSUM_FRESH) || frame_is_ksm(c, page)))
+    if (page < 0 || !(c->ri_flags[s] & KSM_SLOT_CSUM_FRESH) || frame_is_ksm(c, page))
         return NULL;
     return page_address(c, page);
 }
@@ -1148,6 +1148,12 @@ static void ksm_batch_end(struct ksm_ctx *c, int last)
     c->batch_done = 0;
     c->jiffies = (uint64_t)c->batch_clock_ns / 1000000u; /* HZ=1000 */
 }
+
+/* how many pages ahead ksm_scan_range() starts reading a page's first line: far
+ * enough for its page walk and cache miss to finish while the pages between are
+ * merged (each page is read from a new page of memory, which the hardware
+ * prefetcher does not cross into) */
+#define PREFETCH_AHEAD 8
 
 int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget, int64_t *next)
 {
@@ -1177,6 +1183,11 @@ int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget
         }
         if (should_skip_rmap_item(c, s, page))
             continue;
+        if (s + PREFETCH_AHEAD < hi) {
+            const uint8_t *far = page_to_prefetch(c, s + PREFETCH_AHEAD);
+            if (far)
+                __builtin_prefetch(far, 0, 1); /* its prefix, read by both tree walks */
+        }
         const uint8_t *ahead = s + 1 < hi ? page_to_prefetch(c, s + 1) : NULL;
         if (ahead) {
             /* the whole page when the last one merged (runs of equal pages are
