@@ -8,10 +8,8 @@ import os
 import sys
 from typing import Any
 
-from ..trace.format import CODECS
-from ..trace.recorder import DEFAULT_INTERVAL_MS, record
+from ..trace.format import CODECS, DEFAULT_INTERVAL_MS
 from .errors import EXIT_USAGE, EstimateError
-from .procmem import readable_pids
 from .sources import check_node
 
 
@@ -83,6 +81,8 @@ def _targets(args: argparse.Namespace) -> list[tuple[int, int | None]]:
         check_node(node, args.nodes, f"--pid {pid}")
     if args.all:
         uid = _uid(args.user) if args.user else None
+        from .procmem import readable_pids
+
         pids = [(pid, None) for pid in readable_pids(uid)]
     parent = os.path.dirname(os.path.abspath(args.output))
     if os.path.isdir(args.output) or not os.access(parent, os.W_OK):
@@ -91,6 +91,8 @@ def _targets(args: argparse.Namespace) -> list[tuple[int, int | None]]:
 
 
 def record_report(args: argparse.Namespace) -> str:
+    from ..trace.recorder import record  # the tracing and sampling machinery, when used
+
     pids = _targets(args)
     method = "soft-dirty" if args.soft_dirty else "hash"
     try:

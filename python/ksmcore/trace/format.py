@@ -52,6 +52,7 @@ MAX_RECORD = 1 << 31  # a length past this is damage, not a record
 LZMA_BIT = 0x80  # in the type byte: the body is lzma- (xz-) compressed, not zlib
 STORED_BIT = 0x40  # in the type byte: the body is stored as it is (incompressible)
 CODECS = ("auto", "zlib", "lzma")
+DEFAULT_INTERVAL_MS = 100  # ksmcore record's sampling interval
 # lzma for memory: LZMA2 at preset 0 (fast), its literal and match positions in
 # 8-byte words (pb=lp=3, lc=0), as heaps hold 64-bit pointers and counters: 5-10%
 # smaller than plain preset 0 on the live heaps of node, java and python here. A

@@ -84,11 +84,10 @@ from ..estimate.procmem import (
     zero_pfn,
 )
 from .faults import FaultTraceUnavailable, WriteFaults
-from .format import TraceWriter
+from .format import DEFAULT_INTERVAL_MS, TraceWriter
 
 PM_SOFT_DIRTY = 1 << 55
 METHODS = ("hash", "soft-dirty")
-DEFAULT_INTERVAL_MS = 100
 POLL_S = 0.02  # pagemap polls (or fault-trace reads) between samples, as root
 FAULT_BUCKET_MS = 10  # write faults are recorded at their time rounded up to this
 
