@@ -88,13 +88,7 @@ def run_once(seconds: float, trace: Path) -> dict[str, Any]:
         kpid = kernelrun.ksmd_pid()
         disturbed: set[int] = set()
         try:
-            kernel._reset()
-            kernel._write("advisor_mode", "none")
-            for name in ("merge_across_nodes", "max_page_sharing"):
-                kernel._write(name, KNOBS[name])
-            for name, value in KNOBS.items():
-                if name not in ("merge_across_nodes", "max_page_sharing"):
-                    kernel._write(name, value)
+            kernelrun.set_knobs(KNOBS)
             with Running(w) as procs:
                 cmd = ["ksmcore", "record", "--mergeable-only", "--seconds", str(seconds),
                        "-o", str(trace)] + [a for pid in procs.pids for a in ("--pid", str(pid))]

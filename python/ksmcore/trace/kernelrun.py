@@ -71,6 +71,20 @@ KNOBS = {"max_page_sharing": 256, "merge_across_nodes": 1, "use_zero_pages": 0,
          "pages_to_scan": 100, "sleep_millisecs": 20, "smart_scan": 1}
 
 
+def set_knobs(want: dict[str, int]) -> None:
+    """The real ksmd from a clean state (run=2, then stopped) with ``want`` written:
+    merge_across_nodes and max_page_sharing first (the kernel takes them only while no
+    KSM page exists), the advisor off. The caller holds kernel_lock and restores the
+    knobs it saved."""
+    kernel._reset()
+    kernel._write("advisor_mode", "none")
+    for name in ("merge_across_nodes", "max_page_sharing"):
+        kernel._write(name, want[name])
+    for name, value in want.items():
+        if name not in ("merge_across_nodes", "max_page_sharing"):
+            kernel._write(name, value)
+
+
 def run(w: MovingWorkload, seconds: float, out: str | os.PathLike[str] | IO[bytes] | None,
         interval_ms: int = 100, sample_ms: int = 100, knobs: dict[str, int] | None = None,
         settle_s: float = 0.0) -> KernelRun:
@@ -91,13 +105,7 @@ def run(w: MovingWorkload, seconds: float, out: str | os.PathLike[str] | IO[byte
         sampler: threading.Thread | None = None
         kpid = ksmd_pid()
         try:
-            kernel._reset()
-            kernel._write("advisor_mode", "none")
-            for name in ("merge_across_nodes", "max_page_sharing"):
-                kernel._write(name, want[name])
-            for name, value in want.items():
-                if name not in ("merge_across_nodes", "max_page_sharing"):
-                    kernel._write(name, value)
+            set_knobs(want)
             with Running(w) as procs:
 
                 def sample() -> None:
