@@ -130,15 +130,15 @@ uint64_t ksm_xxh64(const void *data, size_t len, uint64_t seed)
     return xxh64_avalanche(h);
 }
 
-static uint32_t calc_checksum_scalar(const uint8_t *page)
+static uint64_t page_xxh64_scalar(const uint8_t *page)
 {
-    return (uint32_t)ksm_xxh64(page, KSM_PAGE_SIZE, 0);
+    return ksm_xxh64(page, KSM_PAGE_SIZE, 0);
 }
 
 #ifdef KSM_HAVE_AVX512_CSUM
 /* XXH64(page, 4096, seed 0): 128 stripes exactly, so no tail */
 __attribute__((target("avx512f,avx512dq,avx512vl")))
-static uint32_t calc_checksum_avx512(const uint8_t *page)
+static uint64_t page_xxh64_avx512(const uint8_t *page)
 {
     __m256i acc = _mm256_set_epi64x((long long)(0 - P64_1), 0, (long long)P64_2,
                                     (long long)(P64_1 + P64_2));
@@ -153,11 +153,12 @@ static uint32_t calc_checksum_avx512(const uint8_t *page)
     uint64_t v[4];
     _mm256_storeu_si256((__m256i *)(void *)v, acc);
     uint64_t h = xxh64_converge(v[0], v[1], v[2], v[3]) + KSM_PAGE_SIZE;
-    return (uint32_t)xxh64_avalanche(h);
+    return xxh64_avalanche(h);
 }
 #endif
 
-static uint32_t (*calc_checksum_fn)(const uint8_t *page);
+/* the XXH64 of one page, in the CPU's best form; calc_checksum() keeps 32 bits of it */
+static uint64_t (*page_xxh64_fn)(const uint8_t *page);
 
 int ksm_checksum_select(int impl)
 {
@@ -171,12 +172,12 @@ int ksm_checksum_select(int impl)
     if (impl == KSM_CSUM_BEST)
         impl = avx512 ? KSM_CSUM_AVX512 : KSM_CSUM_SCALAR;
     if (impl == KSM_CSUM_SCALAR) {
-        calc_checksum_fn = calc_checksum_scalar;
+        page_xxh64_fn = page_xxh64_scalar;
         return impl;
     }
 #ifdef KSM_HAVE_AVX512_CSUM
     if (impl == KSM_CSUM_AVX512 && avx512) {
-        calc_checksum_fn = calc_checksum_avx512;
+        page_xxh64_fn = page_xxh64_avx512;
         return impl;
     }
 #endif
@@ -193,16 +194,24 @@ __attribute__((constructor)) static void checksum_init(void)
 
 int ksm_checksum_impl(void)
 {
-    if (!calc_checksum_fn)
+    if (!page_xxh64_fn)
         ksm_checksum_select(KSM_CSUM_BEST);
-    return calc_checksum_fn == calc_checksum_scalar ? KSM_CSUM_SCALAR : KSM_CSUM_AVX512;
+    return page_xxh64_fn == page_xxh64_scalar ? KSM_CSUM_SCALAR : KSM_CSUM_AVX512;
 }
 
 uint32_t calc_checksum(const uint8_t *page)
 {
-    if (!calc_checksum_fn)
+    if (!page_xxh64_fn)
         ksm_checksum_select(KSM_CSUM_BEST);
-    return calc_checksum_fn(page);
+    return (uint32_t)page_xxh64_fn(page);
+}
+
+void ksm_page_hashes(const uint8_t *pages, size_t npages, uint64_t *out)
+{
+    if (!page_xxh64_fn)
+        ksm_checksum_select(KSM_CSUM_BEST);
+    for (size_t i = 0; i < npages; i++)
+        out[i] = page_xxh64_fn(pages + i * KSM_PAGE_SIZE);
 }
 
 void calc_checksums(const uint8_t *pages, size_t npages, uint32_t *out)

@@ -21,7 +21,7 @@
 /* The version of this API: raise it with every change between CFFI-BEGIN and
  * CFFI-END that Python must follow; python/ksmcore/_native.py refuses a library
  * built for another. */
-#define KSMCORE_ABI_VERSION 6
+#define KSMCORE_ABI_VERSION 7
 #define KSM_PAGE_SIZE 4096
 #define KSM_MAX_NUMNODES 64
 #define KSM_NIL -1
@@ -258,6 +258,12 @@ int ksm_checksum_impl(void);
  * (npages entries), in one call.
  */
 void calc_checksums(const uint8_t *pages, size_t npages, uint32_t *out);
+/**
+ * ksm_page_hashes - the whole 64-bit XXH64 of each of @npages consecutive pages at
+ * @pages into @out (calc_checksum() keeps 32 bits of it): one call for a batch, for
+ * telling changed pages apart where 32 bits would collide too often.
+ */
+void ksm_page_hashes(const uint8_t *pages, size_t npages, uint64_t *out);
 /**
  * memcmp_pages - the kernel's memcmp_pages(): <0, 0 or >0 as memcmp() of two pages.
  * Both the stable and the unstable tree are ordered by it.

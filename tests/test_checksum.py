@@ -9,7 +9,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ksmcore._native import calc_checksums, ffi, lib
+from ksmcore._native import calc_checksums, ffi, lib, page_hashes
 from ksmcore.constants import ZERO_CHECKSUM
 
 
@@ -87,11 +87,21 @@ def test_every_checksum_form_is_xxh64(impl: int) -> None:
     pages[1] = 0
     pages[2] = 255
     pages[3, ::7] = 0x80  # bytes with the top bit set in every lane position
-    want = [xxhash.xxh64_intdigest(p.tobytes(), seed=0) & 0xFFFFFFFF for p in pages]
+    whole = [xxhash.xxh64_intdigest(p.tobytes(), seed=0) for p in pages]
+    want = [h & 0xFFFFFFFF for h in whole]
     best = lib.ksm_checksum_impl()
     try:
         assert lib.ksm_checksum_select(impl) == impl
         assert calc_checksums(pages).tolist() == want
         assert [lib.calc_checksum(ffi.from_buffer(p)) for p in pages] == want
+        # the recorder's batch of whole 64-bit hashes, of which the checksum is the low half
+        assert page_hashes(pages).tolist() == whole
     finally:
         lib.ksm_checksum_select(best)
+
+
+def test_page_hashes_of_nothing_and_of_bad_shapes() -> None:
+    assert page_hashes(np.zeros((0, 4096), np.uint8)).tolist() == []
+    for bad in (np.zeros(4096, np.uint8), np.zeros((2, 4095), np.uint8)):
+        with pytest.raises(ValueError):
+            page_hashes(bad)

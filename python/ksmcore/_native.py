@@ -13,7 +13,7 @@ from ._ksmcore import ffi, lib  # compiled by cffi: untyped (pyproject [tool.myp
 
 __all__ = ["ffi", "lib", "ptr", "calc_checksums"]
 
-ABI_VERSION = 6  # csrc/ksmcore.h KSMCORE_ABI_VERSION, which this Python code follows
+ABI_VERSION = 7  # csrc/ksmcore.h KSMCORE_ABI_VERSION, which this Python code follows
 
 
 def _check_build(header: Path | None = None) -> None:
@@ -43,6 +43,7 @@ _CTYPES = {
     np.dtype(np.int32): "int32_t *",
     np.dtype(np.uint32): "uint32_t *",
     np.dtype(np.int64): "int64_t *",
+    np.dtype(np.uint64): "uint64_t *",
 }
 
 
@@ -60,4 +61,15 @@ def calc_checksums(pages: np.ndarray) -> np.ndarray:
         raise ValueError("pages must have shape (n, 4096)")
     out = np.empty(pages.shape[0], dtype=np.uint32)
     lib.calc_checksums(ffi.from_buffer(pages), pages.shape[0], ptr(out))
+    return out
+
+
+def page_hashes(pages: np.ndarray) -> np.ndarray:
+    """The 64-bit XXH64 of every row of a (n, 4096) uint8 array, in one C call."""
+    pages = np.ascontiguousarray(pages, dtype=np.uint8)
+    if pages.ndim != 2 or pages.shape[1] != 4096:
+        raise ValueError("pages must have shape (n, 4096)")
+    out = np.empty(pages.shape[0], dtype=np.uint64)
+    if len(out):
+        lib.ksm_page_hashes(ffi.from_buffer(pages), pages.shape[0], ptr(out))
     return out
