@@ -33,6 +33,10 @@ LINES = (
 FAULT_OK, FAULT_WHY = fault_trace_available()
 live = pytest.mark.skipif(not FAULT_OK, reason=f"cannot trace page faults here: {FAULT_WHY}")
 
+# The processes recorded are plain ones: not under the sanitizer run's preloaded ASan,
+# whose shadow mappings (tens of TiB) a recording of the whole process would walk.
+PLAIN = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
 # a parent fills PAGES pages and forks; the child rewrites each page with its own bytes
 # after "go" (a copy on write of a page shared since fork: the bytes do not change)
 CHILD = """
@@ -86,7 +90,7 @@ def _instances_left() -> list[str]:
 @live
 def test_a_copy_on_write_of_the_same_bytes_is_recorded_at_its_time() -> None:
     p = subprocess.Popen([sys.executable, "-c", CHILD, str(PAGES)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, text=True, env=PLAIN)
     try:
         assert p.stdout is not None and p.stdin is not None
         pid, addr = map(int, p.stdout.readline().split())
@@ -130,7 +134,7 @@ def test_a_copy_on_write_of_the_same_bytes_is_recorded_at_its_time() -> None:
 
 @live
 def test_the_instance_is_removed_when_the_recording_fails() -> None:
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=PLAIN)
     try:
         with pytest.raises(EstimateError):
             # no candidate memory to record in a process that only sleeps? it has some;
@@ -154,7 +158,7 @@ def test_fault_trace_refused_with_soft_dirty_or_where_unavailable() -> None:
 def test_an_instance_left_by_a_dead_process_is_removed() -> None:
     import contextlib
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"], env=PLAIN)
     dead.wait()
     with contextlib.ExitStack() as stack:
         inst = kernel.TracefsInstance(stack, "test-")
@@ -177,7 +181,7 @@ def test_sigterm_ends_the_recording_whole_and_removes_the_instance(tmp_path) -> 
     import time
 
     out = tmp_path / "t.ksmtrace"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=PLAIN)
     try:
         rec = subprocess.Popen([sys.executable, "-m", "ksmcore.cli", "record", "--pid",
                                 str(sleeper.pid), "--seconds", "30", "--fault-trace",
