@@ -176,6 +176,29 @@ def test_an_instance_left_by_a_dead_process_is_removed() -> None:
 
 
 @live
+def test_a_tracefs_mount_left_by_a_dead_process_is_unmounted(tmp_path: Path) -> None:
+    import contextlib
+
+    if kernel._tracefs_root() is not None:
+        pytest.skip("tracefs is mounted where ksmcore looks: no temporary mount is made")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"], env=PLAIN)
+    dead.wait()
+    stale = tmp_path / f"ksmcore-tracefs-{dead.pid}-x"  # as a SIGKILLed recorder leaves it
+    stale.mkdir()
+    subprocess.run(["mount", "-t", "tracefs", "nodev", str(stale)], check=True)
+    try:
+        with contextlib.ExitStack() as stack:
+            kernel.TracefsInstance(stack, "test-")
+            mounts = Path("/proc/mounts").read_text()
+            assert str(stale) not in mounts and not stale.exists()
+            assert f"ksmcore-tracefs-{os.getpid()}-" in mounts  # its own, named by its pid
+    finally:
+        if str(stale) in Path("/proc/mounts").read_text():
+            subprocess.run(["umount", str(stale)], check=False)
+    assert not _instances_left()
+
+
+@live
 def test_sigterm_ends_the_recording_whole_and_removes_the_instance(tmp_path) -> None:
     import signal
     import time

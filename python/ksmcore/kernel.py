@@ -190,6 +190,28 @@ def _remove_stale_instances(root: Path) -> None:
                 (root / "instances" / name).rmdir()
 
 
+_MOUNT_NAME = re.compile(r"/ksmcore-tracefs-(\d+)-[^/]*$")
+
+
+def _remove_stale_mounts() -> None:
+    """Unmount the temporary tracefs mounts of ksmcore processes that died without
+    unwinding (SIGKILL): the mount directory names its owner's pid."""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3 or fields[2] != "tracefs":
+            continue
+        m = _MOUNT_NAME.search(fields[1])
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            done = subprocess.run(["umount", fields[1]], capture_output=True)
+            if done.returncode == 0:
+                with contextlib.suppress(OSError):
+                    Path(fields[1]).rmdir()
+
+
 class TracefsInstance:
     """A private tracefs instance (tracefs mounted on a temporary directory first when
     it is not mounted), named ``ksmcore-<tag><pid>``. Everything it sets up is undone
@@ -200,7 +222,8 @@ class TracefsInstance:
     def __init__(self, stack: contextlib.ExitStack, tag: str = "") -> None:
         root = _tracefs_root()
         if root is None:
-            mount_dir = Path(tempfile.mkdtemp(prefix="ksmcore-tracefs-"))
+            _remove_stale_mounts()
+            mount_dir = Path(tempfile.mkdtemp(prefix=f"ksmcore-tracefs-{os.getpid()}-"))
             stack.callback(mount_dir.rmdir)
             subprocess.run(["mount", "-t", "tracefs", "nodev", str(mount_dir)], check=True,
                            capture_output=True)
