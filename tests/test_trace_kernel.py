@@ -24,6 +24,8 @@ kernel_lock (tests/conftest.py KERNEL_MODULES); every knob is restored.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from ksmcore.estimate.replay import HOST_MODEL
@@ -67,16 +69,26 @@ def kernel() -> None:
         pytest.skip(f"the real ksmd is not usable here: {why}")
 
 
-@pytest.mark.parametrize("name", list(WORKLOADS))
-def test_replay_follows_the_real_ksmd(kernel: None, name: str) -> None:
-    w, knobs = WORKLOADS[name]
+def _wait_for_kernel() -> None:
     ok, why = kernelrun.wait_for_kernel(60)
     if not ok:
         pytest.skip(f"the real ksmd is not usable now: {why}")
-    r = kernelrun.compare(w, SECONDS, knobs, HOST_MODEL, match_rhythm=True)
+
+
+def _undisturbed(r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The kernel's and the replay's second-half means of a comparison that no other
+    KSM user disturbed."""
     if r["disturbed"]:
         pytest.skip(f"other processes used KSM during the run: {r['disturbed']}")
-    k, s = r["kernel"], r["replay"]
+    return r["kernel"], r["replay"]
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_replay_follows_the_real_ksmd(kernel: None, name: str) -> None:
+    w, knobs = WORKLOADS[name]
+    _wait_for_kernel()
+    r = kernelrun.compare(w, SECONDS, knobs, HOST_MODEL, match_rhythm=True)
+    k, s = _undisturbed(r)
     for key in ("pages_sharing", "pages_volatile", "general_profit"):
         assert s[key] == pytest.approx(k[key], rel=0.10), (name, key, k[key], s[key])
     # the static tail: exactly the kernel's
@@ -97,6 +109,7 @@ def issue_workload(seconds: float) -> tuple[list[Group], MovingWorkload, dict[st
     w = MovingWorkload([ProcessSpec(groups, seconds=seconds + 5) for _ in range(3)])
     return groups, w, {"pages_to_scan": 200, "sleep_millisecs": 20, "smart_scan": 0}
 
+
 def test_the_model_given_every_write_follows_the_real_ksmd(kernel: None) -> None:
     """The issue's workload (3 x 3,000 pages: a third common, rewritten with its own
     bytes at 1,500 pages/s; a third private; a third rewritten with fresh bytes at 200
@@ -107,14 +120,10 @@ def test_the_model_given_every_write_follows_the_real_ksmd(kernel: None) -> None
     general_profit within 10%, and the scan rhythm within 10%."""
     seconds = 10.0
     groups, w, knobs = issue_workload(seconds)
-    ok, why = kernelrun.wait_for_kernel(60)
-    if not ok:
-        pytest.skip(f"the real ksmd is not usable now: {why}")
+    _wait_for_kernel()
     r = kernelrun.compare_with_trace(w, seconds, knobs, moving_trace(groups, 3, seconds),
                                      HOST_MODEL)
-    if r["disturbed"]:
-        pytest.skip(f"other processes used KSM during the run: {r['disturbed']}")
-    k, s = r["kernel"], r["replay"]
+    k, s = _undisturbed(r)
     for key in ("pages_sharing", "pages_volatile", "general_profit", "full_scans_per_s"):
         assert s[key] == pytest.approx(k[key], rel=0.10), (key, k[key], s[key])
 
@@ -135,12 +144,8 @@ def test_the_issue_workload_recorded_live_follows_the_real_ksmd() -> None:
         pytest.skip(f"cannot trace write faults here: {why}")
     seconds = 10.0
     _, w, knobs = issue_workload(seconds)
-    ok, why = kernelrun.wait_for_kernel(60)
-    if not ok:
-        pytest.skip(f"the real ksmd is not usable now: {why}")
+    _wait_for_kernel()
     r = kernelrun.compare(w, seconds, knobs, HOST_MODEL, match_rhythm=True)
-    if r["disturbed"]:
-        pytest.skip(f"other processes used KSM during the run: {r['disturbed']}")
-    k, s = r["kernel"], r["replay"]
+    k, s = _undisturbed(r)
     for key in ("pages_sharing", "pages_volatile", "general_profit", "cow_per_s"):
         assert s[key] == pytest.approx(k[key], rel=0.10), (key, k[key], s[key])

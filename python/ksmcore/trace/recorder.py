@@ -58,7 +58,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -428,13 +428,7 @@ class Recorder:
         if not self.pfns or self.method != "hash":
             return
         excl, pfn = np.uint64(PM_EXCLUSIVE), np.uint64(PM_PFN_MASK)
-        for st in self.states:
-            if not st.alive or not len(st.vpns):
-                continue
-            try:
-                vpns, entries = _entries(st.pid, st.maps)
-            except ProcessUnreadable:
-                continue  # the next sample tells
+        for st, vpns, entries in self._pagemaps():
             pos = np.minimum(np.searchsorted(st.vpns, vpns), len(st.vpns) - 1)
             old = st.vpns[pos] == vpns
             oe = st.entries[pos]
@@ -444,6 +438,18 @@ class Recorder:
             # what is mapped now is the reference for the next look
             st.entries = st.entries.copy()
             st.entries[pos[old]] = entries[old]
+
+    def _pagemaps(self) -> Iterator[tuple[_State, np.ndarray, np.ndarray]]:
+        """Each live process with pages, with its present pages and pagemap entries
+        now (a process that cannot be read is passed over: the next sample tells)."""
+        for st in self.states:
+            if not st.alive or not len(st.vpns):
+                continue
+            try:
+                vpns, entries = _entries(st.pid, st.maps)
+            except ProcessUnreadable:
+                continue
+            yield st, vpns, entries
 
     def _pull_and_expose(self) -> None:
         """Read the traced write faults, and (imputing) update which pages are read-only
@@ -467,13 +473,7 @@ class Recorder:
         mapped more than once (merged), read-only."""
         excl, pfnm = np.uint64(PM_EXCLUSIVE), np.uint64(PM_PFN_MASK)
         now = time.monotonic()
-        for st in self.states:
-            if not st.alive or not len(st.vpns):
-                continue
-            try:
-                vpns, entries = _entries(st.pid, st.maps)
-            except ProcessUnreadable:
-                continue
+        for st, vpns, entries in self._pagemaps():
             m = len(st.vpns)
             if len(st.ro_s) != m:
                 st.ro_s, st.rw_s, st.nfaults = np.zeros(m), np.zeros(m), np.zeros(m)
