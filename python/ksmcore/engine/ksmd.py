@@ -191,12 +191,17 @@ class Ksmd:
         self.batch_pages = 0
         processed = 0
         if scan_npages > 0:
-            if lib.ksm_reserve_batch(self.ctx, scan_npages) != 0:
-                raise MemoryError("cannot reserve KSM nodes")
-            processed = self.scan_get_next_rmap_item(scan_npages)
+            processed = self._scan(scan_npages)
         self.batch_pages = 0
         self.charge_ksmd(processed * cost.page_ns)
         return processed
+
+    def _scan(self, budget: int) -> int:
+        """Up to ``budget`` pages through cmp_and_merge_page, with the tree nodes they
+        can need reserved first (C knows how many a page can take)."""
+        if lib.ksm_reserve_batch(self.ctx, budget) != 0:
+            raise MemoryError("cannot reserve KSM nodes")
+        return self.scan_get_next_rmap_item(budget)
 
     def ksm_do_scans(self, n: int, count: int) -> np.ndarray:
         """``count`` ksm_do_scan(n) batches back to back, as ksm_do_scan runs them
@@ -232,9 +237,7 @@ class Ksmd:
         c.batch_log, c.nr_batch_log, c.batch_log_cap = ffi.from_buffer("int64_t[]", rows), 0, count
         self.batch_pages = 0
         try:
-            if lib.ksm_reserve_batch(c, n * count) != 0:
-                raise MemoryError("cannot reserve KSM nodes")
-            processed = self.scan_get_next_rmap_item(n * count)
+            processed = self._scan(n * count)
         finally:
             k = int(c.nr_batch_log)
             partial = c.seqnr != seqnr  # a full scan ended the last batch early
