@@ -8,9 +8,9 @@ Runs in a fresh interpreter so that nothing else is counted.
 
 The zero image is the issue's measure: the model's fixed cost per page. Unique pages
 are the other end: every page then sits in the unstable tree at the end of a round,
-and its tree node (links, slot, node id, content prefix: 26 bytes, and 8 in the deferred
-tree's checksum hash) comes on top. The kernel spends 64 bytes on the rmap_item alone,
-whose rb_node is that tree node."""
+and its tree node (links, slot, node id, content prefix: 26 bytes, and 10 in the
+deferred tree's checksum hash: two buckets and their tags) comes on top. The kernel
+spends 64 bytes on the rmap_item alone, whose rb_node is that tree node."""
 
 from __future__ import annotations
 
@@ -79,8 +79,8 @@ def test_bytes_per_scanned_page_all_unique(tmp_path: Path) -> None:
     del pages
     per_page, stats = measure(image, npages)
     assert stats["pages_unshared"] == npages and stats["pages_sharing"] == 0
-    # 28 bytes a page as above, 26 for its unstable tree node, 8 for the node's place
-    # in the deferred tree's checksum hash (uhash, half empty), and the interpreter's
-    # fixed ~6 MB spread over a quarter of the pages: about the kernel's 64-byte
-    # rmap_item (which holds the tree node) with nothing else counted
+    # 28 bytes a page as above, 26 for its unstable tree node, 10 for the node's
+    # place in the deferred tree's checksum hash (uhash and utag, half empty), and the
+    # interpreter's fixed ~6 MB spread over a quarter of the pages: about the kernel's
+    # 64-byte rmap_item (which holds the tree node) with nothing else counted
     assert per_page < 72

@@ -82,7 +82,9 @@ int ksm_ctx_init(struct ksm_ctx *c)
     c->ulog = NULL;
     c->nr_ulog = c->ulog_cap = 0;
     c->uhash = NULL;
+    c->utag = NULL;
     c->uhash_mask = -1;
+    c->uhash_filled = c->uhash_entries = 0;
     c->folios = NULL;
     c->folios_cap = c->folios_used = 0;
     c->folios_free = NIL;
@@ -109,9 +111,12 @@ void ksm_ctx_release(struct ksm_ctx *c)
     free(c->uprefix);
     free(c->ulog);
     free(c->uhash);
+    free(c->utag);
     c->ulog = NULL;
     c->uhash = NULL;
+    c->utag = NULL;
     c->uhash_mask = -1;
+    c->uhash_filled = c->uhash_entries = 0;
     c->ulazy = 0;
     c->nr_ulog = c->ulog_cap = 0;
     c->stable = NULL;
@@ -138,23 +143,75 @@ static inline int unstable_node_live(const struct ksm_ctx *c, int32_t tn)
     return (c->ri_flags[t] & KSM_UNSTABLE_FLAG) && c->ri_head[t] == tn;
 }
 
+static inline uint8_t uhash_tag(uint32_t checksum)
+{
+    return (uint8_t)(checksum >> 24); /* the index is taken from the low bits */
+}
+
+/* tn into bucket h (empty, found by probing from tn's checksum's index) */
+static inline void uhash_set(struct ksm_ctx *c, int64_t h, int32_t tn)
+{
+    c->uhash[h] = (uint32_t)tn + 1;
+    c->utag[h] = uhash_tag(c->ri_oldchecksum[c->uslot[tn]]);
+    c->uhash_filled = tn + 1;
+    c->uhash_entries++;
+}
+
 static void uhash_add(struct ksm_ctx *c, int32_t tn)
 {
     int64_t h = uhash_index(c, c->ri_oldchecksum[c->uslot[tn]], c->unid[tn]);
-    while (c->uhash[h] != NIL)
+    while (c->uhash[h])
         h = (h + 1) & c->uhash_mask;
-    c->uhash[h] = tn;
+    uhash_set(c, h, tn);
 }
 
-/* every live node of the round, by checksum (a new table, or a new round) */
-static void uhash_rebuild(struct ksm_ctx *c)
+/* An empty table for a new round. A round that filled a small part of a large table
+ * takes its nodes out one by one, newest first: each was placed past the buckets
+ * its elders filled, so its own probe still finds it; memset would touch every page
+ * of a table sized for the whole address space. The tags stay: an empty bucket's tag
+ * is never read. */
+static void uhash_clear(struct ksm_ctx *c)
 {
-    memset(c->uhash, 0xff, (size_t)(c->uhash_mask + 1) * sizeof(*c->uhash)); /* KSM_NIL */
-    if (!c->ulazy)
-        return;
-    for (int32_t tn = 0; tn < c->ucount; tn++)
-        if (unstable_node_live(c, tn))
-            uhash_add(c, tn);
+    int64_t buckets = c->uhash_mask + 1;
+    if ((int64_t)c->uhash_filled * 16 < buckets) {
+        for (int32_t tn = c->uhash_filled - 1; tn >= 0 && c->uhash_entries; tn--) {
+            int64_t h = uhash_index(c, c->ri_oldchecksum[c->uslot[tn]], c->unid[tn]);
+            while (c->uhash[h] && c->uhash[h] != (uint32_t)tn + 1)
+                h = (h + 1) & c->uhash_mask;
+            if (c->uhash[h]) { /* else not in the table: erased before a rebuild */
+                c->uhash[h] = 0;
+                c->uhash_entries--;
+            }
+        }
+    }
+    /* a node not found (its slot's checksum changed since: the slot was freed and
+     * used again within the round) is left to memset */
+    if (c->uhash_entries)
+        memset(c->uhash, 0, (size_t)buckets * sizeof(*c->uhash));
+    c->uhash_filled = c->uhash_entries = 0;
+}
+
+/* a new, larger table: every live node of the round (a deferred one), by checksum */
+static int uhash_alloc(struct ksm_ctx *c, int64_t buckets)
+{
+    uint32_t *hash = calloc((size_t)buckets, sizeof(*hash));
+    uint8_t *tag = malloc((size_t)buckets);
+    if (!hash || !tag) {
+        free(hash);
+        free(tag);
+        return -1;
+    }
+    free(c->uhash);
+    free(c->utag);
+    c->uhash = hash;
+    c->utag = tag;
+    c->uhash_mask = buckets - 1;
+    c->uhash_filled = c->uhash_entries = 0;
+    if (c->ulazy)
+        for (int32_t tn = 0; tn < c->ucount; tn++)
+            if (unstable_node_live(c, tn))
+                uhash_add(c, tn);
+    return 0;
 }
 
 int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
@@ -183,8 +240,11 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
     }
     need = (int64_t)c->ucount + nr_unstable;
     if (need > c->ucap) {
+        /* straight to what a round over every slot takes: growing by doubling would
+         * copy the arrays and rehash the round's nodes each time (the memory not used
+         * yet is not touched) */
         int64_t cap = c->ucap ? c->ucap : 64;
-        while (cap < need)
+        while (cap < need || cap < c->nr_slots)
             cap *= 2;
         if (cap > KSM_MAX_TREE_NODES)
             return -1;
@@ -204,14 +264,9 @@ int ksm_reserve(struct ksm_ctx *c, int64_t nr_stable, int64_t nr_unstable)
         if (!pfx)
             return -1;
         c->uprefix = pfx;
-        int32_t *hash = malloc((size_t)cap * 2 * sizeof(*hash));
-        if (!hash)
+        if (uhash_alloc(c, cap * 2) != 0)
             return -1;
-        free(c->uhash);
-        c->uhash = hash;
-        c->uhash_mask = cap * 2 - 1;
         c->ucap = (int32_t)cap;
-        uhash_rebuild(c);
     }
     return 0;
 }
@@ -731,10 +786,13 @@ again:
         node = *link;
         /* both children's nodes start loading while this level decides: the
          * deep levels of a large tree miss the cache at every step */
-        if (rb[node].left != NIL)
-            __builtin_prefetch(&c->stable[rb[node].left]);
-        if (rb[node].right != NIL)
-            __builtin_prefetch(&c->stable[rb[node].right]);
+        for (int k = 0; k < 2; k++) {
+            int32_t child = k ? rb[node].right : rb[node].left;
+            if (child != NIL) {
+                __builtin_prefetch(&c->stable[child]);
+                __builtin_prefetch(&rb[child]);
+            }
+        }
         int64_t tree_folio = chain_prune(c, &dup, &node, root);
         if (tree_folio == NIL)
             goto again; /* a stale node went and the tree may have rebalanced */
@@ -920,8 +978,11 @@ static int32_t unstable_tree_search_insert_deferred(struct ksm_ctx *c, int64_t s
     uint32_t checksum = c->ri_oldchecksum[s];
     const uint8_t *addr = page_address(c, page);
     int64_t h = uhash_index(c, checksum, nid);
-    for (; c->uhash[h] != NIL; h = (h + 1) & c->uhash_mask) {
-        int32_t tn = c->uhash[h];
+    uint8_t tag = uhash_tag(checksum);
+    for (; c->uhash[h]; h = (h + 1) & c->uhash_mask) {
+        if (c->utag[h] != tag)
+            continue; /* another checksum */
+        int32_t tn = (int32_t)c->uhash[h] - 1;
         int32_t t = c->uslot[tn];
         if (c->unid[tn] != nid || c->ri_oldchecksum[t] != checksum || !unstable_node_live(c, tn))
             continue;
@@ -937,7 +998,7 @@ static int32_t unstable_tree_search_insert_deferred(struct ksm_ctx *c, int64_t s
     }
     int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
     unstable_node_init(c, tn, s, nid, page_prefix(addr));
-    c->uhash[h] = tn;
+    uhash_set(c, h, tn);
     return NIL;
 }
 
@@ -1198,8 +1259,12 @@ int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget
             if (c->ulazy && !frame_is_ksm(c, c->pte[s + 1]))
                 /* where the next page's search of the deferred tree looks first: a
                  * large table misses the caches on every page */
-                __builtin_prefetch(&c->uhash[uhash_index(c, c->ri_oldchecksum[s + 1],
-                                                         get_kpfn_nid(c, c->pte[s + 1]))]);
+            {
+                int64_t h = uhash_index(c, c->ri_oldchecksum[s + 1],
+                                        get_kpfn_nid(c, c->pte[s + 1]));
+                __builtin_prefetch(&c->uhash[h]);
+                __builtin_prefetch(&c->utag[h]);
+            }
         }
         int64_t merged = c->pages_sharing + c->ksm_zero_pages;
         cmp_and_merge_page(c, s);
@@ -1235,8 +1300,7 @@ void ksm_start_round(struct ksm_ctx *c)
     c->uquiet_from = 0;
     c->nr_ulog = 0;
     c->ulazy = c->unstable_lazy;
-    if (c->ulazy)
-        uhash_rebuild(c);
+    uhash_clear(c);
 }
 
 /* remove_stable_node(): 0 when gone, -1 (EBUSY) when its page is still mapped */

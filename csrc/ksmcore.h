@@ -21,7 +21,7 @@
 /* The version of this API: raise it with every change between CFFI-BEGIN and
  * CFFI-END that Python must follow; python/ksmcore/_native.py refuses a library
  * built for another. */
-#define KSMCORE_ABI_VERSION 7
+#define KSMCORE_ABI_VERSION 8
 #define KSM_PAGE_SIZE 4096
 #define KSM_MAX_NUMNODES 64
 #define KSM_NIL -1
@@ -180,8 +180,15 @@ struct ksm_ctx {
     int32_t *ulog;         /* the erases, as pairs (tn, ucount then): the inserts are
                             * in tn order, so an erase is placed by the nodes before it */
     int64_t nr_ulog, ulog_cap;
-    int32_t *uhash;        /* open addressing by (checksum, nid): tn, or KSM_NIL */
+    uint32_t *uhash;       /* open addressing by (checksum, nid): tn + 1, or 0 when
+                            * empty (a fresh table is calloc's, untouched memory) */
+    uint8_t *utag;         /* beside each bucket, its node's checksum's top byte: a
+                            * probe past another checksum ends here, without reading
+                            * the node (three cache misses in a large round) */
     int64_t uhash_mask;
+    int32_t uhash_filled;  /* nodes below it may be in uhash (all were inserted in tn
+                            * order): what a new round clears */
+    int32_t uhash_entries; /* buckets in use */
     int32_t root_stable_tree[64];
     int32_t root_unstable_tree[64];
     int32_t migrate_nodes; /* first stable node on the migrate_nodes list */

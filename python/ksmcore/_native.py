@@ -13,7 +13,7 @@ from ._ksmcore import ffi, lib  # compiled by cffi: untyped (pyproject [tool.myp
 
 __all__ = ["ffi", "lib", "ptr", "calc_checksums"]
 
-ABI_VERSION = 7  # csrc/ksmcore.h KSMCORE_ABI_VERSION, which this Python code follows
+ABI_VERSION = 8  # csrc/ksmcore.h KSMCORE_ABI_VERSION, which this Python code follows
 
 
 def _check_build(header: Path | None = None) -> None:
