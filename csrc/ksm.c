@@ -766,7 +766,7 @@ static inline int cmp_stable_node(struct ksm_ctx *c, const uint8_t *page, uint64
 }
 
 /* Returns the frame to merge with, or NIL */
-static int64_t stable_tree_search(struct ksm_ctx *c, int32_t page)
+static int64_t stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx)
 {
     int32_t page_node = c->frame_stable[page] >= 0 ? c->frame_stable[page] : NIL;
     if (page_node != NIL && c->stable[page_node].head != KSM_HEAD_MIGRATE)
@@ -777,7 +777,6 @@ static int64_t stable_tree_search(struct ksm_ctx *c, int32_t page)
     struct ksm_rbnode *rb = c->stable_rb;
     int32_t parent, *link, node = NIL, dup = NIL;
     const uint8_t *addr = page_address(c, page);
-    uint64_t pfx = page_prefix(addr);
 
 again:
     parent = NIL;
@@ -973,7 +972,7 @@ static void unstable_tree_build(struct ksm_ctx *c)
 /* unstable_tree_search_insert() on a deferred tree: a node of equal content is what
  * the walk would find (and the checks it makes there), else the page goes in. */
 static int32_t unstable_tree_search_insert_deferred(struct ksm_ctx *c, int64_t s, int32_t page,
-                                                    int nid, int32_t *tree_page)
+                                                    int nid, uint64_t pfx, int32_t *tree_page)
 {
     uint32_t checksum = c->ri_oldchecksum[s];
     const uint8_t *addr = page_address(c, page);
@@ -997,26 +996,25 @@ static int32_t unstable_tree_search_insert_deferred(struct ksm_ctx *c, int64_t s
         return t;
     }
     int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
-    unstable_node_init(c, tn, s, nid, page_prefix(addr));
+    unstable_node_init(c, tn, s, nid, pfx);
     uhash_set(c, h, tn);
     return NIL;
 }
 
 static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t page,
-                                           int32_t *tree_page)
+                                           uint64_t pfx, int32_t *tree_page)
 {
     int nid = get_kpfn_nid(c, page);
     if (c->ulazy) {
         /* the page is the one mapped, and its checksum is of it: else build the tree */
         if (c->pte[s] == page && (c->ri_flags[s] & KSM_SLOT_CSUM_FRESH))
-            return unstable_tree_search_insert_deferred(c, s, page, nid, tree_page);
+            return unstable_tree_search_insert_deferred(c, s, page, nid, pfx, tree_page);
         unstable_tree_build(c);
     }
     int32_t *root = &c->root_unstable_tree[nid];
     struct ksm_rbnode *un = c->unode;
     int32_t parent = NIL, *link = root;
     const uint8_t *addr = page_address(c, page);
-    uint64_t pfx = page_prefix(addr);
 
     while (*link != NIL) {
         int32_t tn = *link;
@@ -1086,6 +1084,10 @@ static int volatile_or_zero(struct ksm_ctx *c, int64_t s, int32_t page)
         /* nothing wrote this page since its checksum was taken: a cache, the value
          * is the one calc_checksum() would return */
         checksum = c->ri_oldchecksum[s];
+#ifdef KSM_CHECK_SHORTCUTS
+        if (checksum != calc_checksum(page_address(c, page)))
+            abort(); /* a write did not clear KSM_SLOT_CSUM_FRESH */
+#endif
     } else {
         checksum = calc_checksum(page_address(c, page));
         c->ri_flags[s] |= KSM_SLOT_CSUM_FRESH;
@@ -1097,10 +1099,29 @@ static int volatile_or_zero(struct ksm_ctx *c, int64_t s, int32_t page)
     return !try_to_merge_with_zero_page(c, s, page);
 }
 
+/* The prefix of the page at slot s as its node in the last round's unstable tree
+ * recorded it, when that node is still the slot's (no later insert took its index)
+ * and the page was not written since (its checksum still fresh): the value
+ * page_prefix() would read, without reading the page (a cache miss for each page of
+ * a round that repeats the last). */
+static inline int prefix_recorded(const struct ksm_ctx *c, int64_t s, uint64_t *pfx)
+{
+    const uint16_t both = KSM_UNSTABLE_FLAG | KSM_SLOT_CSUM_FRESH;
+    if ((c->ri_flags[s] & both) != both)
+        return 0;
+    int32_t tn = c->ri_head[s];
+    if (tn < 0 || tn >= c->ucap || c->uslot[tn] != s)
+        return 0;
+    *pfx = c->uprefix[tn];
+    return 1;
+}
+
 static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
 {
     int32_t page = c->pte[s];
     int32_t stable_node = c->frame_stable[page] >= 0 ? c->frame_stable[page] : NIL;
+    uint64_t pfx;
+    int pfx_known = prefix_recorded(c, s, &pfx); /* before the item leaves the tree */
 
     if (stable_node != NIL) {
         struct ksm_stable_node *sn = &c->stable[stable_node];
@@ -1120,7 +1141,13 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
             return;
     }
 
-    int64_t kfolio = stable_tree_search(c, page);
+    if (!pfx_known)
+        pfx = page_prefix(page_address(c, page));
+#ifdef KSM_CHECK_SHORTCUTS
+    else if (pfx != page_prefix(page_address(c, page)))
+        abort(); /* prefix_recorded() was wrong: it must decide nothing differently */
+#endif
+    int64_t kfolio = stable_tree_search(c, page, pfx);
     if (kfolio == page && stable_node != NIL && (c->ri_flags[s] & KSM_STABLE_FLAG) &&
         c->ri_head[s] == stable_node)
         return;
@@ -1137,7 +1164,7 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
         return;
 
     int32_t tree_page = NIL;
-    int32_t t = unstable_tree_search_insert(c, s, page, &tree_page);
+    int32_t t = unstable_tree_search_insert(c, s, page, pfx, &tree_page);
     if (t == NIL && c->pte[s] != page)
         unstable_tree_disturbed(c); /* inserted with its page gone (split to zero) */
     if (t != NIL) {
@@ -1177,15 +1204,18 @@ static int should_skip_rmap_item(struct ksm_ctx *c, int64_t s, int32_t page)
 }
 
 /* A slot's page when it will be compared rather than hashed (its checksum is cached;
- * a KSM page is passed over as already accounted), else NULL: ksm_scan_range()
- * starts reading it ahead. Equal pages are compared whole, and the hardware
- * prefetcher stops at every 4 KiB page; a page about to be hashed is streamed fast
- * enough by the hash. (The prefetch loop stays in the caller: GCC drops a call to a function that
- * only prefetches, as having no effect.) */
+ * a KSM page is passed over as already accounted; a page whose prefix is recorded is
+ * read only if that prefix meets an equal one), else NULL: ksm_scan_range() starts
+ * reading it ahead. Equal pages are compared whole, and the hardware prefetcher
+ * stops at every 4 KiB page; a page about to be hashed is streamed fast enough by
+ * the hash. (The prefetch loop stays in the caller: GCC drops a call to a function
+ * that only prefetches, as having no effect.) */
 static inline const uint8_t *page_to_prefetch(const struct ksm_ctx *c, int64_t s)
 {
     int32_t page = c->pte[s];
-    if (page < 0 || !(c->ri_flags[s] & KSM_SLOT_CSUM_FRESH) || frame_is_ksm(c, page))
+    uint64_t pfx;
+    if (page < 0 || !(c->ri_flags[s] & KSM_SLOT_CSUM_FRESH) || frame_is_ksm(c, page) ||
+        prefix_recorded(c, s, &pfx))
         return NULL;
     return page_address(c, page);
 }
@@ -1245,9 +1275,18 @@ int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget
         if (should_skip_rmap_item(c, s, page))
             continue;
         if (s + PREFETCH_AHEAD < hi) {
-            const uint8_t *far = page_to_prefetch(c, s + PREFETCH_AHEAD);
+            int64_t f = s + PREFETCH_AHEAD;
+            const uint8_t *far = page_to_prefetch(c, f);
             if (far)
                 __builtin_prefetch(far, 0, 1); /* its prefix, read by both tree walks */
+            if (c->ulazy && c->pte[f] >= 0 && (c->ri_flags[f] & KSM_SLOT_CSUM_FRESH) &&
+                !frame_is_ksm(c, c->pte[f])) {
+                /* where that page's search of the deferred tree looks first (its
+                 * checksum is cached): a large table misses the caches on every page */
+                int64_t h = uhash_index(c, c->ri_oldchecksum[f], get_kpfn_nid(c, c->pte[f]));
+                __builtin_prefetch(&c->uhash[h]);
+                __builtin_prefetch(&c->utag[h]);
+            }
         }
         const uint8_t *ahead = s + 1 < hi ? page_to_prefetch(c, s + 1) : NULL;
         if (ahead) {
@@ -1256,15 +1295,6 @@ int64_t ksm_scan_range(struct ksm_ctx *c, int64_t lo, int64_t hi, int64_t budget
             size_t lines = merging ? KSM_PAGE_SIZE : 128;
             for (size_t off = 0; off < lines; off += 64)
                 __builtin_prefetch(ahead + off, 0, 1); /* low locality: read once, soon */
-            if (c->ulazy && !frame_is_ksm(c, c->pte[s + 1]))
-                /* where the next page's search of the deferred tree looks first: a
-                 * large table misses the caches on every page */
-            {
-                int64_t h = uhash_index(c, c->ri_oldchecksum[s + 1],
-                                        get_kpfn_nid(c, c->pte[s + 1]));
-                __builtin_prefetch(&c->uhash[h]);
-                __builtin_prefetch(&c->utag[h]);
-            }
         }
         int64_t merged = c->pages_sharing + c->ksm_zero_pages;
         cmp_and_merge_page(c, s);
