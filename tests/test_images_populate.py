@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ksmcore.images import map_file, populate
 
@@ -24,10 +25,12 @@ def _rss_kib(addr: int) -> int:
     raise AssertionError("no mapping holds the image")
 
 
-def test_populate_maps_the_segment_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mapper", ["map_file", "np.memmap"])
+def test_populate_maps_the_segment_only(tmp_path: Path, mapper: str) -> None:
     path = tmp_path / "image.img"
     path.write_bytes(np.arange(256 * 4096, dtype=np.uint8).tobytes())
-    image = map_file(path)
+    # the estimate's sources are np.memmap's; mmap_image's files are map_file's
+    image = map_file(path) if mapper == "map_file" else np.memmap(path, np.uint8, "r")
     assert _rss_kib(image.ctypes.data) == 0
     segment = image[64 * 4096 + 100: 128 * 4096]  # not page-aligned at its start
     populate(segment)

@@ -99,16 +99,17 @@ MADV_POPULATE_READ = 22  # Linux 5.14+
 
 
 def populate(image: np.ndarray) -> None:
-    """Map every page of ``image`` (a view into a :func:`map_file` mapping) now, in one
-    madvise(MADV_POPULATE_READ), rather than by a fault every 16 pages as a scan first
-    reads them: the same pages, read once, at a third of the kernel time. Anything
-    else, or a kernel without it, is left to fault as before."""
+    """Map every page of ``image`` (a view into a file mapping: :func:`map_file`'s, or
+    an ``np.memmap``) now, in one madvise(MADV_POPULATE_READ), rather than by a fault
+    every 16 pages as a scan first reads them: the same pages, read once, at a third of
+    the kernel time. Anything else, or a kernel without it, is left to fault as
+    before."""
     obj: Any = image
     while isinstance(obj, np.ndarray):
         obj = obj.base
     if isinstance(obj, memoryview):
         obj = obj.obj
-    if not isinstance(obj, FileMap) or not image.nbytes:
+    if not isinstance(obj, mmap.mmap) or not image.nbytes:
         return
     start = image.ctypes.data - np.frombuffer(obj, dtype=np.uint8).ctypes.data
     offset = start - start % mmap.PAGESIZE
