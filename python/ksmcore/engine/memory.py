@@ -146,6 +146,7 @@ class Memory:
         if watch is not None:
             self.watches.setdefault(*watch)
         first = len(self.chunks) * CHUNK_PAGES
+        self._reserve_chunks(len(self.chunks) + -(-len(image) // CHUNK_PAGES))
         for k in range(0, len(image), CHUNK_PAGES):
             self._append_chunk(image[k : k + CHUNK_PAGES], nid, lib.KSM_CHUNK_IMAGE,
                                base + k * 4096)
@@ -169,26 +170,33 @@ class Memory:
             raise OSError(errno.ESTALE, f"memory image changed underneath: {why}; the "
                           "model no longer describes it (map it again on a new Machine)")
 
-    def _append_chunk(self, chunk: np.ndarray, nid: int, flags: int = 0,
-                      address: Any = None) -> None:
-        index = len(self.chunks)
-        self.chunks.append(chunk)
-        if len(self.chunks) > len(self._chunk_ptrs):
-            ptrs = ffi.new("uint8_t *[]", 2 * len(self._chunk_ptrs))
+    def _reserve_chunks(self, nchunks: int) -> None:
+        """Room for ``nchunks`` chunks in the chunk and frame arrays: one growth for a
+        whole image, not one per chunk."""
+        if nchunks > len(self._chunk_ptrs):
+            size = len(self._chunk_ptrs)
+            while size < nchunks:
+                size *= 2
+            ptrs = ffi.new("uint8_t *[]", size)
             for i in range(len(self._chunk_ptrs)):
                 ptrs[i] = self._chunk_ptrs[i]
             self._chunk_ptrs = ptrs
             self.ctx.chunks = ptrs
+        self.chunk_nid = _grown(self.chunk_nid, nchunks, 0)
+        self.chunk_flags = _grown(self.chunk_flags, nchunks, 0)
+        for name, _, init in _FRAME_FIELDS:
+            self.frames[name] = _grown(self.frames[name], nchunks * CHUNK_PAGES, init)
+
+    def _append_chunk(self, chunk: np.ndarray, nid: int, flags: int = 0,
+                      address: Any = None) -> None:
+        index = len(self.chunks)
+        self._reserve_chunks(index + 1)
+        self.chunks.append(chunk)
         if address is None:
             address = ffi.cast("uint8_t *", ffi.from_buffer(chunk))
         self._chunk_ptrs[index] = address
-        self.chunk_nid = _grown(self.chunk_nid, index + 1, 0)
-        self.chunk_flags = _grown(self.chunk_flags, index + 1, 0)
         self.chunk_nid[index] = nid
         self.chunk_flags[index] = flags
-        need = len(self.chunks) * CHUNK_PAGES
-        for name, _, init in _FRAME_FIELDS:
-            self.frames[name] = _grown(self.frames[name], need, init)
 
     def alloc_thp(self, nid: int) -> int:
         """The first pfn of HPAGE_PMD_NR free, contiguous, zeroed frames on ``nid``."""

@@ -603,20 +603,18 @@ def _trace_hook(args: argparse.Namespace) -> str | None:
     return path
 
 
-def _estimate_knobs(args: argparse.Namespace) -> Knobs:
+def _estimate_machine(args: argparse.Namespace) -> tuple[Knobs, MachineAPI]:
     """The checks of estimate's own options, before any source is read: --max-scans,
-    --plot, and the knobs as the kernel takes them."""
+    --plot, and the knobs as the kernel takes them (on the machine that will run)."""
     _check_common(args)
     knobs = _knobs(args)
-    new_machine(args.nodes, knobs, thp=getattr(args, "thp", THP_ENABLED_DEFAULT))
-    return knobs
+    return knobs, new_machine(args.nodes, knobs, thp=getattr(args, "thp", THP_ENABLED_DEFAULT))
 
 
-def _simulate(args: argparse.Namespace, knobs: Knobs,
-              sources: list[Source]) -> tuple[MachineAPI, list[ProcessAPI], Run]:
-    """ksmd on a machine holding the sources, until it converges or --max-scans, with
-    a progress bar on a terminal."""
-    m = new_machine(args.nodes, knobs, thp=getattr(args, "thp", THP_ENABLED_DEFAULT))
+def _simulate(args: argparse.Namespace, m: MachineAPI,
+              sources: list[Source]) -> tuple[list[ProcessAPI], Run]:
+    """ksmd on machine ``m`` holding the sources, until it converges or --max-scans,
+    with a progress bar on a terminal."""
     procs = load(m, sources)
     bar = _ScanBar(sum(s.npages for s in sources), sys.stderr) if _progress_wanted(args) else None
     try:
@@ -624,7 +622,7 @@ def _simulate(args: argparse.Namespace, knobs: Knobs,
     finally:
         if bar is not None:
             bar.close()
-    return m, procs, run
+    return procs, run
 
 
 def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -634,10 +632,10 @@ def estimate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         from .replay import estimate_report
 
         return estimate_report(args, trace)
-    knobs = _estimate_knobs(args)  # refuse bad options before reading anything
+    knobs, m = _estimate_machine(args)  # refuse bad options before reading anything
     sources, remarks = gather(args, validate(args))
     check_memory(args, sources, remarks)
-    m, procs, run = _simulate(args, knobs, sources)
+    procs, run = _simulate(args, m, sources)
     cost = args.cost_per_page_us * 1e-6
     result = report.build(m, procs, sources, run, knobs, cost, args.zero_pages)
     if getattr(args, "domain_by", None):
