@@ -184,6 +184,24 @@ def _fd_open(fd: int) -> bool:
     return True
 
 
+# the commands each module adds (tests/test_cli_groups.py checks this against them)
+COMMAND_GROUPS = {
+    "estimate": ("estimate", "tune", "compare"),
+    "fleet": ("sketch", "fleet"),
+    "record": ("record",),
+}
+
+
+def _command_groups(argv: Sequence[str]) -> set[str]:
+    """The groups of COMMAND_GROUPS whose parsers this command line needs: the top
+    level's options take no value, so the first other word names the command."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    for group, names in COMMAND_GROUPS.items():
+        if first in names:
+            return {group}
+    return set(COMMAND_GROUPS)
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ksmcore", description="Linux KSM (mm/ksm.c) as a user-space engine."
@@ -209,17 +227,22 @@ def _main(argv: Sequence[str] | None = None) -> int:
                                            "for --cost-model (root, a KSM kernel)")
     cal.add_argument("-o", "--output", metavar="FILE", help="write the cost-model file here")
     cal.set_defaults(func=_calibrate)
-    # estimate and tune (their modules load only when the command line is parsed)
-    from .estimate.commands import add_parsers
+    # the other commands' modules load only when the command line is parsed, and only
+    # the one it names (all of them for --help or a command that is none of them)
+    groups = _command_groups(sys.argv[1:] if argv is None else argv)
+    commands: dict[str, argparse.ArgumentParser] = {}
+    if "estimate" in groups:  # estimate, tune and compare
+        from .estimate.commands import add_parsers
 
-    commands = add_parsers(sub)
-    # sketch and fleet (ksmcore.fleet)
-    from .fleet.commands import add_parsers as add_fleet_parsers
+        commands.update(add_parsers(sub))
+    if "fleet" in groups:  # sketch and fleet (ksmcore.fleet)
+        from .fleet.commands import add_parsers as add_fleet_parsers
 
-    commands.update(add_fleet_parsers(sub))
-    from .estimate.record import add_parser as add_record
+        commands.update(add_fleet_parsers(sub))
+    if "record" in groups:
+        from .estimate.record import add_parser as add_record
 
-    add_record(sub)
+        add_record(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command in commands:
         # sources after an option ("a.img --json b.img") are sources too
