@@ -61,3 +61,17 @@ def test_one_group_loaded() -> None:
     bad = subprocess.run([sys.executable, "-m", "ksmcore.cli", "nosuchcommand"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "fleet" in bad.stderr and "estimate" in bad.stderr
+
+
+def test_main_in_process_leaves_the_collector_alone(tmp_path: object) -> None:
+    """cli.main() is for programs that go on: it neither retunes nor freezes the gc
+    (console(), the console script, does both for its own process)."""
+    import gc
+
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
+    assert cli.main(["estimate", "--sample", "--json", "--no-progress"]) == 0
+    assert gc.get_threshold() == threshold and gc.get_freeze_count() == frozen
+    out = subprocess.run([sys.executable, "-c", "import sys; from ksmcore import cli; "
+                          "sys.argv = ['ksmcore', '--version']; cli.console()"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("ksmcore ")

@@ -150,9 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The console script: the command's exit code. Output errors end in one line on
     stderr (no traceback): a closed stdout or a full device exit 1; a pipe closed by
     its reader (``| head``) exits quietly with 141, as a writer killed by SIGPIPE."""
-    # The commands allocate few objects that form cycles, but their imports allocate
-    # many: collecting every 700 allocations spent ~10 ms of a 1 s estimate on them
-    gc.set_threshold(100_000, 10, 10)
     if sys.stdout is None or not _fd_open(1):
         print("ksmcore: standard output is closed; nowhere to write the result",
               file=sys.stderr)
@@ -160,10 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = _main(argv)
         sys.stdout.flush()
-        # what is left is freed at exit: the interpreter's last full collection would
-        # walk every object of the imports (~50 ms after a 1 s estimate) for no cycle
-        # worth finding
-        gc.freeze()
         return code
     except BrokenPipeError:
         _stdout_gone()
@@ -174,6 +167,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ksmcore: cannot write the output: {e.strerror}", file=sys.stderr)
             return 1
         raise
+
+
+def console() -> int:
+    """The ``ksmcore`` command as a process of its own (the console script): main(),
+    with the collector tuned for a process that exits when the command ends. Not for
+    calling from a program that goes on (main() is): it changes the process's gc."""
+    # The commands allocate few objects that form cycles, but their imports allocate
+    # many: collecting every 700 allocations spent ~10 ms of a 1 s estimate on them.
+    gc.set_threshold(100_000, 10, 10)
+    code = main()
+    # What is left is freed at exit: the interpreter's last full collection would walk
+    # every object of the imports (~50 ms after a 1 s estimate) for no cycle worth
+    # finding.
+    gc.freeze()
+    return code
 
 
 def _fd_open(fd: int) -> bool:
@@ -256,4 +264,4 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
