@@ -85,6 +85,10 @@ int ksm_ctx_init(struct ksm_ctx *c)
     c->utag = NULL;
     c->uhash_mask = -1;
     c->uhash_filled = c->uhash_entries = 0;
+    c->stable_gen = 0;
+    c->stable_gen_round[0] = c->stable_gen_round[1] = UINT64_MAX; /* no round yet */
+    c->scan_shortcuts = 1;
+    c->nr_prefix_recorded = c->nr_stable_miss = 0;
     c->folios = NULL;
     c->folios_cap = c->folios_used = 0;
     c->folios_free = NIL;
@@ -277,6 +281,7 @@ static void unstable_tree_build(struct ksm_ctx *c);
 
 void unstable_tree_disturbed(struct ksm_ctx *c)
 {
+    c->stable_gen++; /* pages or mappings change: KSM_STABLE_MISS no longer holds */
     if (c->ulazy)
         unstable_tree_build(c); /* before the change: the pages are as they were */
     c->uquiet_from = c->ucount;
@@ -352,6 +357,29 @@ static inline int is_page_sharing_candidate(const struct ksm_ctx *c, int32_t i)
 }
 
 /* migrate_nodes: list_add() puts a node at the front */
+/* The stable tree's rbtree operations. Each one can change what a walk finds, so it
+ * moves stable_gen (see KSM_SLOT_STABLE_MISS). */
+static inline void stable_rb_erase(struct ksm_ctx *c, int32_t node, int32_t *root)
+{
+    c->stable_gen++;
+    ksm_rb_erase(c->stable_rb, node, root);
+}
+
+static inline void stable_rb_replace(struct ksm_ctx *c, int32_t old, int32_t new_node,
+                                     int32_t *root)
+{
+    c->stable_gen++;
+    ksm_rb_replace_node(c->stable_rb, old, new_node, root);
+}
+
+static inline void stable_rb_insert(struct ksm_ctx *c, int32_t node, int32_t parent,
+                                    int32_t *link, int32_t *root)
+{
+    c->stable_gen++;
+    ksm_rb_link_node(c->stable_rb, node, parent, link);
+    ksm_rb_insert_color(c->stable_rb, node, root);
+}
+
 static void migrate_list_add(struct ksm_ctx *c, int32_t i)
 {
     struct ksm_stable_node *n = &c->stable[i];
@@ -412,7 +440,7 @@ static void stable_node_dup_del(struct ksm_ctx *c, int32_t dup)
     if (is_stable_node_dup(c, dup))
         __stable_node_dup_del(c, dup);
     else
-        ksm_rb_erase(c->stable_rb, dup, &c->root_stable_tree[c->stable[dup].nid]);
+        stable_rb_erase(c, dup, &c->root_stable_tree[c->stable[dup].nid]);
 }
 
 static int32_t alloc_stable_node_chain(struct ksm_ctx *c, int32_t dup, int32_t *root)
@@ -425,14 +453,14 @@ static int32_t alloc_stable_node_chain(struct ksm_ctx *c, int32_t dup, int32_t *
     ch->prefix = c->stable[dup].prefix;
     c->stable_node_chains++;
     /* the chain takes the old node's place in the tree, the node goes under it */
-    ksm_rb_replace_node(c->stable_rb, dup, chain, root);
+    stable_rb_replace(c, dup, chain, root);
     stable_node_chain_add_dup(c, dup, chain);
     return chain;
 }
 
 static void free_stable_node_chain(struct ksm_ctx *c, int32_t chain, int32_t *root)
 {
-    ksm_rb_erase(c->stable_rb, chain, root);
+    stable_rb_erase(c, chain, root);
     free_stable_node(c, chain);
     c->stable_node_chains--;
 }
@@ -707,7 +735,7 @@ static int64_t stable_node_dup(struct ksm_ctx *c, int32_t *dup_out, int32_t *nod
         if (ch->hlist == found && c->stable[found].next == NIL) {
             /* one dup left: it replaces the chain in the tree */
             chain_hlist_del(c, found);
-            ksm_rb_replace_node(c->stable_rb, chain, found, root);
+            stable_rb_replace(c, chain, found, root);
             c->stable[found].head = KSM_HEAD_TREE;
             c->stable[found].chain = NIL;
             free_stable_node(c, chain);
@@ -766,9 +794,11 @@ static inline int cmp_stable_node(struct ksm_ctx *c, const uint8_t *page, uint64
 }
 
 /* Returns the frame to merge with, or NIL */
-static int64_t stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx)
+static int64_t stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx, int *miss)
 {
     int32_t page_node = c->frame_stable[page] >= 0 ? c->frame_stable[page] : NIL;
+    *miss = 0; /* 1 for a NIL found without passing a chain (see KSM_STABLE_MISS) */
+    int chains = 0;
     if (page_node != NIL && c->stable[page_node].head != KSM_HEAD_MIGRATE)
         return page; /* a forked KSM page: its own page is the answer */
 
@@ -792,6 +822,7 @@ again:
                 __builtin_prefetch(&rb[child]);
             }
         }
+        chains |= is_stable_node_chain(c, node);
         int64_t tree_folio = chain_prune(c, &dup, &node, root);
         if (tree_folio == NIL)
             goto again; /* a stale node went and the tree may have rebalanced */
@@ -814,15 +845,16 @@ again:
         }
     }
 
-    if (page_node == NIL)
+    if (page_node == NIL) {
+        *miss = !chains;
         return NIL;
+    }
     /* a migrated KSM page with no equal content here: place it in this tree */
     migrate_list_del(c, page_node);
     c->stable[page_node].nid = nid;
     c->stable[page_node].migrated = 0;
     c->stable[page_node].head = KSM_HEAD_TREE;
-    ksm_rb_link_node(rb, page_node, parent, link);
-    ksm_rb_insert_color(rb, page_node, root);
+    stable_rb_insert(c, page_node, parent, link, root);
 out:
     return is_page_sharing_candidate(c, page_node) ? page : NIL;
 
@@ -836,10 +868,10 @@ replace: {
             c->stable[page_node].nid = nid;
             c->stable[page_node].migrated = 0;
             c->stable[page_node].head = KSM_HEAD_TREE;
-            ksm_rb_replace_node(rb, dup, page_node, root);
+            stable_rb_replace(c, dup, page_node, root);
             result = is_page_sharing_candidate(c, page_node) ? page : NIL;
         } else {
-            ksm_rb_erase(rb, dup, root);
+            stable_rb_erase(c, dup, root);
             result = NIL;
         }
     } else {
@@ -904,8 +936,7 @@ again:
     c->stable[new_dup].prefix = pfx;
     c->stable[new_dup].nid = nid;
     if (!need_chain) {
-        ksm_rb_link_node(rb, new_dup, parent, link);
-        ksm_rb_insert_color(rb, new_dup, root);
+        stable_rb_insert(c, new_dup, parent, link, root);
     } else {
         /* node is what the walk met (a chain, or a node a collapse left there) */
         if (!is_stable_node_chain(c, node))
@@ -917,14 +948,15 @@ again:
 }
 
 /* unstable_tree_search_insert()'s bookkeeping of a new node tn for slot s */
-static void unstable_node_init(struct ksm_ctx *c, int32_t tn, int64_t s, int nid, uint64_t pfx)
+static void unstable_node_init(struct ksm_ctx *c, int32_t tn, int64_t s, int nid, uint64_t pfx,
+                               int miss)
 {
     c->uslot[tn] = (int32_t)s;
     c->unid[tn] = (int16_t)nid;
     c->uprefix[tn] = pfx;
     c->ri_head[s] = tn; /* for an unstable item, its tree node */
     c->ri_flags[s] = (c->ri_flags[s] & (KSM_SLOT_VM_MERGEABLE | KSM_SLOT_CSUM_FRESH)) |
-                     KSM_ITEM_EXISTS | KSM_UNSTABLE_FLAG |
+                     KSM_ITEM_EXISTS | KSM_UNSTABLE_FLAG | (miss ? KSM_STABLE_MISS : 0) |
                      (uint16_t)(c->seqnr & KSM_SEQNR_MASK);
     c->pages_unshared++;
 }
@@ -972,7 +1004,8 @@ static void unstable_tree_build(struct ksm_ctx *c)
 /* unstable_tree_search_insert() on a deferred tree: a node of equal content is what
  * the walk would find (and the checks it makes there), else the page goes in. */
 static int32_t unstable_tree_search_insert_deferred(struct ksm_ctx *c, int64_t s, int32_t page,
-                                                    int nid, uint64_t pfx, int32_t *tree_page)
+                                                    int nid, uint64_t pfx, int miss,
+                                                    int32_t *tree_page)
 {
     uint32_t checksum = c->ri_oldchecksum[s];
     const uint8_t *addr = page_address(c, page);
@@ -996,19 +1029,19 @@ static int32_t unstable_tree_search_insert_deferred(struct ksm_ctx *c, int64_t s
         return t;
     }
     int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
-    unstable_node_init(c, tn, s, nid, pfx);
+    unstable_node_init(c, tn, s, nid, pfx, miss);
     uhash_set(c, h, tn);
     return NIL;
 }
 
 static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t page,
-                                           uint64_t pfx, int32_t *tree_page)
+                                           uint64_t pfx, int miss, int32_t *tree_page)
 {
     int nid = get_kpfn_nid(c, page);
     if (c->ulazy) {
         /* the page is the one mapped, and its checksum is of it: else build the tree */
         if (c->pte[s] == page && (c->ri_flags[s] & KSM_SLOT_CSUM_FRESH))
-            return unstable_tree_search_insert_deferred(c, s, page, nid, pfx, tree_page);
+            return unstable_tree_search_insert_deferred(c, s, page, nid, pfx, miss, tree_page);
         unstable_tree_build(c);
     }
     int32_t *root = &c->root_unstable_tree[nid];
@@ -1068,7 +1101,7 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
     }
 
     int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
-    unstable_node_init(c, tn, s, nid, pfx);
+    unstable_node_init(c, tn, s, nid, pfx, miss);
     ksm_rb_link_node(un, tn, parent, link);
     ksm_rb_insert_color(un, tn, root);
     return NIL;
@@ -1107,7 +1140,7 @@ static int volatile_or_zero(struct ksm_ctx *c, int64_t s, int32_t page)
 static inline int prefix_recorded(const struct ksm_ctx *c, int64_t s, uint64_t *pfx)
 {
     const uint16_t both = KSM_UNSTABLE_FLAG | KSM_SLOT_CSUM_FRESH;
-    if ((c->ri_flags[s] & both) != both)
+    if (!c->scan_shortcuts || (c->ri_flags[s] & both) != both)
         return 0;
     int32_t tn = c->ri_head[s];
     if (tn < 0 || tn >= c->ucap || c->uslot[tn] != s)
@@ -1116,12 +1149,26 @@ static inline int prefix_recorded(const struct ksm_ctx *c, int64_t s, uint64_t *
     return 1;
 }
 
+/* The page at slot s was in the last round's unstable tree, its stable_tree_search()
+ * then found nothing without passing a chain, and neither the page nor the stable
+ * tree changed since that round started: the search would find nothing again, and
+ * change nothing on its way. */
+static inline int stable_miss_holds(const struct ksm_ctx *c, int64_t s)
+{
+    const uint16_t all = KSM_UNSTABLE_FLAG | KSM_STABLE_MISS | KSM_SLOT_CSUM_FRESH;
+    uint16_t f = c->ri_flags[s];
+    return c->scan_shortcuts && (f & all) == all &&
+           (f & KSM_SEQNR_MASK) == (uint16_t)((c->seqnr - 1) & KSM_SEQNR_MASK) &&
+           c->stable_gen == c->stable_gen_round[1];
+}
+
 static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
 {
     int32_t page = c->pte[s];
     int32_t stable_node = c->frame_stable[page] >= 0 ? c->frame_stable[page] : NIL;
-    uint64_t pfx;
+    uint64_t pfx = 0;
     int pfx_known = prefix_recorded(c, s, &pfx); /* before the item leaves the tree */
+    int missed = stable_node == NIL && stable_miss_holds(c, s);
 
     if (stable_node != NIL) {
         struct ksm_stable_node *sn = &c->stable[stable_node];
@@ -1143,11 +1190,23 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
 
     if (!pfx_known)
         pfx = page_prefix(page_address(c, page));
+    else
+        c->nr_prefix_recorded++;
 #ifdef KSM_CHECK_SHORTCUTS
-    else if (pfx != page_prefix(page_address(c, page)))
+    if (pfx_known && pfx != page_prefix(page_address(c, page)))
         abort(); /* prefix_recorded() was wrong: it must decide nothing differently */
 #endif
-    int64_t kfolio = stable_tree_search(c, page, pfx);
+    int miss = 1;
+    int64_t kfolio = NIL;
+    if (!missed) {
+        kfolio = stable_tree_search(c, page, pfx, &miss);
+    } else {
+        c->nr_stable_miss++;
+#ifdef KSM_CHECK_SHORTCUTS
+        if (stable_tree_search(c, page, pfx, &miss) != NIL || !miss)
+            abort(); /* stable_miss_holds() was wrong */
+#endif
+    }
     if (kfolio == page && stable_node != NIL && (c->ri_flags[s] & KSM_STABLE_FLAG) &&
         c->ri_head[s] == stable_node)
         return;
@@ -1164,7 +1223,7 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
         return;
 
     int32_t tree_page = NIL;
-    int32_t t = unstable_tree_search_insert(c, s, page, pfx, &tree_page);
+    int32_t t = unstable_tree_search_insert(c, s, page, pfx, miss, &tree_page);
     if (t == NIL && c->pte[s] != page)
         unstable_tree_disturbed(c); /* inserted with its page gone (split to zero) */
     if (t != NIL) {
@@ -1331,6 +1390,8 @@ void ksm_start_round(struct ksm_ctx *c)
     c->nr_ulog = 0;
     c->ulazy = c->unstable_lazy;
     uhash_clear(c);
+    c->stable_gen_round[1] = c->stable_gen_round[0];
+    c->stable_gen_round[0] = c->stable_gen;
 }
 
 /* remove_stable_node(): 0 when gone, -1 (EBUSY) when its page is still mapped */

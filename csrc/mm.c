@@ -82,8 +82,10 @@ void put_frame(struct ksm_ctx *c, int32_t pfn)
     }
     if (--c->frame_mapcount[pfn] > 0)
         return;
-    if (c->frame_stable[pfn] >= 0)
+    if (c->frame_stable[pfn] >= 0) {
         c->stable[c->frame_stable[pfn]].stale = 1;
+        c->stable_gen++; /* a walk passing it now removes it */
+    }
     free_frame(c, pfn);
 }
 

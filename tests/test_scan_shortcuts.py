@@ -1,0 +1,112 @@
+"""The scan's shortcuts (struct ksm_ctx scan_shortcuts) decide nothing differently.
+
+- A page of the last round's unstable tree, not written since, is searched with the
+  prefix its tree node recorded instead of reading its first bytes.
+- A page whose search then found nothing without passing a chain (KSM_STABLE_MISS)
+  is not searched again while the stable trees and the page are unchanged since that
+  round started.
+
+Two engines run the lockstep fuzz programs (tests/test_fuzz_lockstep.py): one takes
+the shortcuts (the default), one reads and walks everything (``scan_shortcuts = 0``).
+After every operation their observable states are equal. On memory that keeps still,
+the shortcuts answer most pages of the later rounds, and the counters stay the
+reference's; a write, or a KSM page freed, stops them until a round has passed
+unchanged. (The sanitized build also checks each answer against the page:
+KSMCORE_CHECK_SHORTCUTS.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from test_fuzz_lockstep import outcome, program
+
+from ksmcore.constants import MADV_DONTNEED, MADV_MERGEABLE, PAGE_SIZE
+
+from conftest import machine_class
+from observe import snapshot
+
+SEEDS = range(12)
+
+
+def _lockstep(seed: int) -> int:
+    """One fuzz program on both engines; returns how often a shortcut answered."""
+    Engine = machine_class("engine")
+    fast, slow = Engine(nodes=2), Engine(nodes=2)
+    slow.ctx.scan_shortcuts = 0
+    procs: list[list[Any]] = [[], []]
+    for step, (what, op) in enumerate(program(seed)):
+        got = [outcome(lambda m=m, s=s, op=op: op(m, procs[s]))
+               for s, m in enumerate((fast, slow))]
+        where = f"seed {seed} step {step} ({what})"
+        assert got[0] == got[1], where
+        assert snapshot(fast, procs[0]) == snapshot(slow, procs[1]), where
+    fast.check_invariants()
+    assert slow.ctx.nr_prefix_recorded == 0 and slow.ctx.nr_stable_miss == 0
+    return int(fast.ctx.nr_prefix_recorded + fast.ctx.nr_stable_miss)
+
+
+def test_shortcuts_change_nothing_on_the_fuzz_programs() -> None:
+    answered = sum(_lockstep(seed) for seed in SEEDS)
+    assert answered > 0, "no shortcut was taken: the comparison proved nothing"
+
+
+def _workload(m: Any, npages: int = 3000) -> tuple[Any, int]:
+    rng = np.random.default_rng(3)
+    pages = rng.integers(0, 256, (npages, PAGE_SIZE), dtype=np.uint8)
+    pages[1:300] = pages[0]  # one content 300 times: a chain at max_page_sharing 256
+    pages[300:800] = pages[300:400].repeat(5, axis=0)  # 100 plain stable nodes
+    pages[800:900] = 0
+    p = m.spawn()
+    addr = p.mmap(npages)
+    p.fill(addr, pages)
+    p.madvise(addr, npages * PAGE_SIZE, MADV_MERGEABLE)
+    m.ksm.pages_to_scan = 500
+    m.ksm.smart_scan = 0  # every page every round: the rounds below are whole
+    m.ksm.run = 1
+    return p, addr
+
+
+def _stats(m: Any) -> dict[str, int]:
+    return {k: v for k, v in m.ksm.stats().items() if k != "ksmd_cpu_ns"}
+
+
+def test_still_memory_is_answered_by_the_shortcuts_with_the_references_counters() -> None:
+    eng, ref = machine_class("engine")(), machine_class("reference")()
+    (pe, ae), (pr, ar) = _workload(eng), _workload(ref)
+    misses = []
+    for _ in range(5):
+        before = int(eng.ctx.nr_stable_miss)
+        eng.ksm.scan(full_scans=1)
+        ref.ksm.scan(full_scans=1)
+        assert _stats(eng) == _stats(ref)
+        misses.append(int(eng.ctx.nr_stable_miss) - before)
+        eng.check_invariants()
+    unique = _stats(eng)["pages_unshared"]
+    assert unique > 1000
+    # rounds 1 and 2 hash and merge; round 3 still sees the trees change in round 2;
+    # from round 4 on, a unique page's search is answered by its recorded miss unless
+    # its walk passes the chain
+    assert misses[:3] == [0, 0, 0] and misses[3] == misses[4] > unique // 2
+    assert eng.ctx.nr_prefix_recorded > 0
+
+    # a write changes the memory: the next round searches every page again, the one
+    # after that may trust the misses again
+    for p, a in ((pe, ae), (pr, ar)):
+        p.write(a + 9 * PAGE_SIZE, b"changed")
+    for k in range(2):
+        before = int(eng.ctx.nr_stable_miss)
+        eng.ksm.scan(full_scans=1)
+        ref.ksm.scan(full_scans=1)
+        assert _stats(eng) == _stats(ref)
+        if k == 0:
+            assert int(eng.ctx.nr_stable_miss) == before
+    # a KSM page freed (its stable node goes stale) stops them the same way
+    for p, a in ((pe, ae), (pr, ar)):
+        p.madvise(a + 3 * PAGE_SIZE, PAGE_SIZE, MADV_DONTNEED)
+    for _ in range(3):
+        eng.ksm.scan(full_scans=1)
+        ref.ksm.scan(full_scans=1)
+        assert _stats(eng) == _stats(ref)
+    eng.check_invariants()
