@@ -89,6 +89,15 @@ int ksm_ctx_init(struct ksm_ctx *c)
     c->stable_gen_round[0] = c->stable_gen_round[1] = UINT64_MAX; /* no round yet */
     c->scan_shortcuts = 1;
     c->nr_prefix_recorded = c->nr_stable_miss = 0;
+    c->spfx_key = NULL;
+    c->spfx_count = NULL;
+    c->spfx_mask = -1;
+    c->spfx_used = 0;
+    c->spfx_ok = 1;
+    c->nr_chain_list = 0;
+    c->chain_range_gen = UINT64_MAX;
+    c->stable_stale = 0;
+    c->nr_walks_decided = 0;
     c->folios = NULL;
     c->folios_cap = c->folios_used = 0;
     c->folios_free = NIL;
@@ -121,6 +130,12 @@ void ksm_ctx_release(struct ksm_ctx *c)
     c->utag = NULL;
     c->uhash_mask = -1;
     c->uhash_filled = c->uhash_entries = 0;
+    free(c->spfx_key);
+    free(c->spfx_count);
+    c->spfx_key = NULL;
+    c->spfx_count = NULL;
+    c->spfx_mask = -1;
+    c->spfx_used = 0;
     c->ulazy = 0;
     c->nr_ulog = c->ulog_cap = 0;
     c->stable = NULL;
@@ -329,6 +344,9 @@ static int32_t alloc_stable_node(struct ksm_ctx *c)
 
 static void free_stable_node(struct ksm_ctx *c, int32_t i)
 {
+    if (c->stable[i].stale)
+        c->stable_stale--;
+    c->stable[i].stale = 0;
     c->stable[i].head = KSM_HEAD_FREE;
     c->stable[i].next = c->stable_free;
     c->stable_free = i;
@@ -357,11 +375,192 @@ static inline int is_page_sharing_candidate(const struct ksm_ctx *c, int32_t i)
 }
 
 /* migrate_nodes: list_add() puts a node at the front */
+/* ------------------------------------- the prefixes of the stable trees' nodes */
+
+static inline int64_t spfx_home(const struct ksm_ctx *c, uint64_t key)
+{
+    key ^= key >> 33; /* prefixes are page contents, not hashes: mix them */
+    key *= 0xff51afd7ed558ccdULL;
+    key ^= key >> 33;
+    return (int64_t)(key & (uint64_t)c->spfx_mask);
+}
+
+/* the bucket holding key, or the empty one where it would go */
+static inline int64_t spfx_find(const struct ksm_ctx *c, uint64_t key)
+{
+    int64_t h = spfx_home(c, key);
+    while (c->spfx_count[h] && c->spfx_key[h] != key)
+        h = (h + 1) & c->spfx_mask;
+    return h;
+}
+
+static int spfx_grow(struct ksm_ctx *c)
+{
+    int64_t old = c->spfx_mask + 1, buckets = old ? 2 * old : 64;
+    uint64_t *key = malloc((size_t)buckets * sizeof(*key));
+    uint32_t *count = calloc((size_t)buckets, sizeof(*count));
+    if (!key || !count) {
+        free(key);
+        free(count);
+        return -1;
+    }
+    uint64_t *old_key = c->spfx_key;
+    uint32_t *old_count = c->spfx_count;
+    c->spfx_key = key;
+    c->spfx_count = count;
+    c->spfx_mask = buckets - 1;
+    for (int64_t i = 0; i < old; i++) {
+        if (old_count[i]) {
+            int64_t h = spfx_find(c, old_key[i]);
+            c->spfx_key[h] = old_key[i];
+            c->spfx_count[h] = old_count[i];
+        }
+    }
+    free(old_key);
+    free(old_count);
+    return 0;
+}
+
+static void spfx_add(struct ksm_ctx *c, uint64_t key)
+{
+    if (!c->spfx_ok)
+        return;
+    if ((c->spfx_used + 1) * 2 > c->spfx_mask + 1 && spfx_grow(c) != 0) {
+        c->spfx_ok = 0; /* no memory: walk, and rebuild at the next round */
+        return;
+    }
+    int64_t h = spfx_find(c, key);
+    if (!c->spfx_count[h]) {
+        c->spfx_key[h] = key;
+        c->spfx_used++;
+    }
+    c->spfx_count[h]++;
+}
+
+static void spfx_del(struct ksm_ctx *c, uint64_t key)
+{
+    if (!c->spfx_ok)
+        return;
+    int64_t i = spfx_find(c, key);
+    if (!c->spfx_count[i]) {
+        c->spfx_ok = 0; /* cannot happen; if it did, stop trusting the table */
+        return;
+    }
+    if (--c->spfx_count[i])
+        return;
+    c->spfx_used--;
+    /* backward-shift deletion: move up each later entry of the run that may live
+     * here, so that no search stops short at the hole */
+    for (int64_t j = i;;) {
+        j = (j + 1) & c->spfx_mask;
+        if (!c->spfx_count[j])
+            break;
+        int64_t k = spfx_home(c, c->spfx_key[j]);
+        if (i <= j ? (i < k && k <= j) : (i < k || k <= j))
+            continue; /* its home is after the hole: it stays */
+        c->spfx_key[i] = c->spfx_key[j];
+        c->spfx_count[i] = c->spfx_count[j];
+        c->spfx_count[j] = 0;
+        i = j;
+    }
+}
+
+/* the table again from the trees (a new round after it could not grow) */
+static void spfx_rebuild(struct ksm_ctx *c)
+{
+    if (c->spfx_mask >= 0)
+        memset(c->spfx_count, 0, (size_t)(c->spfx_mask + 1) * sizeof(*c->spfx_count));
+    c->spfx_used = 0;
+    c->spfx_ok = 1;
+    for (int nid = 0; nid < KSM_MAX_NUMNODES; nid++)
+        for (int32_t i = ksm_rb_first(c->stable_rb, c->root_stable_tree[nid]); i != NIL;
+             i = ksm_rb_next(c->stable_rb, i))
+            spfx_add(c, c->stable[i].prefix);
+}
+
+/* chain_list: the chains linked in the trees, while there are few */
+static void chain_list_add(struct ksm_ctx *c, int32_t chain)
+{
+    int32_t n = c->nr_chain_list;
+    if (n < 0)
+        return;
+    if (n == (int32_t)(sizeof(c->chain_list) / sizeof(c->chain_list[0]))) {
+        c->nr_chain_list = -1; /* too many to test: walk while chains remain */
+        return;
+    }
+    c->chain_list[n] = chain;
+    c->nr_chain_list = n + 1;
+}
+
+static void chain_list_del(struct ksm_ctx *c, int32_t chain)
+{
+    if (c->nr_chain_list < 0) {
+        if (!c->stable_node_chains)
+            c->nr_chain_list = 0;
+        return;
+    }
+    for (int32_t i = 0; i < c->nr_chain_list; i++) {
+        if (c->chain_list[i] == chain) {
+            c->chain_list[i] = c->chain_list[--c->nr_chain_list];
+            return;
+        }
+    }
+}
+
+/* The open range of prefixes whose walk passes each listed chain: bounded by its
+ * nearest ancestor on either side (a walk goes right of a node it is above) */
+static void chain_ranges(struct ksm_ctx *c)
+{
+    const struct ksm_rbnode *rb = c->stable_rb;
+    for (int32_t i = 0; i < c->nr_chain_list; i++) {
+        int32_t x = c->chain_list[i];
+        int32_t has = 0;
+        uint64_t lo = 0, hi = ~(uint64_t)0;
+        for (int32_t p = (rb[x].parent_color >> 1) - 1; p != NIL && has != 3;
+             x = p, p = (rb[p].parent_color >> 1) - 1) {
+            if (rb[p].right == x && !(has & 1)) {
+                lo = c->stable[p].prefix;
+                has |= 1;
+            } else if (rb[p].left == x && !(has & 2)) {
+                hi = c->stable[p].prefix;
+                has |= 2;
+            }
+        }
+        c->chain_lo[i] = lo;
+        c->chain_hi[i] = hi;
+        c->chain_has[i] = has;
+    }
+    c->chain_range_gen = c->stable_gen;
+}
+
+/* 1 when the walk of a page of prefix pfx that is no KSM page is decided before it
+ * starts: no node linked in a tree has that prefix (so every comparison is by
+ * prefix), no chain is on its path, no node is stale: it finds nothing and changes
+ * nothing, as stable_tree_search() would */
+static int stable_walk_decided(struct ksm_ctx *c, uint64_t pfx)
+{
+    if (!c->scan_shortcuts || !c->spfx_ok || c->stable_stale || c->nr_chain_list < 0 ||
+        c->spfx_mask < 0)
+        return 0;
+    if (c->spfx_count[spfx_find(c, pfx)])
+        return 0;
+    if (c->nr_chain_list) {
+        if (c->chain_range_gen != c->stable_gen)
+            chain_ranges(c);
+        for (int32_t i = 0; i < c->nr_chain_list; i++)
+            if ((!(c->chain_has[i] & 1) || pfx > c->chain_lo[i]) &&
+                (!(c->chain_has[i] & 2) || pfx < c->chain_hi[i]))
+                return 0;
+    }
+    return 1;
+}
+
 /* The stable tree's rbtree operations. Each one can change what a walk finds, so it
- * moves stable_gen (see KSM_SLOT_STABLE_MISS). */
+ * moves stable_gen (see KSM_STABLE_MISS) and keeps spfx. */
 static inline void stable_rb_erase(struct ksm_ctx *c, int32_t node, int32_t *root)
 {
     c->stable_gen++;
+    spfx_del(c, c->stable[node].prefix);
     ksm_rb_erase(c->stable_rb, node, root);
 }
 
@@ -369,6 +568,8 @@ static inline void stable_rb_replace(struct ksm_ctx *c, int32_t old, int32_t new
                                      int32_t *root)
 {
     c->stable_gen++;
+    spfx_del(c, c->stable[old].prefix);
+    spfx_add(c, c->stable[new_node].prefix);
     ksm_rb_replace_node(c->stable_rb, old, new_node, root);
 }
 
@@ -376,6 +577,7 @@ static inline void stable_rb_insert(struct ksm_ctx *c, int32_t node, int32_t par
                                     int32_t *link, int32_t *root)
 {
     c->stable_gen++;
+    spfx_add(c, c->stable[node].prefix);
     ksm_rb_link_node(c->stable_rb, node, parent, link);
     ksm_rb_insert_color(c->stable_rb, node, root);
 }
@@ -452,6 +654,7 @@ static int32_t alloc_stable_node_chain(struct ksm_ctx *c, int32_t dup, int32_t *
     ch->nid = c->stable[dup].nid;
     ch->prefix = c->stable[dup].prefix;
     c->stable_node_chains++;
+    chain_list_add(c, chain);
     /* the chain takes the old node's place in the tree, the node goes under it */
     stable_rb_replace(c, dup, chain, root);
     stable_node_chain_add_dup(c, dup, chain);
@@ -463,6 +666,7 @@ static void free_stable_node_chain(struct ksm_ctx *c, int32_t chain, int32_t *ro
     stable_rb_erase(c, chain, root);
     free_stable_node(c, chain);
     c->stable_node_chains--;
+    chain_list_del(c, chain);
 }
 
 static inline void rmap_item_clear_flags(struct ksm_ctx *c, int64_t s)
@@ -740,6 +944,7 @@ static int64_t stable_node_dup(struct ksm_ctx *c, int32_t *dup_out, int32_t *nod
             c->stable[found].chain = NIL;
             free_stable_node(c, chain);
             c->stable_node_chains--;
+            chain_list_del(c, chain);
             c->stable_node_dups--;
             *node = found;
         } else if (ch->hlist != found && __is_page_sharing_candidate(c, found, 1)) {
@@ -794,7 +999,24 @@ static inline int cmp_stable_node(struct ksm_ctx *c, const uint8_t *page, uint64
 }
 
 /* Returns the frame to merge with, or NIL */
+static int64_t __stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx, int *miss);
+
+/* stable_tree_search(), unless stable_walk_decided() says what it finds: nothing */
 static int64_t stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx, int *miss)
+{
+    if (c->frame_stable[page] < 0 && stable_walk_decided(c, pfx)) {
+        c->nr_walks_decided++;
+#ifdef KSM_CHECK_SHORTCUTS
+        if (__stable_tree_search(c, page, pfx, miss) != NIL || !*miss)
+            abort(); /* stable_walk_decided() was wrong */
+#endif
+        *miss = 1;
+        return NIL;
+    }
+    return __stable_tree_search(c, page, pfx, miss);
+}
+
+static int64_t __stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx, int *miss)
 {
     int32_t page_node = c->frame_stable[page] >= 0 ? c->frame_stable[page] : NIL;
     *miss = 0; /* 1 for a NIL found without passing a chain (see KSM_STABLE_MISS) */
@@ -1392,6 +1614,8 @@ void ksm_start_round(struct ksm_ctx *c)
     uhash_clear(c);
     c->stable_gen_round[1] = c->stable_gen_round[0];
     c->stable_gen_round[0] = c->stable_gen;
+    if (!c->spfx_ok)
+        spfx_rebuild(c);
 }
 
 /* remove_stable_node(): 0 when gone, -1 (EBUSY) when its page is still mapped */

@@ -204,6 +204,23 @@ struct ksm_ctx {
      * walks every search (tests/test_scan_shortcuts.py runs both side by side) */
     int32_t scan_shortcuts;
     int64_t nr_prefix_recorded, nr_stable_miss; /* how often each one answered */
+    /* The prefixes of the nodes linked in the stable trees, counted (open addressing,
+     * spfx_count 0 for an empty bucket), the chains among those nodes and the range of
+     * prefixes whose walk passes each: a page whose prefix no tree node has, outside
+     * every chain's range, while no node is stale, is ordered against each node on
+     * its path by the prefix alone, passes no chain and finds nothing; its walk is
+     * skipped (nr_walks_decided). spfx_ok 0: the table could not grow; walk. */
+    uint64_t *spfx_key;
+    uint32_t *spfx_count;
+    int64_t spfx_mask, spfx_used;
+    int32_t spfx_ok;
+    int32_t nr_chain_list;  /* chains in chain_list, or -1 when more than it holds */
+    int32_t chain_list[8];
+    uint64_t chain_lo[8], chain_hi[8]; /* open range; lo 0 / hi ~0 with no bound there */
+    int32_t chain_has[8];   /* bit 0: a lower bound, bit 1: an upper bound */
+    uint64_t chain_range_gen; /* stable_gen when the ranges were taken */
+    int64_t stable_stale;   /* stable nodes marked stale and not yet freed */
+    int64_t nr_walks_decided;
     int32_t root_stable_tree[64];
     int32_t root_unstable_tree[64];
     int32_t migrate_nodes; /* first stable node on the migrate_nodes list */

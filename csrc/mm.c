@@ -83,7 +83,10 @@ void put_frame(struct ksm_ctx *c, int32_t pfn)
     if (--c->frame_mapcount[pfn] > 0)
         return;
     if (c->frame_stable[pfn] >= 0) {
-        c->stable[c->frame_stable[pfn]].stale = 1;
+        struct ksm_stable_node *n = &c->stable[c->frame_stable[pfn]];
+        if (!n->stale)
+            c->stable_stale++;
+        n->stale = 1;
         c->stable_gen++; /* a walk passing it now removes it */
     }
     free_frame(c, pfn);

@@ -60,6 +60,7 @@ def check_invariants(m: Machine) -> None:
     flags = sl["ri_flags"].astype(np.int64)
     seen_in_tree = _check_stable_trees(c, mem)
     recount = _check_stable_nodes(c, mem, seen_in_tree, sl)
+    _check_stable_walk_caches(c, seen_in_tree)
     _check_rmap_items(c, mem, sl, flags, recount["stable_items"])
     _check_unstable_tree(c, mem, sl, flags)
     _check_counters(c, sl, flags, recount)
@@ -111,6 +112,28 @@ def _check_chain(c: Any, node: int, seen_in_tree: set[int]) -> None:
     for d in _dups(c, node):
         _check(c.stable[d].head == lib.KSM_HEAD_DUP and c.stable[d].chain == node,
                f"dup {d} of chain {node} badly linked")
+
+
+def _check_stable_walk_caches(c: Any, seen_in_tree: set[int]) -> None:
+    """What stable_walk_decided() trusts: spfx counts the prefixes of exactly the
+    nodes linked in the trees, chain_list names exactly the chains among them (unless
+    it gave up, -1), and stable_stale counts the stale nodes."""
+    stable = c.stable
+    if c.spfx_ok:
+        want: dict[int, int] = {}
+        for node in seen_in_tree:
+            want[int(stable[node].prefix)] = want.get(int(stable[node].prefix), 0) + 1
+        got = {int(c.spfx_key[h]): int(c.spfx_count[h])
+               for h in range(c.spfx_mask + 1) if c.spfx_count[h]}
+        _check(got == want, "spfx does not count the prefixes of the tree nodes")
+        _check(c.spfx_used == len(want), f"spfx_used {c.spfx_used} != {len(want)}")
+    chains = {n for n in seen_in_tree if _is_chain(c, n)}
+    if c.nr_chain_list >= 0:
+        listed = [int(c.chain_list[i]) for i in range(c.nr_chain_list)]
+        _check(sorted(listed) == sorted(chains), f"chain_list {listed} != chains {chains}")
+    stale = sum(1 for n in range(c.stable_used)
+                if stable[n].head != lib.KSM_HEAD_FREE and stable[n].stale)
+    _check(c.stable_stale == stale, f"stable_stale {c.stable_stale} != {stale}")
 
 
 def _migrate_nodes(c: Any) -> set[int]:
