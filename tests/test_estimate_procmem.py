@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import mmap
 import os
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,57 +61,74 @@ def make_area(seed: int, npages: int = 400, nwritten: int = 300, mergeable: bool
 
 @dataclass
 class Child:
-    pid: int
+    proc: subprocess.Popen[bytes]
     addresses: list[int]
     go_w: int
     reaped: bool = field(default=False)
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def close(self) -> None:
         if not self.reaped:
             os.close(self.go_w)  # the child reads EOF and exits
-            os.waitpid(self.pid, 0)
+            self.proc.wait()
             self.reaped = True
 
 
-def _child_main(areas: Sequence[Area], ready_w: int, go_r: int, uid: int | None) -> None:
-    if uid is not None:
-        os.setgid(uid)
-        os.setuid(uid)
-    maps = []
-    addrs = []
-    for a in areas:
-        m = mmap.mmap(-1, a.npages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        m.madvise(mmap.MADV_NOHUGEPAGE)  # before the first fault: 4 KiB pages only
-        view = np.frombuffer(m, dtype=np.uint8).reshape(a.npages, PAGE_SIZE)
-        view[a.written] = a.rows
-        for i in a.read:
-            _ = m[i * PAGE_SIZE]  # a read fault maps the zero page
-        if a.mergeable:
-            m.madvise(mmap.MADV_MERGEABLE)
-        maps.append((m, view))
-        addrs.append(view.ctypes.data)
-    os.write(ready_w, struct.pack(f"{len(addrs)}Q", *addrs))
-    os.read(go_r, 1)
+# The test process: a fresh interpreter, not a fork of this one. A fork would carry all
+# of pytest's memory, and under the sanitized build ASan's terabytes of shadow mappings,
+# into every read of the whole process. Its areas come on stdin (np.savez).
+CHILD = r"""
+import io, mmap, os, struct, sys
+import numpy as np
+ready_w, go_r, uid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+data = dict(np.load(io.BytesIO(sys.stdin.buffer.read())))
+if uid >= 0:  # after every import: the interpreter's files may be root's alone
+    os.setgid(uid)
+    os.setuid(uid)
+maps, addrs = [], []
+for k in range(int(data["n"])):
+    npages, mergeable = (int(x) for x in data[f"shape{k}"])
+    m = mmap.mmap(-1, npages * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_NOHUGEPAGE)  # before the first fault: 4 KiB pages only
+    view = np.frombuffer(m, dtype=np.uint8).reshape(npages, 4096)
+    view[data[f"written{k}"]] = data[f"rows{k}"]
+    for i in data[f"read{k}"]:
+        _ = m[int(i) * 4096]  # a read fault maps the zero page
+    if mergeable:
+        m.madvise(mmap.MADV_MERGEABLE)
+    maps.append((m, view))
+    addrs.append(view.ctypes.data)
+os.write(ready_w, struct.pack(f"{len(addrs)}Q", *addrs))
+os.read(go_r, 1)
+"""
 
 
 @contextlib.contextmanager
 def live(areas: Sequence[Area], uid: int | None = None) -> Iterator[Child]:
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child never returns
-        code = 1
-        try:
-            os.close(ready_r)
-            os.close(go_w)
-            _child_main(areas, ready_w, go_r, uid)
-            code = 0
-        finally:
-            os._exit(code)
+    payload = io.BytesIO()
+    arrays: dict[str, np.ndarray] = {"n": np.array(len(areas))}
+    for k, a in enumerate(areas):
+        arrays[f"shape{k}"] = np.array([a.npages, int(a.mergeable)])
+        arrays[f"written{k}"] = np.asarray(a.written)
+        arrays[f"rows{k}"] = a.rows
+        arrays[f"read{k}"] = np.asarray(a.read, dtype=np.int64)
+    np.savez(payload, **arrays)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(ready_w), str(go_r), str(-1 if uid is None else uid)],
+        stdin=subprocess.PIPE, pass_fds=(ready_w, go_r), env=env)
     os.close(ready_w)
     os.close(go_r)
-    child = Child(pid, [], go_w)
+    child = Child(proc, [], go_w)
     try:
+        assert proc.stdin is not None
+        proc.stdin.write(payload.getvalue())
+        proc.stdin.close()
         data = os.read(ready_r, 8 * len(areas))
         assert len(data) == 8 * len(areas), "the test child failed"
         child.addresses = list(struct.unpack(f"{len(areas)}Q", data))
