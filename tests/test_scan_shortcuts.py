@@ -114,3 +114,42 @@ def test_still_memory_is_answered_by_the_shortcuts_with_the_references_counters(
         ref.ksm.scan(full_scans=1)
         assert _stats(eng) == _stats(ref)
     eng.check_invariants()
+
+
+def test_more_chains_than_listed_turn_the_decided_walks_off_until_they_go() -> None:
+    """chain_list holds 8 chains: with more, no walk is decided (nr_chain_list -1),
+    and the counters stay the reference's; once unmerging frees every chain, decided
+    walks come back."""
+    rng = np.random.default_rng(11)
+    pages = rng.integers(0, 256, (400, PAGE_SIZE), dtype=np.uint8)
+    pages[:120] = pages[:12].repeat(10, axis=0)  # 12 contents x 10 copies: 12 chains
+    eng, ref = machine_class("engine")(), machine_class("reference")()
+    for m in (eng, ref):
+        p = m.spawn()
+        addr = p.mmap(400)
+        p.fill(addr, pages)
+        p.madvise(addr, 400 * PAGE_SIZE, MADV_MERGEABLE)
+        m.ksm.max_page_sharing = 2
+        m.ksm.smart_scan = 0
+        m.ksm.pages_to_scan = 100
+        m.ksm.run = 1
+    for _ in range(4):
+        eng.ksm.scan(full_scans=1)
+        ref.ksm.scan(full_scans=1)
+        assert _stats(eng) == _stats(ref)
+        eng.check_invariants()
+    assert _stats(eng)["stable_node_chains"] == 12 and eng.ctx.nr_chain_list == -1
+    decided = int(eng.ctx.nr_walks_decided)
+    eng.ksm.scan(full_scans=1)
+    ref.ksm.scan(full_scans=1)
+    assert _stats(eng) == _stats(ref) and eng.ctx.nr_walks_decided == decided
+    for m in (eng, ref):
+        m.ksm.run = 2  # unmerge: every stable node and chain goes
+    assert eng.ctx.nr_chain_list == 0 and _stats(eng) == _stats(ref)
+    eng.check_invariants()
+    for m in (eng, ref):
+        m.ksm.run = 1
+    eng.ksm.scan(full_scans=3)
+    ref.ksm.scan(full_scans=3)
+    assert _stats(eng) == _stats(ref)
+    eng.check_invariants()
