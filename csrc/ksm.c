@@ -86,9 +86,8 @@ int ksm_ctx_init(struct ksm_ctx *c)
     c->uhash_mask = -1;
     c->uhash_filled = c->uhash_entries = 0;
     c->stable_gen = 0;
-    c->stable_gen_round[0] = c->stable_gen_round[1] = UINT64_MAX; /* no round yet */
     c->scan_shortcuts = 1;
-    c->nr_prefix_recorded = c->nr_stable_miss = 0;
+    c->nr_prefix_recorded = 0;
     c->spfx_key = NULL;
     c->spfx_count = NULL;
     c->spfx_mask = -1;
@@ -296,7 +295,6 @@ static void unstable_tree_build(struct ksm_ctx *c);
 
 void unstable_tree_disturbed(struct ksm_ctx *c)
 {
-    c->stable_gen++; /* pages or mappings change: KSM_STABLE_MISS no longer holds */
     if (c->ulazy)
         unstable_tree_build(c); /* before the change: the pages are as they were */
     c->uquiet_from = c->ucount;
@@ -556,7 +554,7 @@ static int stable_walk_decided(struct ksm_ctx *c, uint64_t pfx)
 }
 
 /* The stable tree's rbtree operations. Each one can change what a walk finds, so it
- * moves stable_gen (see KSM_STABLE_MISS) and keeps spfx. */
+ * keeps spfx, and moves stable_gen (the chains' ranges are taken again). */
 static inline void stable_rb_erase(struct ksm_ctx *c, int32_t node, int32_t *root)
 {
     c->stable_gen++;
@@ -999,28 +997,29 @@ static inline int cmp_stable_node(struct ksm_ctx *c, const uint8_t *page, uint64
 }
 
 /* Returns the frame to merge with, or NIL */
-static int64_t __stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx, int *miss);
+static int64_t __stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx,
+                                    int *chains);
 
 /* stable_tree_search(), unless stable_walk_decided() says what it finds: nothing */
-static int64_t stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx, int *miss)
+static int64_t stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx)
 {
+    int chains = 0;
     if (c->frame_stable[page] < 0 && stable_walk_decided(c, pfx)) {
         c->nr_walks_decided++;
 #ifdef KSM_CHECK_SHORTCUTS
-        if (__stable_tree_search(c, page, pfx, miss) != NIL || !*miss)
+        if (__stable_tree_search(c, page, pfx, &chains) != NIL || chains)
             abort(); /* stable_walk_decided() was wrong */
 #endif
-        *miss = 1;
         return NIL;
     }
-    return __stable_tree_search(c, page, pfx, miss);
+    return __stable_tree_search(c, page, pfx, &chains);
 }
 
-static int64_t __stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx, int *miss)
+/* *chains: set when the walk passed a chain (stable_tree_search()'s check) */
+static int64_t __stable_tree_search(struct ksm_ctx *c, int32_t page, uint64_t pfx,
+                                    int *chains)
 {
     int32_t page_node = c->frame_stable[page] >= 0 ? c->frame_stable[page] : NIL;
-    *miss = 0; /* 1 for a NIL found without passing a chain (see KSM_STABLE_MISS) */
-    int chains = 0;
     if (page_node != NIL && c->stable[page_node].head != KSM_HEAD_MIGRATE)
         return page; /* a forked KSM page: its own page is the answer */
 
@@ -1044,7 +1043,7 @@ again:
                 __builtin_prefetch(&rb[child]);
             }
         }
-        chains |= is_stable_node_chain(c, node);
+        *chains |= is_stable_node_chain(c, node);
         int64_t tree_folio = chain_prune(c, &dup, &node, root);
         if (tree_folio == NIL)
             goto again; /* a stale node went and the tree may have rebalanced */
@@ -1067,10 +1066,8 @@ again:
         }
     }
 
-    if (page_node == NIL) {
-        *miss = !chains;
+    if (page_node == NIL)
         return NIL;
-    }
     /* a migrated KSM page with no equal content here: place it in this tree */
     migrate_list_del(c, page_node);
     c->stable[page_node].nid = nid;
@@ -1170,15 +1167,14 @@ again:
 }
 
 /* unstable_tree_search_insert()'s bookkeeping of a new node tn for slot s */
-static void unstable_node_init(struct ksm_ctx *c, int32_t tn, int64_t s, int nid, uint64_t pfx,
-                               int miss)
+static void unstable_node_init(struct ksm_ctx *c, int32_t tn, int64_t s, int nid, uint64_t pfx)
 {
     c->uslot[tn] = (int32_t)s;
     c->unid[tn] = (int16_t)nid;
     c->uprefix[tn] = pfx;
     c->ri_head[s] = tn; /* for an unstable item, its tree node */
     c->ri_flags[s] = (c->ri_flags[s] & (KSM_SLOT_VM_MERGEABLE | KSM_SLOT_CSUM_FRESH)) |
-                     KSM_ITEM_EXISTS | KSM_UNSTABLE_FLAG | (miss ? KSM_STABLE_MISS : 0) |
+                     KSM_ITEM_EXISTS | KSM_UNSTABLE_FLAG |
                      (uint16_t)(c->seqnr & KSM_SEQNR_MASK);
     c->pages_unshared++;
 }
@@ -1226,8 +1222,7 @@ static void unstable_tree_build(struct ksm_ctx *c)
 /* unstable_tree_search_insert() on a deferred tree: a node of equal content is what
  * the walk would find (and the checks it makes there), else the page goes in. */
 static int32_t unstable_tree_search_insert_deferred(struct ksm_ctx *c, int64_t s, int32_t page,
-                                                    int nid, uint64_t pfx, int miss,
-                                                    int32_t *tree_page)
+                                                    int nid, uint64_t pfx, int32_t *tree_page)
 {
     uint32_t checksum = c->ri_oldchecksum[s];
     const uint8_t *addr = page_address(c, page);
@@ -1251,19 +1246,19 @@ static int32_t unstable_tree_search_insert_deferred(struct ksm_ctx *c, int64_t s
         return t;
     }
     int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
-    unstable_node_init(c, tn, s, nid, pfx, miss);
+    unstable_node_init(c, tn, s, nid, pfx);
     uhash_set(c, h, tn);
     return NIL;
 }
 
 static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t page,
-                                           uint64_t pfx, int miss, int32_t *tree_page)
+                                           uint64_t pfx, int32_t *tree_page)
 {
     int nid = get_kpfn_nid(c, page);
     if (c->ulazy) {
         /* the page is the one mapped, and its checksum is of it: else build the tree */
         if (c->pte[s] == page && (c->ri_flags[s] & KSM_SLOT_CSUM_FRESH))
-            return unstable_tree_search_insert_deferred(c, s, page, nid, pfx, miss, tree_page);
+            return unstable_tree_search_insert_deferred(c, s, page, nid, pfx, tree_page);
         unstable_tree_build(c);
     }
     int32_t *root = &c->root_unstable_tree[nid];
@@ -1323,7 +1318,7 @@ static int32_t unstable_tree_search_insert(struct ksm_ctx *c, int64_t s, int32_t
     }
 
     int32_t tn = c->ucount++; /* capacity guaranteed by ksm_reserve() */
-    unstable_node_init(c, tn, s, nid, pfx, miss);
+    unstable_node_init(c, tn, s, nid, pfx);
     ksm_rb_link_node(un, tn, parent, link);
     ksm_rb_insert_color(un, tn, root);
     return NIL;
@@ -1371,26 +1366,12 @@ static inline int prefix_recorded(const struct ksm_ctx *c, int64_t s, uint64_t *
     return 1;
 }
 
-/* The page at slot s was in the last round's unstable tree, its stable_tree_search()
- * then found nothing without passing a chain, and neither the page nor the stable
- * tree changed since that round started: the search would find nothing again, and
- * change nothing on its way. */
-static inline int stable_miss_holds(const struct ksm_ctx *c, int64_t s)
-{
-    const uint16_t all = KSM_UNSTABLE_FLAG | KSM_STABLE_MISS | KSM_SLOT_CSUM_FRESH;
-    uint16_t f = c->ri_flags[s];
-    return c->scan_shortcuts && (f & all) == all &&
-           (f & KSM_SEQNR_MASK) == (uint16_t)((c->seqnr - 1) & KSM_SEQNR_MASK) &&
-           c->stable_gen == c->stable_gen_round[1];
-}
-
 static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
 {
     int32_t page = c->pte[s];
     int32_t stable_node = c->frame_stable[page] >= 0 ? c->frame_stable[page] : NIL;
     uint64_t pfx = 0;
     int pfx_known = prefix_recorded(c, s, &pfx); /* before the item leaves the tree */
-    int missed = stable_node == NIL && stable_miss_holds(c, s);
 
     if (stable_node != NIL) {
         struct ksm_stable_node *sn = &c->stable[stable_node];
@@ -1418,17 +1399,7 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
     if (pfx_known && pfx != page_prefix(page_address(c, page)))
         abort(); /* prefix_recorded() was wrong: it must decide nothing differently */
 #endif
-    int miss = 1;
-    int64_t kfolio = NIL;
-    if (!missed) {
-        kfolio = stable_tree_search(c, page, pfx, &miss);
-    } else {
-        c->nr_stable_miss++;
-#ifdef KSM_CHECK_SHORTCUTS
-        if (stable_tree_search(c, page, pfx, &miss) != NIL || !miss)
-            abort(); /* stable_miss_holds() was wrong */
-#endif
-    }
+    int64_t kfolio = stable_tree_search(c, page, pfx);
     if (kfolio == page && stable_node != NIL && (c->ri_flags[s] & KSM_STABLE_FLAG) &&
         c->ri_head[s] == stable_node)
         return;
@@ -1445,7 +1416,7 @@ static void cmp_and_merge_page(struct ksm_ctx *c, int64_t s)
         return;
 
     int32_t tree_page = NIL;
-    int32_t t = unstable_tree_search_insert(c, s, page, pfx, miss, &tree_page);
+    int32_t t = unstable_tree_search_insert(c, s, page, pfx, &tree_page);
     if (t == NIL && c->pte[s] != page)
         unstable_tree_disturbed(c); /* inserted with its page gone (split to zero) */
     if (t != NIL) {
@@ -1612,8 +1583,6 @@ void ksm_start_round(struct ksm_ctx *c)
     c->nr_ulog = 0;
     c->ulazy = c->unstable_lazy;
     uhash_clear(c);
-    c->stable_gen_round[1] = c->stable_gen_round[0];
-    c->stable_gen_round[0] = c->stable_gen;
     if (!c->spfx_ok)
         spfx_rebuild(c);
 }

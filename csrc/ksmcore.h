@@ -54,8 +54,6 @@
 #define KSM_ITEM_EXISTS 1024
 #define KSM_SLOT_VM_MERGEABLE 2048 /* the page's VMA is VM_MERGEABLE */
 #define KSM_SLOT_CSUM_FRESH 4096   /* ri_oldchecksum is the checksum of the page mapped now */
-#define KSM_STABLE_MISS 8192       /* with KSM_UNSTABLE_FLAG: the stable_tree_search() before
-                                    * the insertion found nothing and passed no chain */
 
 #define KSM_SLOT_BLOCK_SHIFT 6     /* slot_mm[] has one entry per 64 slots */
 
@@ -191,19 +189,12 @@ struct ksm_ctx {
     int32_t uhash_filled;  /* nodes below it may be in uhash (all were inserted in tn
                             * order): what a new round clears */
     int32_t uhash_entries; /* buckets in use */
-    /* stable_gen moves with every change to the stable trees' shape, a node going stale,
-     * and every change made outside the scan; stable_gen_round[0] is its value when
-     * this round started, [1] when the last one did. A page of the last round's
-     * unstable tree whose search then found nothing without passing a chain
-     * (KSM_STABLE_MISS), not written since, finds nothing again while stable_gen is
-     * still what it was when that round started: the walk is a function of the page's
-     * contents and the tree, neither of which changed. */
-    uint64_t stable_gen, stable_gen_round[2];
-    /* 1 (the default): the scan takes the shortcuts above (a recorded prefix for a
-     * page's first bytes, KSM_STABLE_MISS for a walk); 0: it reads every prefix and
-     * walks every search (tests/test_scan_shortcuts.py runs both side by side) */
+    uint64_t stable_gen; /* moves with every rbtree operation on a stable tree */
+    /* 1 (the default): the scan takes its shortcuts (a recorded prefix for a page's
+     * first bytes, below a walk decided before it starts); 0: it reads every prefix
+     * and walks every search (tests/test_scan_shortcuts.py runs both side by side) */
     int32_t scan_shortcuts;
-    int64_t nr_prefix_recorded, nr_stable_miss; /* how often each one answered */
+    int64_t nr_prefix_recorded; /* how often a recorded prefix answered */
     /* The prefixes of the nodes linked in the stable trees, counted (open addressing,
      * spfx_count 0 for an empty bucket), the chains among those nodes and the range of
      * prefixes whose walk passes each: a page whose prefix no tree node has, outside

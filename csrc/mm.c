@@ -85,9 +85,8 @@ void put_frame(struct ksm_ctx *c, int32_t pfn)
     if (c->frame_stable[pfn] >= 0) {
         struct ksm_stable_node *n = &c->stable[c->frame_stable[pfn]];
         if (!n->stale)
-            c->stable_stale++;
+            c->stable_stale++; /* a walk passing it now removes it */
         n->stale = 1;
-        c->stable_gen++; /* a walk passing it now removes it */
     }
     free_frame(c, pfn);
 }
