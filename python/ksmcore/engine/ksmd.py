@@ -36,13 +36,9 @@ if TYPE_CHECKING:
     from .machine import Machine
     from .mm import Mm
 
-# knobs mirrored into struct ksm_ctx for the C core
-_CTX_KNOBS = {
-    "max_page_sharing": "max_page_sharing",
-    "use_zero_pages": "use_zero_pages",
-    "smart_scan": "smart_scan",
-    "stable_node_chains_prune_millisecs": "stable_node_chains_prune_millisecs",
-}
+# knobs mirrored into struct ksm_ctx for the C core, under their own names
+_CTX_KNOBS = ("max_page_sharing", "use_zero_pages", "smart_scan",
+              "stable_node_chains_prune_millisecs")
 
 
 def _batch_rows(rows: np.ndarray) -> np.ndarray:
@@ -119,7 +115,7 @@ class Ksmd:
             c.merge_across_nodes = value
             c.ksm_nr_node_ids = 1 if value else self.machine.nodes
         elif name in _CTX_KNOBS:
-            setattr(c, _CTX_KNOBS[name], int(value))
+            setattr(c, name, int(value))
 
     # ---- the mm_slot list (__ksm_enter, __ksm_exit)
 
